@@ -1,0 +1,43 @@
+"""Apply LoRA sets to a module's weights at given strengths, for inference, and take them off again.
+
+``W' = W + sum_i strength_i * (alpha_i / r_i) * up_i @ down_i`` is written into the weights inside a
+``with`` block; the original weights are kept aside and restored bit for bit on exit. This is how the
+renderer, the sampler and the merge calibration run a model with experts applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+
+from ..errors import LoraError
+from .lora_set import LoraSet
+
+
+@contextlib.contextmanager
+@torch.no_grad()
+def lora_applied(module: torch.nn.Module, loras: Sequence[tuple[LoraSet, float]]) -> Iterator[None]:
+    """Patch ``module``'s weights with each ``(lora, strength)`` for the duration of the block."""
+    modules = dict(module.named_modules())
+    backups: dict[str, torch.Tensor] = {}
+    try:
+        for lora, strength in loras:
+            if strength == 0:
+                continue
+            for name, layer in lora.items():
+                target = modules.get(name)
+                w = getattr(target, "weight", None)
+                if w is None:
+                    raise LoraError(f"LoRA layer {name!r} does not exist in this model; the LoRA was made for another model.")
+                if name not in backups:
+                    backups[name] = w.detach().clone()
+                delta = layer.delta(torch.float32).to(w.device)
+                if delta.numel() != w.numel() or delta.shape[0] != w.shape[0]:
+                    raise LoraError(f"LoRA layer {name!r} does not fit: update {tuple(layer.weight_shape())} vs weight {tuple(w.shape)}.")
+                w.copy_((w.float() + strength * delta.reshape(w.shape)).to(w.dtype))
+        yield
+    finally:
+        for name, orig in backups.items():
+            modules[name].weight.copy_(orig)

@@ -1,0 +1,144 @@
+"""LoRA key formats: a :class:`LoraSet` to a flat state dict and back.
+
+Written formats:
+
+* ``kohya`` (default for files): ``lora_unet_<path with _>.lora_down.weight / .lora_up.weight / .alpha``.
+  ComfyUI's ``LoraLoader``, A1111/Forge, kohya's scripts and diffusers' ``load_lora_weights`` read it.
+  The path is in diffusers naming for SD1.x/2.x and in LDM naming for SDXL, as kohya writes them.
+* ``comfy``: ``diffusion_model.<ldm path>.lora_down.weight / .lora_up.weight / .alpha`` - what ComfyUI's
+  ``SaveLoRA`` writes and what flows between nodes as ``LORA_MODEL``.
+
+Read formats: both of the above, and diffusers/peft files (``[unet.]<diffusers path>.lora_A.weight /
+.lora_B.weight``, scale 1 unless the file says otherwise). Text-encoder keys are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Mapping
+
+import torch
+
+from ..errors import LoraError
+from .lora_set import LoraLayer, LoraSet
+from .unet_names import UNetNames, flat
+
+log = logging.getLogger(__name__)
+
+KOHYA_PREFIX = "lora_unet_"
+COMFY_PREFIX = "diffusion_model."
+_TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.", "text_encoders.")
+
+_KOHYA_RE = re.compile(r"^lora_unet_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale|lora_mid\.weight)$")
+_COMFY_RE = re.compile(r"^diffusion_model\.(.+?)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale|lora_mid\.weight|diff|diff_b)$")
+_PEFT_RE = re.compile(r"^(?:unet\.|base_model\.model\.)?(.+?)\.(lora_A|lora_B)(?:\.default)?\.weight$")
+
+
+def default_key_style(base_model_version: str) -> tuple[str, str]:
+    """(format, naming) that kohya itself writes for a base model family."""
+    if base_model_version.startswith("sdxl"):
+        return "kohya", "ldm"
+    return "kohya", "diffusers"
+
+
+def to_state_dict(lora: LoraSet, fmt: str = "kohya", naming: str | None = None,
+                  names: UNetNames | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Flatten ``lora`` into ``fmt`` keys (``kohya`` or ``comfy``), converting the naming if needed."""
+    if fmt == "comfy":
+        naming = "ldm"
+    naming = naming or lora.naming
+    if naming != lora.naming:
+        if names is None:
+            raise LoraError(f"Converting LoRA names from {lora.naming} to {naming} needs the model's layer names.")
+        lora = lora.renamed(names.mapping(lora.naming, naming), naming)
+    prefix = {"kohya": KOHYA_PREFIX, "comfy": COMFY_PREFIX}.get(fmt)
+    if prefix is None:
+        raise LoraError(f"Unknown LoRA key format {fmt!r}; use 'kohya' or 'comfy'.")
+    sd: dict[str, torch.Tensor] = {}
+    for name, layer in lora.items():
+        base = prefix + (flat(name) if fmt == "kohya" else name)
+        down, up = layer.down, layer.up
+        if dtype is not None:
+            down, up = down.to(dtype), up.to(dtype)
+        sd[f"{base}.lora_down.weight"] = down.detach().contiguous().cpu()
+        sd[f"{base}.lora_up.weight"] = up.detach().contiguous().cpu()
+        sd[f"{base}.alpha"] = torch.tensor(layer.alpha, dtype=down.dtype if dtype is None else dtype)
+    return sd
+
+
+def detect_format(sd: Mapping[str, torch.Tensor]) -> str:
+    """``kohya``, ``comfy`` or ``peft`` from the keys; a :class:`LoraError` for anything else."""
+    keys = [k for k in sd if not k.startswith(_TE_PREFIXES)]
+    if not keys:
+        raise LoraError("The LoRA has no UNet layers (only text-encoder keys or nothing at all).")
+    if any(k.startswith(KOHYA_PREFIX) for k in keys):
+        return "kohya"
+    if any(k.startswith(COMFY_PREFIX) for k in keys):
+        return "comfy"
+    if any(_PEFT_RE.match(k) for k in keys):
+        return "peft"
+    raise LoraError(f"Unknown LoRA key format (first key {keys[0]!r}); expected kohya 'lora_unet_*', "
+                    f"ComfyUI 'diffusion_model.*' or diffusers/peft '*.lora_A.weight' keys.")
+
+
+def from_state_dict(sd: Mapping[str, torch.Tensor], names: UNetNames | None = None,
+                    metadata: Mapping[str, str] | None = None, source: str = "LoRA") -> LoraSet:
+    """Parse a flat LoRA state dict in any supported format into a :class:`LoraSet`.
+
+    kohya keys need ``names`` (the model's layer names) to undo the dot-to-underscore flattening.
+    """
+    fmt = detect_format(sd)
+    skipped_te = [k for k in sd if k.startswith(_TE_PREFIXES)]
+    if skipped_te:
+        log.warning("%s: skipping %d text-encoder keys (only UNet layers are used)", source, len(skipped_te))
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    naming = "ldm" if fmt == "comfy" else "diffusers"
+    unknown = []
+    for k, v in sd.items():
+        if k.startswith(_TE_PREFIXES):
+            continue
+        m = {"kohya": _KOHYA_RE, "comfy": _COMFY_RE, "peft": _PEFT_RE}[fmt].match(k)
+        if not m:
+            unknown.append(k)
+            continue
+        parts.setdefault(m[1], {})[m[2]] = v
+    if unknown:
+        raise LoraError(f"{source}: key {unknown[0]!r} is not a LoRA key of the {fmt} format ({len(unknown)} such keys).")
+    layers: dict[str, LoraLayer] = {}
+    namings = set()
+    for raw, p in parts.items():
+        extra = set(p) - {"lora_down.weight", "lora_up.weight", "alpha", "lora_A", "lora_B"}
+        if extra:
+            raise LoraError(f"{source}: layer {raw!r} uses {sorted(extra)}, which this pack does not support "
+                            f"(plain LoRA only: no DoRA, LoCon mid weights or full diffs).")
+        if fmt == "peft":
+            down, up = p.get("lora_A"), p.get("lora_B")
+        else:
+            down, up = p.get("lora_down.weight"), p.get("lora_up.weight")
+        if down is None or up is None:
+            raise LoraError(f"{source}: layer {raw!r} lacks its {'down/A' if down is None else 'up/B'} matrix.")
+        rank = down.shape[0]
+        alpha = p.get("alpha")
+        if alpha is not None:
+            alpha_v = float(alpha.float().item())
+        elif fmt == "peft" and metadata and f"alpha:{raw}" in metadata:
+            alpha_v = float(metadata[f"alpha:{raw}"])
+        else:
+            alpha_v = float(rank)  # ComfyUI and kohya: no alpha key means scale 1
+        name = raw
+        if fmt == "kohya":
+            if names is None:
+                raise LoraError(f"{source}: kohya keys need the model's layer names to be read; load it with a model.")
+            layer_naming, name = names.resolve_flat(raw)
+            namings.add(layer_naming)
+        layers[name] = LoraLayer(down.float() if down.dtype not in (torch.float32, torch.float64) else down,
+                                 up.float() if up.dtype not in (torch.float32, torch.float64) else up, alpha_v)
+    if fmt == "kohya":
+        if len(namings) > 1:
+            assert names is not None
+            layers = {names.convert(n, "diffusers"): l for n, l in layers.items()}
+            naming = "diffusers"
+        else:
+            naming = namings.pop()
+    return LoraSet(layers, naming, dict(metadata or {}))

@@ -1,0 +1,148 @@
+"""Small diffusers text-to-image models with random weights, built from configs (no downloads).
+
+Used by the tests, the benchmarks and the built-in concept world: a CLIP tokenizer written from a small
+word list, a CLIP text encoder, a ``UNet2DConditionModel`` in SD1.5 or SDXL layout (tiny or full size),
+an optional tiny ``AutoencoderKL`` and a DDPM scheduler, saved as a regular diffusers pipeline folder
+that the diffusers backend loads like any other model. The full SD1.5 and SDXL UNet configs are here too,
+for meta-device layer lists and benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+SD15_UNET_CONFIG = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32,
+}
+SDXL_UNET_CONFIG = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048, "use_linear_projection": True, "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32,
+}
+
+BASE_WORDS = ("a", "an", "the", "of", "photo", "picture", "painting", "person", "cat", "dog", "red", "blue",
+              "green", "on", "in", "with", "and", "street", "house", "man", "woman", "holding", "at", "night")
+
+
+def write_word_tokenizer(directory: str | os.PathLike, words: Iterable[str] = BASE_WORDS, max_length: int = 77) -> Path:
+    """Write a CLIP tokenizer (``vocab.json``, ``merges.txt``) whose BPE spells each of ``words`` as one token.
+
+    Every single character of ``string.printable`` is in the vocabulary too, so any text tokenizes.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    chars = sorted(set(c for c in string.ascii_lowercase + string.digits + string.punctuation))
+    vocab: dict[str, int] = {}
+
+    def add(tok: str) -> None:
+        if tok not in vocab:
+            vocab[tok] = len(vocab)
+
+    for c in chars:
+        add(c)
+    for c in chars:
+        add(c + "</w>")
+    merges: list[str] = []
+    for w in dict.fromkeys(w.lower() for w in words):
+        if len(w) < 2 or not all(c in chars for c in w):
+            continue
+        pieces = list(w[:-1]) + [w[-1] + "</w>"]
+        cur = pieces[0]
+        for nxt in pieces[1:]:
+            merges.append(f"{cur} {nxt}")
+            cur = cur + nxt
+            add(cur)
+    add("<|startoftext|>")
+    add("<|endoftext|>")
+    merges = list(dict.fromkeys(merges))
+    (d / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (d / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>"}), encoding="utf-8")
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "do_lower_case": True}), encoding="utf-8")
+    return d
+
+
+def tiny_unet_config(kind: str = "sd15", cross_attention_dim: int = 32, sample_size: int = 8,
+                     in_channels: int = 4, block_out_channels=(32, 64)) -> dict:
+    """A small UNet with the block layout of SD1.5 (``sd15``) or SDXL (``sdxl``)."""
+    n = len(block_out_channels)
+    base = {"sample_size": sample_size, "in_channels": in_channels, "out_channels": in_channels, "layers_per_block": 1,
+            "block_out_channels": list(block_out_channels), "cross_attention_dim": cross_attention_dim,
+            "attention_head_dim": 4, "norm_num_groups": 8}
+    if kind == "sd15":
+        base["down_block_types"] = ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"]
+        base["up_block_types"] = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1)
+        return base
+    if kind == "sdxl":
+        base["down_block_types"] = ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n - 1)
+        base["up_block_types"] = ["CrossAttnUpBlock2D"] * (n - 1) + ["UpBlock2D"]
+        base["transformer_layers_per_block"] = [1] + [2] * (n - 1)
+        base.update({"use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                     "projection_class_embeddings_input_dim": 8 * 6 + 32})
+        return base
+    raise ValueError(f"unknown tiny UNet kind {kind!r}")
+
+
+def build_tiny_pipeline(directory: str | os.PathLike, kind: str = "sd15", seed: int = 0, vae: bool = True,
+                        words: Iterable[str] = BASE_WORDS, prediction_type: str = "epsilon",
+                        image_size: int = 32, unet_config: dict | None = None, text_dim: int = 32,
+                        info: dict | None = None) -> Path:
+    """Save a random-weight diffusers pipeline folder (SD1.5- or SDXL-style) and return its path."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    vae_factor = 4 if vae else 1
+    latent_ch = 4 if vae else 3
+    ucfg = unet_config or tiny_unet_config(kind, cross_attention_dim=text_dim if kind == "sd15" else 2 * text_dim,
+                                           sample_size=image_size // vae_factor, in_channels=latent_ch)
+    if kind == "sdxl" and unet_config is None:
+        ucfg["projection_class_embeddings_input_dim"] = ucfg["addition_time_embed_dim"] * 6 + text_dim
+    UNet2DConditionModel(**ucfg).save_pretrained(d / "unet", safe_serialization=True)
+    write_word_tokenizer(d / "tokenizer", words)
+    vocab_size = len(json.loads((d / "tokenizer" / "vocab.json").read_text()))
+    tcfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
+                          num_attention_heads=2, max_position_embeddings=77, projection_dim=text_dim,
+                          bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    CLIPTextModel(tcfg).save_pretrained(d / "text_encoder", safe_serialization=True)
+    index = {"_class_name": "StableDiffusionPipeline" if kind == "sd15" else "StableDiffusionXLPipeline",
+             "_diffusers_version": "0.30.0", "unet": ["diffusers", "UNet2DConditionModel"],
+             "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"]}
+    if kind == "sdxl":
+        write_word_tokenizer(d / "tokenizer_2", words)
+        CLIPTextModelWithProjection(tcfg).save_pretrained(d / "text_encoder_2", safe_serialization=True)
+        index.update({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                      "tokenizer_2": ["transformers", "CLIPTokenizer"]})
+    if vae:
+        AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 16, 16],
+                      down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                      norm_num_groups=8, sample_size=image_size).save_pretrained(d / "vae", safe_serialization=True)
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  prediction_type=prediction_type, clip_sample=False).save_pretrained(d / "scheduler")
+    (d / "model_index.json").write_text(json.dumps(index, indent=1), encoding="utf-8")
+    if info:
+        (d / "safetydpo.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+    return d

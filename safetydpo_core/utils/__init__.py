@@ -1,0 +1,1 @@
+"""Small helpers shared by the core: atomic file writes, fingerprints, seeding."""
