@@ -1,0 +1,61 @@
+"""Entry point of the ``safetydpo`` command: parses arguments and dispatches to the sub-command modules.
+
+Each sub-command lives in ``safetydpo_core/cli/<name>.py`` and exposes ``register(subparsers)``. Errors a
+user can fix (:class:`~safetydpo_core.errors.SafetyDPOError`) are printed without a traceback and exit
+with status 2; Ctrl-C exits with 130 after the command has saved what it can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .. import __version__
+from ..errors import SafetyDPOError
+
+COMMANDS = ("pairs", "render", "dataset", "train", "merge", "sample", "eval", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="safetydpo",
+        description="Safety-align text-to-image models with SafetyDPO: prompt pairs, paired datasets, "
+                    "DPO safety experts (LoRA), Co-Merge and evaluation.")
+    parser.add_argument("--version", action="version", version=f"safetydpo {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__package__}.{name}":
+                continue  # sub-command not built yet
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        rc = args.func(args)
+    except SafetyDPOError as e:
+        print(f"safetydpo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"safetydpo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
