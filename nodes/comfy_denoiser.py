@@ -1,0 +1,569 @@
+"""The ComfyUI backend of the Denoiser protocol: the ``MODEL`` (+ ``CLIP``, + ``VAE``) a graph loaded.
+
+:class:`ComfyDenoiser` lets the core trainer, renderer and merger work on a ComfyUI ``ModelPatcher``
+exactly as they work on a diffusers UNet (:mod:`safetydpo_core.denoiser.diffusers_backend`):
+
+* it trains on the loaded weights, following ComfyUI's own recipe (``TrainLoraNode``): a clone of the
+  patcher, weight wrappers on every weight and bias (:mod:`.comfy_lora_adapter`), work under
+  ``torch.inference_mode(False)``, the patcher loaded with ``load_models_gpu(..., force_full_load=True)``,
+  bf16 autocast where ComfyUI says the device supports it; the reference pass switches the adapters off;
+* layer names are "ldm" (``input_blocks.1.1.transformer_blocks.0.attn1.to_q``: the module path inside
+  ``diffusion_model``), :meth:`ComfyDenoiser.names` converts to diffusers names;
+* timesteps are integers ``t`` in ``[0, num_train_timesteps)``; ``x_t`` is the *variance-preserving*
+  noisy latent ``sqrt(a_t) x0 + sqrt(1 - a_t) eps``, as in the diffusers backend, and :meth:`predict`
+  feeds ComfyUI ``x_t / sqrt(a_t)`` at ``sigma_t = sqrt((1 - a_t) / a_t)``. ``apply_model`` returns the
+  denoised ``x0``; the prediction returned is epsilon, ``(x - x0) / sigma``, which is exact for EPS and
+  V-prediction models alike, so ``prediction_type`` is always ``"epsilon"`` and :meth:`target` is the noise;
+* conditioning goes through the graph's ``CLIP``: ``c_crossattn`` (and for SDXL ``y``, from the pooled
+  output and size conditioning), batched in a :class:`Conditioning`;
+* rendering uses ComfyUI's samplers (``comfy.sample.sample``) and the graph's ``VAE``.
+
+The graph's ``MODEL`` is never changed: everything happens on a clone, and :meth:`ComfyDenoiser.release`
+(the end of :meth:`ComfyDenoiser.session`) unloads the clone, takes every wrapper off the shared modules
+and frees memory. Supported: ComfyUI's LDM UNets (SD1.x, SD2.x, SDXL and its refiner, and their
+distilled variants) with a discrete EPS or V-prediction schedule; anything else raises a
+:class:`ModelError` saying it is not supported yet.
+
+ComfyUI is imported inside functions only, so this module imports without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from .comfy_lora_adapter import ComfyLoraAdapter, lora_from_comfy, lora_to_comfy
+
+try:  # inside the pack, as ComfyUI imports it
+    from ..safetydpo_core.denoiser.protocol import Conditioning
+    from ..safetydpo_core.errors import ConfigError, LoraError, ModelError
+    from ..safetydpo_core.lora.targets import select_layers
+    from ..safetydpo_core.lora.unet_names import UNetNames, weight_modules
+    from ..safetydpo_core.utils.fingerprint import module_fingerprint, tensor_digest
+except ImportError:  # nodes/ imported on its own (tests, tools) with safetydpo_core installed
+    from safetydpo_core.denoiser.protocol import Conditioning
+    from safetydpo_core.errors import ConfigError, LoraError, ModelError
+    from safetydpo_core.lora.targets import select_layers
+    from safetydpo_core.lora.unet_names import UNetNames, weight_modules
+    from safetydpo_core.utils.fingerprint import module_fingerprint, tensor_digest
+
+__all__ = ["ComfyDenoiser", "diffusers_unet_config", "lora_from_comfy", "lora_to_comfy",
+           "comfy_progress", "comfy_should_stop"]
+
+# kohya's ss_base_model_version for ComfyUI's model configs (comfy/supported_models.py)
+_VERSIONS = {
+    "SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SD21UnclipH": "sd_v2",
+    "SDXL": "sdxl_base_v1-0", "SSD1B": "sdxl_base_v1-0", "Segmind_Vega": "sdxl_base_v1-0",
+    "KOALA_700M": "sdxl_base_v1-0", "KOALA_1B": "sdxl_base_v1-0", "SDXL_instructpix2pix": "sdxl_base_v1-0",
+    "SDXLRefiner": "sdxl_refiner_v1-0",
+}
+_MODEL_KWARGS = ("c_crossattn", "y")  # what predict() hands to apply_model
+_SDXL_SIZE_KEYS = ("height", "width", "crop_h", "crop_w", "target_height", "target_width")
+
+
+def _comfy():
+    """ComfyUI's modules, imported on first use (the pack must import without ComfyUI)."""
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_sampling
+    import comfy.sample
+    import comfy.samplers
+    import comfy.utils
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    return comfy, UNetModel
+
+
+def comfy_progress(total: int, node_id=None) -> Callable[[int, int], None]:
+    """A ``progress(step, total)`` callback for the core that drives ComfyUI's progress bar (and its cancel)."""
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total, node_id=node_id)
+
+    def progress(step: int, total_: int | None = None) -> None:
+        bar.update_absolute(step, total_)
+
+    return progress
+
+
+def comfy_should_stop() -> bool:
+    """The core's ``should_stop()``: true once the user pressed Cancel in ComfyUI."""
+    import comfy.model_management
+
+    return comfy.model_management.processing_interrupted()
+
+
+def diffusers_unet_config(unet_config: Mapping) -> dict:
+    """The diffusers ``UNet2DConditionModel`` config of a ComfyUI LDM UNet config (``model.model_config.unet_config``)."""
+    ch = int(unet_config["model_channels"])
+    mult = list(unet_config["channel_mult"])
+    levels = len(mult)
+    nres = list(unet_config["num_res_blocks"])
+    if len(nres) != levels:
+        nres = [nres[0]] * levels
+    depth = list(unet_config.get("transformer_depth", [0] * sum(nres)))
+    depth_out = list(unet_config.get("transformer_depth_output", [0] * sum(n + 1 for n in nres)))
+    down_depth, up_depth, i, j = [], [], 0, 0
+    for lvl in range(levels):
+        down_depth.append(max(depth[i:i + nres[lvl]] or [0]))
+        i += nres[lvl]
+    up_nres = list(reversed(nres))
+    for lvl in range(levels):
+        up_depth.append(max(depth_out[j:j + up_nres[lvl] + 1] or [0]))
+        j += up_nres[lvl] + 1
+    channels = [ch * m for m in mult]
+    heads_n, head_ch = unet_config.get("num_heads", -1), unet_config.get("num_head_channels", -1)
+    heads = [heads_n if head_ch == -1 else max(1, c // head_ch) for c in channels]
+    mid = unet_config.get("transformer_depth_middle", 1)
+    cfg = {
+        "sample_size": int(unet_config.get("image_size", 32)) * 2,
+        "in_channels": int(unet_config.get("in_channels", 4)),
+        "out_channels": int(unet_config.get("out_channels", 4)),
+        "layers_per_block": nres[0] if len(set(nres)) == 1 else nres,
+        "block_out_channels": channels,
+        "down_block_types": ["CrossAttnDownBlock2D" if d > 0 else "DownBlock2D" for d in down_depth],
+        "up_block_types": ["CrossAttnUpBlock2D" if d > 0 else "UpBlock2D" for d in up_depth],
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if (mid is None or mid >= 0) else None,
+        "transformer_layers_per_block": [max(1, d) for d in down_depth],
+        "reverse_transformer_layers_per_block": [max(1, d) for d in up_depth],
+        "cross_attention_dim": unet_config.get("context_dim"),
+        "attention_head_dim": heads[0] if len(set(heads)) == 1 else heads,
+        "use_linear_projection": bool(unet_config.get("use_linear_in_transformer", False)),
+        "norm_num_groups": 32,
+    }
+    if mid is not None and mid > 1:
+        cfg["transformer_layers_per_block"] = [max(1, d) for d in down_depth]
+    adm = unet_config.get("adm_in_channels")
+    if adm:
+        cfg.update({"addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                    "projection_class_embeddings_input_dim": int(adm)})
+    return cfg
+
+
+class ComfyDenoiser:
+    """A ComfyUI ``MODEL`` (with its ``CLIP`` and ``VAE``) seen through the Denoiser protocol."""
+
+    naming = "ldm"
+    prediction_type = "epsilon"
+
+    def __init__(self, model, clip=None, vae=None, compute_dtype: str | torch.dtype = "auto",
+                 default_size: tuple[int, int] | None = None):
+        comfy, UNetModel = _comfy()
+        base = getattr(model, "model", None)
+        if base is None or not hasattr(model, "clone") or not hasattr(model, "add_weight_wrapper"):
+            raise ModelError(f"Expected a ComfyUI MODEL (a ModelPatcher); got {type(model).__name__}.")
+        self.patcher = model
+        self.clip = clip
+        self.vae = vae
+        arch = type(getattr(base, "model_config", None)).__name__
+        what = f"{type(base).__name__} ({arch})"
+        if not isinstance(getattr(base, "diffusion_model", None), UNetModel):
+            raise ModelError(f"The model {what} is not supported yet: SafetyDPO trains ComfyUI's UNet models "
+                             f"(SD1.x, SD2.x, SDXL) only.")
+        mb = comfy.model_base
+        if type(base) is not mb.BaseModel and not isinstance(base, (mb.SDXL, mb.SDXLRefiner)):
+            raise ModelError(f"The model {what} is not supported yet: it needs conditioning beyond text "
+                             f"(SD1.x, SD2.x and SDXL text-to-image UNets are supported).")
+        if getattr(base, "concat_keys", ()):
+            raise ModelError(f"The model {what} is an inpainting/instruct model (extra input channels); "
+                             f"it is not supported yet.")
+        ms = model.get_model_object("model_sampling")
+        sampling = comfy.model_sampling
+        kind = None
+        if (isinstance(ms, sampling.ModelSamplingDiscrete) and type(ms).sigma is sampling.ModelSamplingDiscrete.sigma
+                and type(ms).timestep is sampling.ModelSamplingDiscrete.timestep
+                and type(ms).noise_scaling is sampling.EPS.noise_scaling
+                and type(ms).calculate_input is sampling.EPS.calculate_input):
+            if type(ms).calculate_denoised is sampling.EPS.calculate_denoised:
+                kind = "epsilon"
+            elif type(ms).calculate_denoised is sampling.V_PREDICTION.calculate_denoised:
+                kind = "v_prediction"
+        if kind is None or float(getattr(ms, "sigma_data", 1.0)) != 1.0:
+            raise ModelError(f"The model {what} uses the sampling {type(ms).__name__} ({base.model_type.name}); "
+                             f"only discrete-schedule EPS and V-prediction models are supported yet.")
+        self.model_prediction_type = kind
+        self._sigmas = ms.sigmas.detach().float().cpu().clone()
+        self.num_train_timesteps = int(self._sigmas.shape[0])
+        self.base_model_version = _VERSIONS.get(arch) or (
+            "sdxl_base_v1-0" if isinstance(base, mb.SDXL) else
+            "sd_v2" if base.model_config.unet_config.get("context_dim") == 1024 else "sd_v1")
+        self.is_sdxl = isinstance(base, (mb.SDXL, mb.SDXLRefiner))
+        self.device = torch.device(model.load_device)
+        if compute_dtype == "auto":
+            use_bf16 = comfy.model_management.should_use_bf16(self.device)
+            compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
+        if compute_dtype not in (torch.float32, torch.bfloat16):
+            raise ConfigError(f"Training dtype must be float32 or bfloat16; got {compute_dtype}.")
+        self.compute_dtype = compute_dtype
+        self.default_size = default_size or ((1024, 1024) if self.is_sdxl else (512, 512))
+        self._mp = None
+        self._adapter: ComfyLoraAdapter | None = None
+        self._names: UNetNames | None = None
+        self._fingerprint: str | None = None
+        self._checkpointed: list[torch.nn.Module] = []
+
+    # -- the working clone --------------------------------------------------------------------------
+    def _working(self):
+        """The denoiser's own clone of the graph's patcher (the graph's object is never touched)."""
+        if self._mp is None:
+            mp = self.patcher.clone()
+            if self.compute_dtype != mp.model_dtype():
+                mp.set_model_compute_dtype(self.compute_dtype)
+            self._mp = mp
+        return self._mp
+
+    def _is_loaded(self, mp) -> bool:
+        mm = _comfy()[0].model_management
+        return (mp.model.current_weight_patches_uuid == mp.patches_uuid
+                and any(lm.model is mp for lm in mm.current_loaded_models))
+
+    def load(self, training: bool = False):
+        """Load the working clone on the device (fully: ``force_full_load``); returns it."""
+        mm = _comfy()[0].model_management
+        mp = self._working()
+        if self.adapter is not None:
+            self.adapter.freeze_base()
+        if not self._is_loaded(mp):
+            # TrainLoraNode asks for "everything" (1e20) so that nothing else stays on the device.
+            mm.load_models_gpu([mp], memory_required=1e20 if training else 0, force_full_load=True)
+        return mp
+
+    def release(self) -> None:
+        """Unload the working clone, take wrappers and checkpointing off the shared modules, free memory.
+
+        The adapter (if any) keeps its parameters; predicting again reloads the model.
+        """
+        mm = _comfy()[0].model_management
+        self.set_gradient_checkpointing(False)
+        if self.adapter is not None:
+            self.adapter.restore_base()
+        mp = self._mp
+        if mp is not None:
+            for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+                lm = mm.current_loaded_models[i]
+                if lm.model is mp:
+                    mm.current_loaded_models.pop(i)
+                    lm.model_unload(unpatch_weights=True)
+            ours = set()
+            for fns in mp.weight_wrapper_patches.values():
+                ours.update(id(f) for f in fns)
+            for fns in self.patcher.weight_wrapper_patches.values():  # the graph's own wrappers stay
+                ours.difference_update(id(f) for f in fns)
+            for module in mp.model.modules():
+                for attr in ("weight_function", "bias_function"):
+                    fns = module.__dict__.get(attr)
+                    if fns:
+                        module.__dict__[attr] = [f for f in fns if id(f) not in ours]
+        mm.cleanup_models_gc()
+        mm.soft_empty_cache()
+
+    @contextlib.contextmanager
+    def session(self, training: bool = True) -> Iterator["ComfyDenoiser"]:
+        """Work on the model: inference mode off, the clone fully loaded; on exit unloaded and memory freed.
+
+        The trainer runs inside this block (ComfyUI runs nodes under ``torch.inference_mode()``, in which
+        nothing can be trained).
+        """
+        with torch.inference_mode(False):
+            self.load(training=training)
+            try:
+                yield self
+            finally:
+                self.release()
+
+    # -- the network --------------------------------------------------------------------------------
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.patcher.model.diffusion_model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patcher.model_dtype()
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.patcher.model.latent_format.latent_channels)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.vae is not None:
+            f = self.vae.spacial_compression_encode()
+            return int(f if isinstance(f, int) else f[-1])
+        return 8
+
+    @property
+    def sample_size(self) -> int:
+        return int(self.default_size[0])
+
+    def layers(self, targets: str | Sequence[str] | None = None) -> dict[str, torch.nn.Module]:
+        return select_layers(dict(self.module.named_modules()), targets)
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        return weight_modules(self.module)
+
+    def diffusers_config(self) -> dict:
+        return diffusers_unet_config(self.patcher.model.model_config.unet_config)
+
+    def names(self) -> UNetNames:
+        """Layer names in both namings, from ComfyUI's own diffusers<->LDM map (checked against ours)."""
+        if self._names is None:
+            import comfy.utils
+
+            unet_config = self.patcher.model.model_config.unet_config
+            cfg = self.diffusers_config()
+            ldm_modules = dict(self.module.named_modules())
+            drop = "class_embedding." if cfg.get("addition_embed_type") == "text_time" else "add_embedding."
+            shapes, comfy_map = {}, {}
+            for d_key, l_key in comfy.utils.unet_to_diffusers(unet_config).items():
+                d_mod, _, d_param = d_key.rpartition(".")
+                l_mod, _, _ = l_key.rpartition(".")
+                if d_param != "weight" or d_key.startswith(drop) or l_mod not in ldm_modules:
+                    continue
+                shapes[d_mod] = tuple(ldm_modules[l_mod].weight.shape)
+                comfy_map[d_mod] = l_mod
+            names = UNetNames(shapes, cfg)
+            wrong = [d for d, l in comfy_map.items() if names.to_ldm[d] != l]
+            if wrong:
+                d = wrong[0]
+                raise LoraError(f"Layer names disagree with ComfyUI's: {d!r} -> {names.to_ldm[d]!r} here, "
+                                f"{comfy_map[d]!r} in ComfyUI ({len(wrong)} layers).")
+            self._names = names
+        return self._names
+
+    def attach_lora(self, rank: int, alpha: float | None = None, targets: str | Sequence[str] | None = None,
+                    init: str = "gaussian") -> ComfyLoraAdapter:
+        """Trainable LoRA on ``targets`` (see :mod:`safetydpo_core.lora.targets`); one adapter at a time."""
+        if self._adapter is not None and self._adapter.layers:
+            raise ConfigError("A LoRA adapter is already attached to this model; remove() it first.")
+        names = list(self.layers(targets))
+        self._adapter = ComfyLoraAdapter(
+            self._working(), names, rank=rank, alpha=alpha, init=init, device=self.device,
+            metadata={"ss_base_model_version": self.base_model_version}, names_provider=self.names)
+        return self._adapter
+
+    @property
+    def adapter(self) -> ComfyLoraAdapter | None:
+        return self._adapter if self._adapter is not None and self._adapter.layers else None
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each UNet block in backward (``torch.utils.checkpoint``, non-reentrant), as ComfyUI does.
+
+        The reference pass must run before the policy pass (the adapter flag is read again in backward).
+        """
+        if not enabled:
+            for m in self._checkpointed:
+                m.__dict__.pop("forward", None)
+            self._checkpointed = []
+            return
+        if self._checkpointed:
+            return
+        dm = self.module
+        for blocks in (dm.input_blocks, [dm.middle_block], dm.output_blocks):
+            for block in blocks:
+                orig = block.forward
+
+                def forward(*args, _orig=orig, **kwargs):
+                    if torch.is_grad_enabled():
+                        return torch.utils.checkpoint.checkpoint(_orig, *args, use_reentrant=False, **kwargs)
+                    return _orig(*args, **kwargs)
+
+                block.forward = forward
+                self._checkpointed.append(block)
+
+    def fingerprint(self) -> str:
+        """Digest of the diffusion model's base weights (as the diffusers backend computes it on the same
+        checkpoint), combined with a digest of the weight patches (LoRAs, merges) the MODEL carries."""
+        if self._fingerprint is None:
+            mp = self.patcher
+            tensors = []
+            for name, p in self.module.named_parameters():
+                bk = mp.backup.get(f"diffusion_model.{name}")
+                tensors.append(bk.weight if bk is not None else p)
+            fp = module_fingerprint(tensors)
+            if mp.patches:
+                h = hashlib.sha256(fp.encode())
+                for key in sorted(mp.patches):
+                    h.update(key.encode())
+                    for entry in mp.patches[key]:
+                        h.update(repr([e for e in entry if isinstance(e, (int, float, str))]).encode())
+                        for t in _tensors_in(entry):
+                            h.update(tensor_digest(t).encode())
+                fp = h.hexdigest()[:16]
+            self._fingerprint = fp
+        return self._fingerprint
+
+    # -- conditioning -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], size: tuple[int, int] | None = None) -> Conditioning:
+        """Encode prompts with the graph's CLIP: ``c_crossattn`` ``[B, 77k, D]``; for SDXL also ``y``
+        ``[B, adm]`` (pooled output plus size conditioning for ``size`` = (height, width) in pixels,
+        default :attr:`default_size`), ``pooled_output`` and ``size`` (kept for sampling)."""
+        import comfy.conds
+
+        prompts = list(prompts)
+        if not prompts:
+            raise ConfigError("No prompts to encode.")
+        if self.clip is None:
+            raise ConfigError("This model has no CLIP attached; connect the CLIP of the checkpoint to encode prompts.")
+        with torch.inference_mode(False):
+            conds, pooled = [], []
+            for p in prompts:
+                out = self.clip.encode_from_tokens(self.clip.tokenize(str(p)), return_pooled=True, return_dict=True)
+                conds.append(out["cond"].detach().float().clone())
+                pooled.append(None if out.get("pooled_output") is None else out["pooled_output"].detach().float().clone())
+            first = comfy.conds.CONDCrossAttn(conds[0])
+            cross = first.concat([comfy.conds.CONDCrossAttn(c) for c in conds[1:]]) if len(conds) > 1 else conds[0]
+            tensors = {"c_crossattn": cross.float().cpu()}
+            if self.is_sdxl:
+                if any(p is None for p in pooled):
+                    raise ModelError("This CLIP gives no pooled output, which SDXL needs; use the checkpoint's CLIP.")
+                h, w = size or self.default_size
+                pooled_b = torch.cat(pooled, 0).float()
+                sizes = {"height": h, "width": w, "crop_h": 0, "crop_w": 0, "target_height": h, "target_width": w}
+                y = self.patcher.model.encode_adm(pooled_output=pooled_b, device=pooled_b.device,
+                                                  prompt_type="positive", **sizes)
+                tensors["y"] = y.float().cpu()
+                tensors["pooled_output"] = pooled_b.cpu()
+                tensors["size"] = torch.tensor([[sizes[k] for k in _SDXL_SIZE_KEYS]] * len(prompts), dtype=torch.float32)
+        return Conditioning(tensors)
+
+    # -- the forward process ------------------------------------------------------------------------
+    def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(-1).long().cpu()
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_train_timesteps):
+            raise ConfigError(f"Timesteps must lie in [0, {self.num_train_timesteps}); got {int(t.min())}..{int(t.max())}.")
+        return self._sigmas[t].to(like.device)
+
+    def _coeffs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self._sigma(t, like).double()
+        a = 1.0 / (1.0 + s * s)  # alphas_cumprod
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        return a.sqrt().reshape(shape).to(like.dtype), (1 - a).sqrt().reshape(shape).to(like.dtype)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sa, sb = self._coeffs(t, x0)
+        return sa * x0 + sb * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return noise
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Epsilon predicted for the variance-preserving ``x_t`` at integer timesteps ``t`` (fp32, on the device)."""
+        b = x_t.shape[0]
+        if len(cond) != b:
+            raise ConfigError(f"Conditioning batch {len(cond)} does not match the latent batch {b}.")
+        t = t.reshape(-1)
+        if t.numel() == 1 and b > 1:
+            t = t.expand(b)
+        with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; nothing trains in there
+            mp = self.load()
+            dev = self.device
+            sigma = self._sigma(t, x_t).to(dev)
+            view = (-1,) + (1,) * (x_t.dim() - 1)
+            x = x_t.to(dev, torch.float32) * (1.0 + sigma * sigma).sqrt().view(view)
+            kwargs = {k: v.to(dev) for k, v in cond.tensors.items() if k in _MODEL_KWARGS}
+            options = dict(mp.model_options.get("transformer_options", {}))
+            options.update({"sigmas": sigma, "cond_or_uncond": [0]})
+            autocast = self.compute_dtype == torch.bfloat16
+            # Without an adapter there is nothing to train (and the loaded weights are inference tensors).
+            grad = contextlib.nullcontext() if self.adapter is not None else torch.no_grad()
+            with grad, torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                denoised = mp.model.apply_model(x, sigma, transformer_options=options, **kwargs)
+            return (x - denoised.float()) / sigma.view(view)
+
+    def eps_from_prediction(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return pred
+
+    # -- images -------------------------------------------------------------------------------------
+    def _need_vae(self):
+        if self.vae is None:
+            raise ConfigError("This model has no VAE attached; connect the VAE of the checkpoint.")
+        return self.vae
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.vae_scale_factor
+        if height <= 0 or width <= 0 or height % f or width % f:
+            raise ConfigError(f"Image size {width}x{height} must be a positive multiple of {f} for this model.")
+        return (self.latent_channels, height // f, width // f)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B,3,H,W]`` images in ``[0,1]`` -> latents as the UNet sees them (``process_latent_in``), on the CPU."""
+        vae = self._need_vae()
+        pixels = images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu()
+        with torch.inference_mode(False):
+            raw = vae.encode(pixels)
+            return self.patcher.model.process_latent_in(raw.float().cpu()).clone()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the UNet sees them -> ``[B,3,H,W]`` images in ``[0,1]``, on the CPU."""
+        vae = self._need_vae()
+        with torch.inference_mode(False):
+            raw = self.patcher.model.process_latent_out(latents.detach().float().cpu())
+            img = vae.decode(raw)
+            return img.float().reshape(-1, *img.shape[-3:]).permute(0, 3, 1, 2).clamp(0, 1).cpu().clone()
+
+    def _conditioning(self, cond: Conditioning) -> list:
+        c = cond.tensors
+        extras = {}
+        if self.is_sdxl:
+            if "pooled_output" not in c or "size" not in c:
+                raise ConfigError("SDXL conditioning for sampling needs the pooled output and size from encode_prompts().")
+            size = c["size"][0].tolist()
+            extras = {"pooled_output": c["pooled_output"].float(), **{k: int(v) for k, v in zip(_SDXL_SIZE_KEYS, size)}}
+        return [[c["c_crossattn"].float(), extras]]
+
+    @torch.no_grad()
+    def sample(self, cond: Conditioning, uncond: Conditioning | None, noise: torch.Tensor, steps: int = 20,
+               cfg: float = 7.5, sampler: str = "euler", scheduler: str = "normal", seed: int = 0,
+               callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Denoise ``noise`` (``[B,C,h,w]``, unit variance) with ComfyUI's sampler ``sampler`` / ``scheduler``
+        and classifier-free guidance; returns latents as the UNet sees them, on the CPU.
+
+        With an adapter attached and enabled, sampling uses it.
+        """
+        import comfy.sample
+        import comfy.samplers
+
+        if steps <= 0:
+            raise ConfigError(f"Sampling steps must be positive; got {steps}.")
+        if sampler not in comfy.samplers.KSampler.SAMPLERS:
+            raise ConfigError(f"Unknown sampler {sampler!r}; ComfyUI has: {', '.join(comfy.samplers.KSampler.SAMPLERS)}.")
+        if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+            raise ConfigError(f"Unknown scheduler {scheduler!r}; ComfyUI has: {', '.join(comfy.samplers.KSampler.SCHEDULERS)}.")
+        b = noise.shape[0]
+        for what, c in (("conditioning", cond), ("negative conditioning", uncond)):
+            if c is not None and len(c) not in (1, b):
+                raise ConfigError(f"The {what} has batch {len(c)}; the noise has batch {b}.")
+        if uncond is None:
+            uncond, cfg = cond, 1.0
+        mp = self._working() if self.adapter is not None else self.patcher
+        noise = noise.detach().float().cpu()
+        latent = torch.zeros_like(noise)
+
+        def on_step(step, x0, x, total):
+            if callback is not None:
+                callback(step + 1, total)
+
+        samples = comfy.sample.sample(mp, noise, int(steps), float(cfg), sampler, scheduler,
+                                      self._conditioning(cond), self._conditioning(uncond), latent,
+                                      denoise=1.0, callback=on_step, disable_pbar=True, seed=int(seed))
+        return self.patcher.model.process_latent_in(samples.float().cpu()).clone()
+
+
+def _tensors_in(obj, depth: int = 0) -> Iterator[torch.Tensor]:
+    """The tensors inside a ModelPatcher patch entry (tuples, lists, weight adapters)."""
+    if depth > 4:
+        return
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors_in(o, depth + 1)
+    elif hasattr(obj, "weights"):
+        yield from _tensors_in(getattr(obj, "weights"), depth + 1)

@@ -1,0 +1,182 @@
+"""Shared support for tests that run real ComfyUI in-process (no server, no downloads).
+
+* ``COMFYUI_PATH``: the ComfyUI checkout to use, from the environment variable of that name. Tests that
+  need ComfyUI mark themselves with :data:`requires_comfyui`, which skips them with a visible reason when
+  it is unset.
+* :func:`import_comfy`: puts ComfyUI on ``sys.path`` (at the end, so that it shadows nothing of ours) and
+  imports it with the CPU forced, as ``main.py --cpu`` would.
+* :func:`tiny_sd15` / :func:`tiny_sdxl`: random-weight ``MODEL`` / ``CLIP`` / ``VAE`` triples with the real
+  ComfyUI classes (``comfy.supported_models.SD15`` / ``SDXL``, ``comfy.sd.CLIP`` with ComfyUI's CLIP-L /
+  CLIP-G code, ``comfy.sd.VAE``), built inside ``torch.inference_mode()`` as ComfyUI's executor builds
+  the models of a graph, so that the inference-tensor trap is reproduced.
+* :func:`backend_module`: imports ``nodes/comfy_*.py`` of this pack. ComfyUI has a top-level module
+  ``nodes`` too, so the pack's ``nodes`` folder is loaded under a package name of its own.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "").strip() or None
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NODES_PACKAGE = "safetydpo_test_nodes"
+
+requires_comfyui = pytest.mark.skipif(
+    COMFYUI_PATH is None,
+    reason="COMFYUI_PATH is not set: these tests run real ComfyUI in-process; "
+           "set COMFYUI_PATH to a ComfyUI 0.8.0 checkout with its requirements installed")
+
+# The tiny UNets: the smallest widths that ComfyUI's GroupNorm(32) allows, one attention level.
+_UNET_COMMON = {"image_size": 32, "use_checkpoint": False, "use_spatial_transformer": True, "legacy": False,
+                "use_temporal_attention": False, "use_temporal_resblock": False}
+TINY_SD15_UNET = {
+    **_UNET_COMMON, "adm_in_channels": None, "model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": [1, 1],
+    "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
+    "context_dim": 32, "use_linear_in_transformer": False, "in_channels": 4, "out_channels": 4,
+    "num_heads": 4, "num_head_channels": -1,
+}
+TINY_SDXL_UNET = {
+    **_UNET_COMMON, "model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": [1, 1],
+    "transformer_depth": [0, 2], "transformer_depth_output": [0, 0, 2, 2], "transformer_depth_middle": 1,
+    "context_dim": 48, "use_linear_in_transformer": True, "in_channels": 4, "out_channels": 4,
+    "num_heads": -1, "num_head_channels": 16, "num_classes": "sequential", "adm_in_channels": 32 + 6 * 256,
+}
+# Text encoders: CLIP-L (hidden 32 for SD1.5; 16 for SDXL's first encoder) and CLIP-G (hidden 32, pooled 32: ComfyUI's projection is square).
+_CLIP_SMALL = {"intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4}
+TINY_CLIP_L = dict(_CLIP_SMALL, hidden_size=32, projection_dim=32)
+TINY_SDXL_CLIP_L = dict(_CLIP_SMALL, hidden_size=16, projection_dim=16)
+TINY_SDXL_CLIP_G = dict(_CLIP_SMALL, hidden_size=32, projection_dim=64)
+TINY_VAE = {"embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3,
+                                         "out_ch": 3, "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1,
+                                         "attn_resolutions": [], "dropout": 0.0}}
+
+
+def import_comfy() -> types.SimpleNamespace:
+    """Import ComfyUI from ``COMFYUI_PATH`` with the CPU forced; the modules the tests use."""
+    if COMFYUI_PATH is None:
+        pytest.skip("COMFYUI_PATH is not set")
+    path = str(Path(COMFYUI_PATH).resolve())
+    if not Path(path, "comfy", "model_management.py").is_file():
+        raise RuntimeError(f"COMFYUI_PATH={COMFYUI_PATH} is not a ComfyUI checkout (no comfy/model_management.py)")
+    if path not in sys.path:
+        sys.path.append(path)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # read when comfy.model_management is first imported
+    import comfy.lora
+    import comfy.model_base
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.utils
+
+    if not comfy.model_management.cpu_mode():
+        raise RuntimeError("ComfyUI was imported before the CPU could be forced; import it through comfyui_support")
+    return types.SimpleNamespace(comfy=comfy, path=path)
+
+
+def backend_module(name: str = "comfy_denoiser"):
+    """``nodes/<name>.py`` of this pack, imported under :data:`NODES_PACKAGE` (see the module docstring)."""
+    if NODES_PACKAGE not in sys.modules:
+        pkg = types.ModuleType(NODES_PACKAGE)
+        pkg.__path__ = [str(REPO_ROOT / "nodes")]
+        pkg.__package__ = NODES_PACKAGE
+        sys.modules[NODES_PACKAGE] = pkg
+    return importlib.import_module(f"{NODES_PACKAGE}.{name}")
+
+
+@torch.no_grad()
+def _init_random(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
+    """ComfyUI's ops skip weight init (the weights would be whatever memory held): fill them."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+        if name.endswith("bias"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+        elif p.dim() == 1 and ("norm" in name or "ln" in name or name.endswith("in_layers.0.weight")
+                               or name.endswith("out_layers.0.weight") or name.endswith(".out.0.weight")):
+            p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.01)
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _model_patcher(comfy, config_cls, unet: dict, seed: int, v_prediction: bool):
+    unet_config = dict(unet)
+    extra = {k: unet_config.pop(k) for k in ("num_heads", "num_head_channels")}
+    model_config = config_cls(unet_config)
+    model_config.unet_config.update(extra)
+    model_config.set_inference_dtype(torch.float32, None)
+    sd = {"v_pred": torch.tensor([])} if v_prediction else {}
+    model = model_config.get_model(sd)
+    _init_random(model.diffusion_model, seed)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device,
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def _clip(comfy, target, model_options: dict, seed: int):
+    clip = comfy.sd.CLIP(target, model_options=model_options)
+    _init_random(clip.cond_stage_model, seed, std=0.1)
+    return clip
+
+
+def _vae(comfy, seed: int):
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in AutoencoderKL(**TINY_VAE).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: (torch.ones(s) + torch.randn(s, generator=g) * 0.01 if (len(s) == 1 and "norm" in k)
+              else torch.randn(s, generator=g) * (0.01 if len(s) == 1 else 0.1))
+          for k, s in shapes.items()}
+    return comfy.sd.VAE(sd=sd, config={"params": TINY_VAE})
+
+
+def tiny_sd15(seed: int = 0, v_prediction: bool = False, with_vae: bool = True):
+    """``(MODEL, CLIP, VAE)`` of a random-weight SD1.5-architecture model, built as the executor builds it."""
+    c = import_comfy().comfy
+    logging.getLogger().setLevel(logging.WARNING)
+    with torch.inference_mode():
+        mp = _model_patcher(c, c.supported_models.SD15, TINY_SD15_UNET, seed, v_prediction)
+        target = c.supported_models.SD15({}).clip_target()
+        clip = _clip(c, target, {"clip_l_model_config": dict(TINY_CLIP_L)}, seed + 1)
+        vae = _vae(c, seed + 2) if with_vae else None
+    return mp, clip, vae
+
+
+def tiny_sdxl(seed: int = 0, v_prediction: bool = False, with_vae: bool = True):
+    """``(MODEL, CLIP, VAE)`` of a random-weight SDXL-architecture model (two text encoders, pooled ``y``)."""
+    c = import_comfy().comfy
+    logging.getLogger().setLevel(logging.WARNING)
+    with torch.inference_mode():
+        mp = _model_patcher(c, c.supported_models.SDXL, TINY_SDXL_UNET, seed, v_prediction)
+        target = c.supported_models.SDXL({}).clip_target()
+        clip = _clip(c, target, {"clip_l_model_config": dict(TINY_SDXL_CLIP_L),
+                                 "clip_g_model_config": dict(TINY_SDXL_CLIP_G)}, seed + 1)
+        vae = _vae(c, seed + 2) if with_vae else None
+    return mp, clip, vae
+
+
+def diffusion_state(mp) -> dict[str, torch.Tensor]:
+    """A copy of every parameter and buffer of the diffusion model (to check it is left untouched)."""
+    with torch.inference_mode():
+        return {k: v.detach().clone() for k, v in mp.model.diffusion_model.state_dict().items()}
+
+
+def assert_same_state(before: dict[str, torch.Tensor], mp) -> None:
+    after = mp.model.diffusion_model.state_dict()
+    assert set(after) == set(before)
+    changed = [k for k in before if not torch.equal(before[k], after[k]) or before[k].dtype != after[k].dtype]
+    assert not changed, f"{len(changed)} tensors of the loaded model changed, e.g. {changed[:3]}"
