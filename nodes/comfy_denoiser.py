@@ -106,7 +106,8 @@ def diffusers_unet_config(unet_config: Mapping) -> dict:
     if len(nres) != levels:
         nres = [nres[0]] * levels
     depth = list(unet_config.get("transformer_depth", [0] * sum(nres)))
-    depth_out = list(unet_config.get("transformer_depth_output", [0] * sum(n + 1 for n in nres)))
+    # ComfyUI pops transformer_depth_output from its end while it builds output_blocks 0, 1, ...
+    depth_out = list(reversed(unet_config.get("transformer_depth_output", [0] * sum(n + 1 for n in nres))))
     down_depth, up_depth, i, j = [], [], 0, 0
     for lvl in range(levels):
         down_depth.append(max(depth[i:i + nres[lvl]] or [0]))
@@ -135,8 +136,6 @@ def diffusers_unet_config(unet_config: Mapping) -> dict:
         "use_linear_projection": bool(unet_config.get("use_linear_in_transformer", False)),
         "norm_num_groups": 32,
     }
-    if mid is not None and mid > 1:
-        cfg["transformer_layers_per_block"] = [max(1, d) for d in down_depth]
     adm = unet_config.get("adm_in_channels")
     if adm:
         cfg.update({"addition_embed_type": "text_time", "addition_time_embed_dim": 256,
