@@ -182,8 +182,8 @@ class ComfyDenoiser:
             elif type(ms).calculate_denoised is sampling.V_PREDICTION.calculate_denoised:
                 kind = "v_prediction"
         if kind is None or float(getattr(ms, "sigma_data", 1.0)) != 1.0:
-            raise ModelError(f"The model {what} uses the sampling {type(ms).__name__} ({base.model_type.name}); "
-                             f"only discrete-schedule EPS and V-prediction models are supported yet.")
+            raise ModelError(f"The model {what} with the sampling {type(ms).__name__} is not supported yet: only "
+                             f"discrete-schedule EPS and V-prediction models (SD1.x, SD2.x, SDXL) can be trained.")
         self.model_prediction_type = kind
         self._sigmas = ms.sigmas.detach().float().cpu().clone()
         self.num_train_timesteps = int(self._sigmas.shape[0])
@@ -314,7 +314,8 @@ class ComfyDenoiser:
 
             unet_config = self.patcher.model.model_config.unet_config
             cfg = self.diffusers_config()
-            ldm_modules = dict(self.module.named_modules())
+            ldm_modules = {n: m for n, m in self.module.named_modules()
+                           if isinstance(getattr(m, "weight", None), torch.Tensor)}
             drop = "class_embedding." if cfg.get("addition_embed_type") == "text_time" else "add_embedding."
             shapes, comfy_map = {}, {}
             for d_key, l_key in comfy.utils.unet_to_diffusers(unet_config).items():
@@ -408,7 +409,7 @@ class ComfyDenoiser:
             raise ConfigError("No prompts to encode.")
         if self.clip is None:
             raise ConfigError("This model has no CLIP attached; connect the CLIP of the checkpoint to encode prompts.")
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors out, usable in training
             conds, pooled = [], []
             for p in prompts:
                 out = self.clip.encode_from_tokens(self.clip.tokenize(str(p)), return_pooled=True, return_dict=True)
@@ -458,7 +459,10 @@ class ComfyDenoiser:
         t = t.reshape(-1)
         if t.numel() == 1 and b > 1:
             t = t.expand(b)
-        with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; nothing trains in there
+        # ComfyUI runs nodes in inference mode, where nothing trains. Leaving it re-enables autograd
+        # whatever the caller said, so the caller's grad mode is taken first (no_grad for the reference).
+        want_grad = torch.is_grad_enabled() and self.adapter is not None
+        with torch.inference_mode(False), torch.set_grad_enabled(want_grad):
             mp = self.load()
             dev = self.device
             sigma = self._sigma(t, x_t).to(dev)
@@ -468,9 +472,7 @@ class ComfyDenoiser:
             options = dict(mp.model_options.get("transformer_options", {}))
             options.update({"sigmas": sigma, "cond_or_uncond": [0]})
             autocast = self.compute_dtype == torch.bfloat16
-            # Without an adapter there is nothing to train (and the loaded weights are inference tensors).
-            grad = contextlib.nullcontext() if self.adapter is not None else torch.no_grad()
-            with grad, torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
                 denoised = mp.model.apply_model(x, sigma, transformer_options=options, **kwargs)
             return (x - denoised.float()) / sigma.view(view)
 
@@ -494,7 +496,7 @@ class ComfyDenoiser:
         """``[B,3,H,W]`` images in ``[0,1]`` -> latents as the UNet sees them (``process_latent_in``), on the CPU."""
         vae = self._need_vae()
         pixels = images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu()
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), torch.no_grad():
             raw = vae.encode(pixels)
             return self.patcher.model.process_latent_in(raw.float().cpu()).clone()
 
@@ -502,7 +504,7 @@ class ComfyDenoiser:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents as the UNet sees them -> ``[B,3,H,W]`` images in ``[0,1]``, on the CPU."""
         vae = self._need_vae()
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), torch.no_grad():
             raw = self.patcher.model.process_latent_out(latents.detach().float().cpu())
             img = vae.decode(raw)
             return img.float().reshape(-1, *img.shape[-3:]).permute(0, 3, 1, 2).clamp(0, 1).cpu().clone()

@@ -46,7 +46,7 @@ TINY_SD15_UNET = {
 }
 TINY_SDXL_UNET = {
     **_UNET_COMMON, "model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": [1, 1],
-    "transformer_depth": [0, 2], "transformer_depth_output": [0, 0, 2, 2], "transformer_depth_middle": 1,
+    "transformer_depth": [0, 2], "transformer_depth_output": [0, 0, 2, 2], "transformer_depth_middle": 2,
     "context_dim": 48, "use_linear_in_transformer": True, "in_channels": 4, "out_channels": 4,
     "num_heads": -1, "num_head_channels": 16, "num_classes": "sequential", "adm_in_channels": 32 + 6 * 256,
 }
@@ -118,8 +118,9 @@ def _model_patcher(comfy, config_cls, unet: dict, seed: int, v_prediction: bool)
     model_config = config_cls(unet_config)
     model_config.unet_config.update(extra)
     model_config.set_inference_dtype(torch.float32, None)
-    sd = {"v_pred": torch.tensor([])} if v_prediction else {}
-    model = model_config.get_model(sd)
+    model = model_config.get_model({})
+    if v_prediction:  # as a v-prediction checkpoint (SD2.x-768, SDXL "v_pred") loads
+        model = type(model)(model_config, model_type=comfy.model_base.ModelType.V_PREDICTION)
     _init_random(model.diffusion_model, seed)
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device,
