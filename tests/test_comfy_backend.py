@@ -208,7 +208,7 @@ def test_dpo_steps_train_and_leave_the_loaded_model_untouched(models, cd, kind):
                 assert sum(float(g.abs().sum()) for g in grads) > 0
                 opt.step()
                 opt.zero_grad()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
             lora = adapter.export()
             adapter.remove()
         assert not any(lm.model is d._mp for lm in comfy.model_management.current_loaded_models)
