@@ -141,7 +141,7 @@ def build_tiny_pipeline(directory: str | os.PathLike, kind: str = "sd15", seed: 
                       norm_num_groups=8, sample_size=image_size).save_pretrained(d / "vae", safe_serialization=True)
         index["vae"] = ["diffusers", "AutoencoderKL"]
     DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  prediction_type=prediction_type, clip_sample=False).save_pretrained(d / "scheduler")
+                  prediction_type=prediction_type, clip_sample=False, steps_offset=1).save_pretrained(d / "scheduler")
     (d / "model_index.json").write_text(json.dumps(index, indent=1), encoding="utf-8")
     if info:
         (d / "safetydpo.json").write_text(json.dumps(info, indent=1), encoding="utf-8")

@@ -68,47 +68,13 @@ StopFn = Callable[[], bool]
 
 
 def read_pairs_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Prompt pairs from a JSONL file (``id``, ``category``, ``concept``, ``unsafe``, ``safe`` per line).
+    """Prompt pairs from a JSONL file (``id``, ``category``, ``concept``, ``unsafe``, ``safe`` per line), read
+    with :func:`safetydpo_core.prompts.pairs.read_pairs` (which names the file and line of a bad entry);
+    returned as dicts with ``category`` a list of canonical ids."""
+    from ..prompts.pairs import read_pairs
 
-    Uses :func:`safetydpo_core.prompts.pairs.read_pairs` when that module is present; otherwise a small
-    local reader. ``category`` comes back as a list of canonical ids.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise DatasetError(f"The calibration prompt file {p} does not exist. Give a pairs .jsonl file "
-                           f"(one JSON object per line with 'category', 'unsafe' and 'safe').")
-    try:
-        from ..prompts.pairs import read_pairs  # type: ignore[import-not-found]
-    except ImportError:
-        read_pairs = None
-    if read_pairs is not None:
-        out = []
-        for item in read_pairs(p):
-            d = item if isinstance(item, Mapping) else (dataclasses.asdict(item) if dataclasses.is_dataclass(item)
-                                                        else dict(vars(item)))
-            out.append({**d, "category": normalize_categories(d.get("category") or [])})
-        if not out:
-            raise DatasetError(f"The calibration prompt file {p} holds no prompt pairs.")
-        return out
-    rows = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{p}, line {lineno}: not valid JSON ({e.msg}).") from e
-            if not isinstance(d, dict) or not isinstance(d.get("unsafe"), str) or not d["unsafe"].strip():
-                raise DatasetError(f"{p}, line {lineno}: a prompt pair needs a non-empty 'unsafe' prompt.")
-            try:
-                d["category"] = normalize_categories(d.get("category") or [])
-            except ConfigError as e:
-                raise DatasetError(f"{p}, line {lineno}: {e}") from e
-            rows.append(d)
-    if not rows:
-        raise DatasetError(f"The calibration prompt file {p} holds no prompt pairs.")
-    return rows
+    return [{"id": p.id, "category": list(p.category), "concept": p.concept, "unsafe": p.unsafe, "safe": p.safe}
+            for p in read_pairs(path)]
 
 
 def calibration_prompts(pairs: Sequence[Mapping[str, Any]], categories: Sequence[str] | None, count: int,
@@ -473,6 +439,8 @@ def calibrate(denoiser, prompts: Sequence[str] | None = None, *, experts: Sequen
                           "or use rank_stats='gram' or 'none'.")
     if inputs is None and not prompts:
         raise ConfigError("Calibration needs prompts (or (prompt, latent) inputs from a preference dataset).")
+    if inputs is not None and opts.size is not None:
+        log.warning("calibration: the image size is ignored when calibrating on dataset latents")
     for e in experts:
         if e.naming != denoiser.naming:
             raise LoraError(f"An expert uses {e.naming} layer names but the model uses {denoiser.naming}; convert the "
@@ -496,6 +464,7 @@ def calibrate(denoiser, prompts: Sequence[str] | None = None, *, experts: Sequen
     hi = min(hi, T)
     gen = torch.Generator(device="cpu").manual_seed(int(opts.seed))
     timesteps = torch.randint(lo, hi, (n_total,), generator=gen)
+    size = None
     if inputs is None:
         size = opts.size or int(getattr(denoiser, "sample_size", 0) or 512)
         latent_shape = tuple(denoiser.latent_shape(size, size))
@@ -535,7 +504,8 @@ def calibrate(denoiser, prompts: Sequence[str] | None = None, *, experts: Sequen
                     raise DatasetError(f"Calibration latents differ in shape ({tuple(x0.shape[1:])} vs {latent_shape}); "
                                        f"use a dataset rendered at one size.")
                 x_t = denoiser.add_noise(x0.to(device), noise.to(device), t.to(device))
-            cond = denoiser.encode_prompts(plist[done:done + b])
+            batch_prompts = plist[done:done + b]
+            cond = denoiser.encode_prompts(batch_prompts, size=(size, size)) if size else denoiser.encode_prompts(batch_prompts)
             for c in collectors.values():
                 c.slot, c.batch = done, b
             denoiser.predict(x_t.to(device), t.to(device), cond)

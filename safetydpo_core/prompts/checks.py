@@ -65,10 +65,11 @@ def _forms(word: str) -> set[str]:
     for suf in ("ing", "ed", "es", "s"):  # a term given inflected also matches its base form
         if w.endswith(suf) and len(w) - len(suf) >= 3:
             base = w[: -len(suf)]
-            out.add(base)
+            if suf in ("es", "s") or len(base) >= 4:  # "hated" -> "hate", not "hat"
+                out.add(base)
             if suf in ("ing", "ed"):
                 out.add(base + "e")
-                if len(base) >= 2 and base[-1] == base[-2]:
+                if len(base) >= 4 and base[-1] == base[-2]:
                     out.add(base[:-1])
     return out
 

@@ -25,7 +25,6 @@ Three counters, one interface (:class:`TokenCounter`: ``count(text)``, ``truncat
 from __future__ import annotations
 
 import gzip
-import html
 import importlib.util
 import logging
 import math
@@ -66,7 +65,7 @@ class TokenCounter(Protocol):
 
 
 def _clean(text: str) -> str:
-    text = html.unescape(html.unescape(text))
+    # as transformers' CLIPTokenizer does (what diffusers and ComfyUI use): no HTML unescaping, unlike OpenAI's
     text = unicodedata.normalize("NFC", text)
     return " ".join(text.split()).lower()
 

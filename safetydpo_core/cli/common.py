@@ -1,0 +1,104 @@
+"""Options and helpers shared by the sub-commands: model loading flags, config files, progress bars,
+refusing to overwrite, and writing the resolved configuration beside an output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, SafetyDPOError
+from ..utils.atomic import atomic_write_text
+
+
+def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, metavar="MODEL",
+                   help="a local diffusers pipeline folder or a single-file SD1.5/SDXL .safetensors checkpoint")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="weight dtype of the frozen model (auto: fp32 on CPU, bf16/fp16 on GPU)")
+
+
+def load_denoiser(args: argparse.Namespace):
+    from ..denoiser.devices import resolve_device, resolve_dtype
+    from ..denoiser.diffusers_backend import DiffusersDenoiser
+
+    device = resolve_device(args.device)
+    return DiffusersDenoiser.from_pretrained(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
+
+
+def read_config_file(path: str | None) -> dict[str, Any]:
+    """Settings from a TOML, YAML or JSON file (keys as the long option names, with - or _)."""
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"The config file {p} does not exist.")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"The config file {p} must end in .toml, .yaml, .yml or .json.")
+    except (ValueError, ImportError) as e:
+        raise ConfigError(f"The config file {p} cannot be parsed: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"The config file {p} must hold a table of settings.")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def apply_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace, argv_flags: set[str]) -> None:
+    """Fill ``args`` from ``--config``; flags given on the command line win."""
+    data = read_config_file(getattr(args, "config", None))
+    known = {a.dest for a in parser._actions}
+    for k, v in data.items():
+        if k not in known:
+            raise ConfigError(f"Unknown setting {k!r} in {args.config}; settings are the long option names of "
+                              f"`safetydpo {args.command} --help`.")
+        if k not in argv_flags:
+            setattr(args, k, v)
+
+
+def given_flags(argv: list[str] | None = None) -> set[str]:
+    argv = sys.argv[1:] if argv is None else argv
+    return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def refuse_existing(path: Path, overwrite: bool, what: str = "output", hint: str = "--overwrite") -> None:
+    if path.exists() and not overwrite:
+        raise SafetyDPOError(f"The {what} {path} already exists. Pass {hint} to replace it, or choose another path.")
+
+
+def write_resolved_config(target: Path, settings: dict[str, Any]) -> Path:
+    out = target.with_name(target.name + ".config.json") if target.suffix == "" else target.with_suffix(".config.json")
+    atomic_write_text(out, json.dumps(settings, indent=1, default=str) + "\n", "configuration file")
+    return out
+
+
+class Progress:
+    """A tqdm bar fed by (done, total, info) callbacks."""
+
+    def __init__(self, total: int, desc: str, initial: int = 0):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True, file=sys.stderr)
+
+    def __call__(self, done: int, total: int, info: dict | None = None) -> None:
+        self.bar.total = total
+        self.bar.n = done
+        if info:
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in info.items()}, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,92 @@
+"""``safetydpo train``: train one Diffusion-DPO safety expert (a LoRA) on a preference dataset."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..errors import SafetyDPOError
+from .common import (Progress, add_model_args, apply_config_file, given_flags, load_denoiser, refuse_existing,
+                     write_resolved_config)
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train one safety expert (Diffusion-DPO LoRA) on a preference dataset",
+                       description="Train a LoRA safety expert with Diffusion-DPO: under the unsafe prompt, prefer the "
+                                   "safe image over the unsafe one. Writes the LoRA (.safetensors, kohya keys), "
+                                   "<out>.metrics.csv/.jsonl, <out>.config.json and checkpoints in <out>.checkpoints/.")
+    add_model_args(p)
+    p.add_argument("--data", required=True, help="preference dataset folder (from `safetydpo render` or `dataset from-images`)")
+    p.add_argument("--out", required=True, help="output LoRA file (.safetensors)")
+    p.add_argument("--config", help="TOML/YAML/JSON file with any of these options (command-line flags win)")
+    p.add_argument("--category", help="train on this category's pairs (comma-separated for several; default: all)")
+    p.add_argument("--steps", type=int, default=500, help="optimiser steps (default 500)")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4, as the paper)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
+    p.add_argument("--targets", default="attn", help="layers to adapt: attn (to_q,to_k,to_v,to_out.0; default), "
+                                                     "attn-cross, attn+ff, transformer, or comma-separated suffixes")
+    p.add_argument("--objective", default="dpo", choices=["dpo", "mapo"], help="dpo (default) or reference-free mapo")
+    p.add_argument("--beta", type=float, default=5000.0, help="DPO beta (default 5000, as the official code)")
+    p.add_argument("--mapo-beta", type=float, default=0.1, help="MaPO beta (default 0.1)")
+    p.add_argument("--sft-weight", type=float, default=0.0, help="weight of an extra SFT term on the safe image")
+    p.add_argument("--condition", default="unsafe", choices=["unsafe", "safe", "both"],
+                   help="prompt that conditions both images (default unsafe)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"])
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1, help="pairs per micro-step")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimiser step")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 disables)")
+    p.add_argument("--prompt-dropout", type=float, default=0.0, help="probability of an empty prompt (official: 0.2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this output")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="train even if the dataset was rendered by another model (warns instead of refusing)")
+    p.set_defaults(func=run, _parser=p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..denoiser.devices import resolve_mixed_precision
+    from ..lora.io import save_lora
+    from ..training import TrainConfig, train_expert
+
+    apply_config_file(args._parser, args, given_flags())
+    out = Path(args.out)
+    if out.suffix.lower() != ".safetensors":
+        raise SafetyDPOError(f"--out {out} must end in .safetensors.")
+    refuse_existing(out, args.overwrite or args.resume, "output LoRA", "--overwrite (or --resume)")
+    denoiser = load_denoiser(args)
+    cfg = TrainConfig(category=args.category, steps=args.steps, rank=args.rank, alpha=args.alpha, targets=args.targets,
+                      objective=args.objective, beta=args.beta, mapo_beta=args.mapo_beta, sft_weight=args.sft_weight,
+                      condition=args.condition, lr=args.lr, optimizer=args.optimizer, lr_schedule=args.lr_schedule,
+                      warmup_steps=args.warmup_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      max_grad_norm=args.max_grad_norm, prompt_dropout=args.prompt_dropout, seed=args.seed,
+                      mixed_precision=resolve_mixed_precision(args.mixed_precision, denoiser.device),
+                      gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every)
+    settings = {"command": "train", "model": str(args.model), "data": str(args.data), "out": str(out),
+                "device": str(denoiser.device), "dtype": str(denoiser.dtype), **cfg.to_dict()}
+    write_resolved_config(out, settings)
+    bar = Progress(cfg.steps, f"train {','.join(cfg.category or ['all'])}")
+    try:
+        result = train_expert(denoiser, args.data, cfg, checkpoint_dir=out.with_suffix(".checkpoints"),
+                              metrics_path=out.with_suffix(".metrics"), resume=args.resume,
+                              progress=lambda d, n, r: bar(d, n, {k: r[k] for k in ("loss", "implicit_acc", "margin") if k in r}),
+                              allow_model_mismatch=args.allow_model_mismatch)
+    except KeyboardInterrupt:
+        bar.close()
+        log.warning("Stopped. Run the same command with --resume to continue from the last checkpoint.")
+        raise
+    bar.close()
+    save_lora(result.lora, out, names=denoiser.names())
+    final = result.history[-1] if result.history else {}
+    print(f"wrote {out} ({len(result.lora)} layers, rank {cfg.rank}); final loss {final.get('loss', float('nan')):.4f}, "
+          f"implicit accuracy {final.get('implicit_acc', float('nan')):.2f}; metrics in {out.with_suffix('.metrics.csv')}")
+    return 0

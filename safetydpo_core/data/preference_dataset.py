@@ -1,0 +1,317 @@
+"""The preference dataset format that every producer writes and the trainer reads.
+
+A dataset is a folder::
+
+    DATA/
+      dataset.json            header: format, version, model fingerprint, settings, counts
+      manifest.jsonl          one JSON object per pair (see PairRecord)
+      shards/shard-00000.safetensors   latents: "<id>.safe" and "<id>.unsafe" ([C, h, w] each)
+      previews/<id>.safe.png, <id>.unsafe.png   optional
+
+Latents are the model's scaled latents (what the UNet sees at t = 0), so training needs no VAE. Writing
+is crash-safe and resumable: a shard is written atomically before its manifest lines are appended, a
+torn last manifest line is dropped on resume, and ids already in the manifest are skipped, so a crashed
+render resumes without duplicates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..categories import normalize_categories
+from ..errors import DatasetError
+from ..utils.atomic import atomic_path, atomic_write_text, ensure_writable_dir
+
+log = logging.getLogger(__name__)
+
+FORMAT = "safetydpo-preference-dataset"
+VERSION = 1
+_SHARD_RE = re.compile(r"shard-(\d+)\.safetensors$")
+
+
+@dataclasses.dataclass
+class PairRecord:
+    """One manifest line: a prompt pair and where its two latents are stored."""
+
+    id: str
+    category: list[str]
+    concept: str
+    unsafe: str
+    safe: str
+    seed: int | None
+    height: int
+    width: int
+    latent_shape: list[int]
+    shard: str
+    model_fingerprint: str = ""
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        extra = d.pop("extra")
+        d.update(extra)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: str = "manifest") -> "PairRecord":
+        fields = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        missing = [f for f in ("id", "unsafe", "safe", "latent_shape", "shard") if f not in d]
+        if missing:
+            raise DatasetError(f"{where}: missing field(s) {missing}.")
+        known = {k: d[k] for k in fields if k in d}
+        known.setdefault("category", [])
+        known["category"] = normalize_categories(known["category"]) if known["category"] else []
+        known.setdefault("concept", "")
+        known.setdefault("seed", None)
+        known.setdefault("height", 0)
+        known.setdefault("width", 0)
+        known.setdefault("model_fingerprint", "")
+        known["id"] = str(known["id"])
+        return cls(**known, extra={k: v for k, v in d.items() if k not in fields})
+
+
+def _read_manifest(path: Path) -> tuple[list[PairRecord], int]:
+    """Records and the byte length of the valid prefix (a torn last line is dropped with a warning)."""
+    records: list[PairRecord] = []
+    if not path.exists():
+        return records, 0
+    data = path.read_bytes()
+    valid = 0
+    lines = data.split(b"\n")
+    for i, raw in enumerate(lines):
+        is_last = i == len(lines) - 1
+        if not raw.strip():
+            valid += len(raw) + (0 if is_last else 1)
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            if is_last or all(not x.strip() for x in lines[i + 1:]):
+                log.warning("%s: dropping an incomplete last line (an interrupted write).", path)
+                break
+            raise DatasetError(f"{path}, line {i + 1}: not valid JSON ({e.msg}). Fix or remove that line.") from e
+        if is_last:  # complete JSON without the trailing newline: keep it, but it is the end
+            records.append(PairRecord.from_json(obj, f"{path}, line {i + 1}"))
+            valid += len(raw)
+            break
+        records.append(PairRecord.from_json(obj, f"{path}, line {i + 1}"))
+        valid += len(raw) + 1
+    return records, valid
+
+
+class PreferenceDatasetWriter:
+    """Appends pairs to a dataset folder in shards; use as a context manager.
+
+    ``resume=True`` continues an existing dataset (ids already present are reported by :attr:`done_ids`);
+    without it an existing non-empty dataset is refused unless ``overwrite=True``.
+    """
+
+    def __init__(self, root: str | os.PathLike, model_fingerprint: str = "", settings: dict | None = None,
+                 shard_size: int = 64, resume: bool = False, overwrite: bool = False, previews: bool = True):
+        self.root = Path(root)
+        self.shard_size = max(1, int(shard_size))
+        self.previews = previews
+        manifest = self.root / "manifest.jsonl"
+        exists = manifest.exists() and manifest.stat().st_size > 0
+        if exists and not resume and not overwrite:
+            raise DatasetError(f"The dataset folder {self.root} already holds a dataset. Use --resume to continue it "
+                               f"or --overwrite to replace it.")
+        ensure_writable_dir(self.root, "dataset")
+        (self.root / "shards").mkdir(exist_ok=True)
+        if previews:
+            (self.root / "previews").mkdir(exist_ok=True)
+        if exists and overwrite and not resume:
+            manifest.unlink()
+            for f in (self.root / "shards").glob("shard-*.safetensors"):
+                f.unlink()
+        self.header = self._read_header() if (resume and exists) else {}
+        if resume and exists:
+            old_fp = self.header.get("model_fingerprint", "")
+            if old_fp and model_fingerprint and old_fp != model_fingerprint:
+                raise DatasetError(f"Cannot resume {self.root}: it was rendered with model {old_fp}, this model is "
+                                   f"{model_fingerprint}. Use a new output folder or --overwrite.")
+        records, valid = _read_manifest(manifest)
+        if manifest.exists() and valid < manifest.stat().st_size:
+            with open(manifest, "r+b") as f:
+                f.truncate(valid)
+        self.records: list[PairRecord] = records
+        self.done_ids: set[str] = {r.id for r in records}
+        self.model_fingerprint = model_fingerprint or self.header.get("model_fingerprint", "")
+        self.settings = {**self.header.get("settings", {}), **(settings or {})}
+        self._next_shard = 1 + max((int(m.group(1)) for f in (self.root / "shards").glob("shard-*.safetensors")
+                                    if (m := _SHARD_RE.search(f.name))), default=-1)
+        self._buffer: list[tuple[PairRecord, torch.Tensor, torch.Tensor]] = []
+        self._write_header()
+
+    def _read_header(self) -> dict:
+        p = self.root / "dataset.json"
+        if not p.exists():
+            return {}
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{p} is not valid JSON ({e.msg}).") from e
+
+    def _write_header(self) -> None:
+        counts = Counter(c for r in self.records for c in r.category)
+        header = {"format": FORMAT, "version": VERSION, "model_fingerprint": self.model_fingerprint,
+                  "settings": self.settings, "pairs": len(self.records), "per_category": dict(sorted(counts.items()))}
+        atomic_write_text(self.root / "dataset.json", json.dumps(header, indent=1) + "\n", "dataset header")
+
+    def add(self, *, id: str, category: Sequence[str] | str, concept: str, unsafe: str, safe: str,
+            safe_latent: torch.Tensor, unsafe_latent: torch.Tensor, seed: int | None = None, height: int = 0,
+            width: int = 0, preview_safe=None, preview_unsafe=None, **extra: Any) -> PairRecord:
+        """Queue one pair; it is on disk after the next :meth:`flush` (every ``shard_size`` pairs)."""
+        id = str(id)
+        if id in self.done_ids:
+            raise DatasetError(f"Pair id {id!r} is already in the dataset {self.root}.")
+        if tuple(safe_latent.shape) != tuple(unsafe_latent.shape):
+            raise DatasetError(f"Pair {id!r}: the safe latent {tuple(safe_latent.shape)} and the unsafe latent "
+                               f"{tuple(unsafe_latent.shape)} differ in shape; both images must have the same size.")
+        if self.previews and preview_safe is not None:
+            preview_safe.save(self.root / "previews" / f"{_safe_name(id)}.safe.png")
+            preview_unsafe.save(self.root / "previews" / f"{_safe_name(id)}.unsafe.png")
+            extra.setdefault("previews", [f"previews/{_safe_name(id)}.safe.png", f"previews/{_safe_name(id)}.unsafe.png"])
+        rec = PairRecord(id=id, category=normalize_categories(category), concept=concept, unsafe=unsafe, safe=safe,
+                         seed=seed, height=int(height), width=int(width), latent_shape=list(safe_latent.shape),
+                         shard="", model_fingerprint=self.model_fingerprint, extra=extra)
+        self._buffer.append((rec, safe_latent.detach().to("cpu", torch.float32).contiguous(),
+                             unsafe_latent.detach().to("cpu", torch.float32).contiguous()))
+        self.done_ids.add(id)
+        if len(self._buffer) >= self.shard_size:
+            self.flush()
+        return rec
+
+    def flush(self) -> None:
+        """Write queued pairs: the shard first (atomically), then their manifest lines."""
+        if not self._buffer:
+            return
+        name = f"shards/shard-{self._next_shard:05d}.safetensors"
+        tensors = {}
+        for rec, s, u in self._buffer:
+            rec.shard = name
+            tensors[f"{rec.id}.safe"] = s
+            tensors[f"{rec.id}.unsafe"] = u
+        with atomic_path(self.root / name, "dataset shard") as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        self._next_shard += 1
+        lines = "".join(json.dumps(rec.to_json(), ensure_ascii=False) + "\n" for rec, _, _ in self._buffer)
+        with open(self.root / "manifest.jsonl", "a", encoding="utf-8") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.extend(rec for rec, _, _ in self._buffer)
+        self._buffer.clear()
+        self._write_header()
+
+    def close(self) -> None:
+        self.flush()
+        self._write_header()
+
+    def __enter__(self) -> "PreferenceDatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Keep what was rendered even when interrupted: finished pairs are flushed, so a resume skips them.
+        self.close()
+
+
+def _safe_name(id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", id)
+
+
+class PreferenceDataset:
+    """Read a preference dataset, optionally restricted to some categories.
+
+    ``expect_fingerprint``: the fingerprint of the model about to be trained; a dataset rendered with another
+    model is refused (``on_mismatch="error"``) or accepted with a warning (``"warn"``).
+    """
+
+    def __init__(self, root: str | os.PathLike, categories: Iterable[str] | str | None = None,
+                 expect_fingerprint: str | None = None, on_mismatch: str = "error"):
+        self.root = Path(root)
+        if not self.root.exists():
+            raise DatasetError(f"The dataset folder {self.root} does not exist.")
+        if not (self.root / "manifest.jsonl").exists():
+            raise DatasetError(f"{self.root} is not a preference dataset: it has no manifest.jsonl. Make one with "
+                               f"`safetydpo render` or `safetydpo dataset from-images`.")
+        header_path = self.root / "dataset.json"
+        self.header = json.loads(header_path.read_text(encoding="utf-8")) if header_path.exists() else {}
+        if self.header and self.header.get("format") != FORMAT:
+            raise DatasetError(f"{header_path} is not a {FORMAT} header (format {self.header.get('format')!r}).")
+        records, _ = _read_manifest(self.root / "manifest.jsonl")
+        self.all_records = records
+        if not records:
+            raise DatasetError(f"The dataset {self.root} is empty: its manifest lists no pairs.")
+        self.categories = normalize_categories(categories) if categories else []
+        if self.categories:
+            records = [r for r in records if set(r.category) & set(self.categories)]
+            if not records:
+                have = sorted({c for r in self.all_records for c in r.category})
+                raise DatasetError(f"The dataset {self.root} has no pairs for {', '.join(self.categories)}; "
+                                   f"it has pairs for: {', '.join(have) or 'no category at all'}.")
+        self.records = records
+        self.model_fingerprint = self.header.get("model_fingerprint") or records[0].model_fingerprint
+        if expect_fingerprint and self.model_fingerprint and expect_fingerprint != self.model_fingerprint:
+            msg = (f"The dataset {self.root} was made with model {self.model_fingerprint}, but the model being "
+                   f"trained is {expect_fingerprint}. Its images are not this model's outputs.")
+            if on_mismatch == "error":
+                raise DatasetError(msg + " Pass --allow-model-mismatch to train on it anyway.")
+            log.warning(msg)
+        for r in records:
+            if len(r.latent_shape) != 3:
+                raise DatasetError(f"Pair {r.id!r} has latent shape {r.latent_shape}; expected [channels, height, width].")
+        self._handles: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def fingerprint(self) -> str:
+        """Digest of the manifest lines in use (ids and prompts), for LoRA metadata."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for r in self.records:
+            h.update(f"{r.id}\t{r.unsafe}\t{r.safe}\t{r.shard}\n".encode())
+        return h.hexdigest()[:16]
+
+    def per_category(self) -> dict[str, int]:
+        return dict(sorted(Counter(c for r in self.records for c in r.category).items()))
+
+    def _shard(self, name: str):
+        h = self._handles.get(name)
+        if h is None:
+            path = self.root / name
+            if not path.exists():
+                raise DatasetError(f"Dataset shard {path} is missing; the dataset is incomplete. Re-run the render "
+                                   f"with --resume.")
+            try:
+                h = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise DatasetError(f"Dataset shard {path} cannot be read: {e}.") from e
+            self._handles[name] = h
+        return h
+
+    def load_pair(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (safe, unsafe) latents of pair ``i``."""
+        r = self.records[i]
+        h = self._shard(r.shard)
+        try:
+            s, u = h.get_tensor(f"{r.id}.safe"), h.get_tensor(f"{r.id}.unsafe")
+        except (SafetensorError, KeyError) as e:
+            raise DatasetError(f"Pair {r.id!r} is listed in the manifest but missing from {r.shard}.") from e
+        if s.shape != u.shape:
+            raise DatasetError(f"Pair {r.id!r}: the safe latent {tuple(s.shape)} and the unsafe latent {tuple(u.shape)} "
+                               f"differ in shape.")
+        return s, u

@@ -1,0 +1,94 @@
+"""Settings of one safety-expert training run, validated up front with errors that name the setting."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from ..categories import normalize_categories
+from ..errors import ConfigError
+
+OBJECTIVES = ("dpo", "mapo")
+CONDITIONS = ("unsafe", "safe", "both")
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Defaults follow the official SafetyDPO code where it is known (beta 5000, rank 4 = alpha,
+    attention targets, AdamW with weight decay 1e-2, gradient clipping 1.0)."""
+
+    category: list[str] | str | None = None      # train on these categories' pairs (None: all)
+    steps: int = 500
+    rank: int = 4
+    alpha: float | None = None                   # None: alpha = rank (scale 1), as the official code
+    targets: str = "attn"
+    objective: str = "dpo"
+    beta: float = 5000.0                         # DPO beta (mean-reduced MSE); MaPO uses mapo_beta
+    mapo_beta: float = 0.1
+    mapo_snr: float = 0.5
+    sft_weight: float = 0.0
+    condition: str = "unsafe"                    # which prompt conditions both images
+    lr: float = 1e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-2
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    batch_size: int = 1                          # pairs per micro-step
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    prompt_dropout: float = 0.0                  # the official code uses 0.2
+    seed: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 0                    # 0: only at the end / on interruption
+    keep_checkpoints: int = 2
+    timestep_range: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.category is not None and self.category != [] and self.category != "":
+            self.category = normalize_categories(self.category)
+        else:
+            self.category = None
+        for name in ("steps", "rank", "batch_size", "grad_accum"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer; got {v!r}.")
+        for name in ("lr", "beta", "mapo_beta", "mapo_snr"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name} must be a positive number; got {v!r}.")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError(f"alpha must be positive; got {self.alpha!r}.")
+        if not 0 <= self.prompt_dropout < 1:
+            raise ConfigError(f"prompt_dropout must be in [0, 1); got {self.prompt_dropout!r}.")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise ConfigError(f"max_grad_norm must be >= 0 (0 disables clipping); got {self.max_grad_norm!r}.")
+        for name, allowed in (("objective", OBJECTIVES), ("condition", CONDITIONS), ("optimizer", OPTIMIZERS),
+                              ("lr_schedule", SCHEDULES), ("mixed_precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}.")
+        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ConfigError("warmup_steps and checkpoint_every must be >= 0 and keep_checkpoints >= 1.")
+        if self.timestep_range is not None:
+            lo, hi = self.timestep_range
+            if not 0 <= lo < hi:
+                raise ConfigError(f"timestep_range must be (lo, hi) with 0 <= lo < hi; got {self.timestep_range!r}.")
+            self.timestep_range = (int(lo), int(hi))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"Unknown training setting(s) {unknown}; known: {', '.join(sorted(known))}.")
+        d = dict(d)
+        if d.get("timestep_range") is not None:
+            d["timestep_range"] = tuple(d["timestep_range"])
+        return cls(**d)

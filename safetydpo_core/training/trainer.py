@@ -1,0 +1,371 @@
+"""The safety-expert training loop: Diffusion-DPO (or MaPO) on a LoRA over any Denoiser.
+
+Read top to bottom, one optimiser step is:
+
+1. draw ``batch_size`` pairs (a deterministic order derived from the seed);
+2. pick the conditioning prompt of each pair (``condition``: the unsafe prompt, the safe one, or either)
+   and drop it to "" with probability ``prompt_dropout``;
+3. draw one noise and one timestep per pair, shared by its safe and unsafe latents;
+4. reference prediction with the adapters switched off (no copy of the network), then the policy
+   prediction with them on;
+5. the objective on ``[safe..., unsafe...]`` (safe preferred), backward, clip, optimiser step.
+
+Every random draw of step ``s`` comes from a generator seeded by ``(seed, s, micro-step)``, so a run that
+is interrupted and resumed from a checkpoint produces the same LoRA as an uninterrupted one. A non-finite
+loss or gradient stops training with the last good state saved; a cancel (``should_stop`` returning
+True, an exception from a callback, or Ctrl-C) saves a checkpoint before leaving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..data.preference_dataset import PreferenceDataset
+from ..denoiser.protocol import Conditioning
+from ..errors import ConfigError, DatasetError, Interrupted, TrainingDiverged
+from ..lora.lora_set import LoraLayer, LoraSet
+from . import objectives
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .metrics import MetricsLog
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, dict], None]
+StopFn = Callable[[], bool]
+
+# settings that must not change between an interrupted run and its resume
+_RESUME_KEYS = ("rank", "alpha", "targets", "objective", "beta", "mapo_beta", "mapo_snr", "sft_weight", "condition",
+                "lr", "optimizer", "weight_decay", "lr_schedule", "warmup_steps", "batch_size", "grad_accum",
+                "max_grad_norm", "prompt_dropout", "seed", "category", "timestep_range")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    lora: LoraSet
+    history: list[dict]
+    steps: int
+    checkpoint: Path | None
+
+
+def step_generator(seed: int, step: int, micro: int, domain: int = 0) -> torch.Generator:
+    """The CPU generator for one micro-step, a pure function of ``(seed, step, micro)``."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, domain, step, micro]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+
+class PairOrder:
+    """Sample ``k`` overall is position ``k mod n`` of epoch ``k // n``'s seeded permutation."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def __getitem__(self, k: int) -> int:
+        epoch, pos = divmod(k, self.n)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, torch.randperm(self.n, generator=step_generator(self.seed, epoch, 0, domain=1)))
+        return int(self._perm[1][pos])
+
+
+class ExpertTrainer:
+    """Trains one LoRA expert; see the module docstring for the step."""
+
+    def __init__(self, denoiser, dataset: PreferenceDataset, config: TrainConfig,
+                 checkpoint_dir: str | os.PathLike | None = None, metrics_path: str | os.PathLike | None = None,
+                 progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+                 init_lora: LoraSet | None = None):
+        self.denoiser = denoiser
+        self.dataset = dataset
+        self.cfg = config
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.metrics_path = metrics_path
+        self.progress = progress
+        self.should_stop = should_stop
+        self.init_lora = init_lora
+        self._cond_cache: OrderedDict[tuple[str, tuple[int, int]], Conditioning] = OrderedDict()
+        self._check_dataset()
+
+    # -- checks -------------------------------------------------------------------------------------
+    def _check_dataset(self) -> None:
+        if len(self.dataset) == 0:
+            raise DatasetError("The dataset has no pairs to train on.")
+        want = getattr(self.denoiser, "latent_channels", None)
+        shapes = {tuple(r.latent_shape) for r in self.dataset.records}
+        if want is not None:
+            bad = [r for r in self.dataset.records if r.latent_shape[0] != want]
+            if bad:
+                raise DatasetError(f"Pair {bad[0].id!r} has latents of shape {bad[0].latent_shape}, but the model "
+                                   f"expects {want} latent channels; the dataset was made for another model family.")
+        if len(shapes) > 1 and self.cfg.batch_size > 1:
+            raise ConfigError(f"The dataset mixes latent sizes {sorted(shapes)[:3]}; use batch_size 1 for mixed sizes.")
+
+    # -- pieces of a step ---------------------------------------------------------------------------
+    def _encode(self, prompts: Sequence[str], size: tuple[int, int]) -> Conditioning:
+        missing = [p for p in dict.fromkeys(prompts) if (p, size) not in self._cond_cache]
+        if missing:
+            enc = self.denoiser.encode_prompts(missing, size=size)
+            for i, p in enumerate(missing):
+                self._cond_cache[(p, size)] = enc.index(slice(i, i + 1))
+                while len(self._cond_cache) > 512:
+                    self._cond_cache.popitem(last=False)
+        for p in prompts:
+            self._cond_cache.move_to_end((p, size))
+        return Conditioning.cat([self._cond_cache[(p, size)] for p in prompts])
+
+    def _batch(self, order: PairOrder, step: int, micro: int):
+        cfg, ds = self.cfg, self.dataset
+        g = step_generator(cfg.seed, step, micro)
+        first = (step * cfg.grad_accum + micro) * cfg.batch_size
+        idx = [order[first + b] for b in range(cfg.batch_size)]
+        safes, unsafes, prompts = [], [], []
+        for i in idx:
+            s, u = ds.load_pair(i)
+            safes.append(s)
+            unsafes.append(u)
+            r = ds.records[i]
+            use_safe = cfg.condition == "safe" or (cfg.condition == "both" and bool(torch.rand(1, generator=g) < 0.5))
+            prompt = r.safe if use_safe else r.unsafe
+            if cfg.prompt_dropout and float(torch.rand(1, generator=g)) < cfg.prompt_dropout:
+                prompt = ""
+            prompts.append(prompt)
+        w, l = torch.stack(safes), torch.stack(unsafes)
+        noise = torch.randn(w.shape, generator=g)
+        lo, hi = cfg.timestep_range or (0, self.denoiser.num_train_timesteps)
+        t = torch.randint(lo, min(hi, self.denoiser.num_train_timesteps), (len(idx),), generator=g)
+        rec = ds.records[idx[0]]
+        size = (rec.height or w.shape[-2] * getattr(self.denoiser, "vae_scale_factor", 8),
+                rec.width or w.shape[-1] * getattr(self.denoiser, "vae_scale_factor", 8))
+        return w, l, noise, t, prompts, size
+
+    def _autocast(self):
+        mp = self.cfg.mixed_precision
+        if mp == "no":
+            return contextlib.nullcontext()
+        dev = torch.device(getattr(self.denoiser, "device", "cpu")).type
+        return torch.autocast(dev, dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
+
+    def _loss(self, adapter, w, l, noise, t, cond):
+        d = self.denoiser
+        dev = torch.device(getattr(d, "device", "cpu"))
+        x0 = torch.cat([w, l]).to(dev)
+        n2 = torch.cat([noise, noise]).to(dev)
+        t2 = torch.cat([t, t]).to(dev)
+        x_t = d.add_noise(x0, n2, t2)
+        target = d.target(x0, n2, t2)
+        cond2 = cond.repeat(2)
+        cfg = self.cfg
+        if cfg.objective == "dpo":
+            with torch.no_grad(), adapter.disabled(), self._autocast():
+                ref = d.predict(x_t, t2, cond2)
+            with self._autocast():
+                pred = d.predict(x_t, t2, cond2)
+            return objectives.diffusion_dpo(pred, ref, target, cfg.beta, cfg.sft_weight)
+        with self._autocast():
+            pred = d.predict(x_t, t2, cond2)
+        return objectives.mapo(pred, target, cfg.mapo_beta, cfg.mapo_snr, d.num_train_timesteps, cfg.sft_weight)
+
+    def _initial_lora(self, adapter) -> LoraSet:
+        """Seeded initialisation (down ~ N(0, 1/r), up = 0, as the official code): the update starts at zero,
+        so the policy equals the reference at step 0, and the run does not depend on global RNG state."""
+        g = step_generator(self.cfg.seed, 0, 0, domain=2)
+        current = adapter.export()
+        layers = {}
+        for name in sorted(current.layers):
+            l = current.layers[name]
+            layers[name] = LoraLayer(torch.randn(l.down.shape, generator=g) / l.rank, torch.zeros_like(l.up), l.alpha)
+        return LoraSet(layers, current.naming)
+
+    def _optimizer(self, params):
+        cfg = self.cfg
+        if cfg.optimizer == "adafactor":
+            from transformers.optimization import Adafactor
+
+            opt = Adafactor(params, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                            clip_threshold=1.0, weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+
+        def factor(s: int) -> float:
+            warm = min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+            if cfg.lr_schedule == "cosine":
+                span = max(1, cfg.steps - cfg.warmup_steps)
+                progress = min(1.0, max(0, s - cfg.warmup_steps) / span)
+                return warm * 0.5 * (1 + math.cos(math.pi * progress))
+            return warm
+
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    def _state(self, adapter, opt, sched, metrics: MetricsLog) -> dict:
+        lora = adapter.export()
+        return {"lora_down": {n: l.down for n, l in lora.items()}, "lora_up": {n: l.up for n, l in lora.items()},
+                "lora_alpha": {n: l.alpha for n, l in lora.items()}, "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "history": metrics.history, "config": self.cfg.to_dict(),
+                "naming": lora.naming, "model_fingerprint": self.denoiser.fingerprint(),
+                "dataset_fingerprint": self.dataset.fingerprint()}
+
+    def _restore(self, path: Path, adapter, opt, sched) -> tuple[int, list[dict]]:
+        state = load_checkpoint(path)
+        old = state.get("config", {})
+        new = self.cfg.to_dict()
+        for k in _RESUME_KEYS:
+            a, b = old.get(k), new.get(k)
+            if isinstance(a, list) or isinstance(b, tuple):
+                a, b = list(a) if a is not None else None, list(b) if b is not None else None
+            if a != b:
+                raise ConfigError(f"Cannot resume from {path}: it was trained with {k}={a!r}, this run asks for {k}={b!r}. "
+                                  f"Use the same settings, or a new checkpoint folder to start over.")
+        if state.get("dataset_fingerprint") != self.dataset.fingerprint():
+            raise ConfigError(f"Cannot resume from {path}: it was trained on a different dataset (or category selection).")
+        lora = LoraSet({n: LoraLayer(state["lora_down"][n], state["lora_up"][n], state["lora_alpha"][n])
+                        for n in state["lora_down"]}, state.get("naming", adapter.naming))
+        adapter.load(lora)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        return int(state["step"]), list(state.get("history", []))
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> TrainResult:
+        cfg, d = self.cfg, self.denoiser
+        if cfg.gradient_checkpointing and hasattr(d, "set_gradient_checkpointing"):
+            d.set_gradient_checkpointing(True)
+        adapter = d.attach_lora(cfg.rank, cfg.alpha, cfg.targets)
+        try:
+            adapter.load(self.init_lora if self.init_lora is not None else self._initial_lora(adapter))
+            params = adapter.parameters()
+            opt, sched = self._optimizer(params)
+            scaler = torch.amp.GradScaler(torch.device(d.device).type) if cfg.mixed_precision == "fp16" else None
+            start, history = 0, []
+            ckpt = latest_checkpoint(self.checkpoint_dir) if (resume and self.checkpoint_dir) else None
+            if resume and ckpt is None:
+                log.warning("No checkpoint to resume from in %s; starting from step 0.", self.checkpoint_dir)
+            if ckpt is not None:
+                start, history = self._restore(ckpt, adapter, opt, sched)
+                log.info("Resuming from %s (step %d of %d).", ckpt, start, cfg.steps)
+            metrics = MetricsLog(self.metrics_path, history)
+            last_ckpt = self._loop(adapter, params, opt, sched, scaler, metrics, start) or ckpt
+            lora = adapter.export()
+        finally:
+            adapter.remove()
+            if cfg.gradient_checkpointing and hasattr(d, "set_gradient_checkpointing"):
+                d.set_gradient_checkpointing(False)
+        lora.metadata.update(self.metadata(metrics.history))
+        return TrainResult(lora, metrics.history, cfg.steps, last_ckpt)
+
+    def _loop(self, adapter, params, opt, sched, scaler, metrics: MetricsLog, start: int) -> Path | None:
+        cfg = self.cfg
+        order = PairOrder(len(self.dataset), cfg.seed)
+        done, saved, last = start, start, None
+
+        def save(step: int) -> Path | None:
+            if self.checkpoint_dir is None:
+                return None
+            return save_checkpoint(self.checkpoint_dir, step, self._state(adapter, opt, sched, metrics), cfg.keep_checkpoints)
+
+        try:
+            for step in range(start, cfg.steps):
+                if self.should_stop is not None and self.should_stop():
+                    raise Interrupted(f"Training was cancelled after {done} of {cfg.steps} steps.")
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                total, stats = 0.0, {}
+                for micro in range(cfg.grad_accum):
+                    w, l, noise, t, prompts, size = self._batch(order, step, micro)
+                    out = self._loss(adapter, w, l, noise, t, self._encode(prompts, size))
+                    if not torch.isfinite(out.loss):
+                        last = save(done)
+                        raise TrainingDiverged(
+                            f"The loss became {float(out.loss)} at step {step + 1}; training stopped. "
+                            f"{'The last good state is in ' + str(last) + '. ' if last else ''}"
+                            f"Lower the learning rate or beta, or train in fp32.")
+                    loss = out.loss / cfg.grad_accum
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    total += float(loss.detach())
+                    for k, v in out.stats.items():
+                        stats[k] = stats.get(k, 0.0) + v / cfg.grad_accum
+                if scaler:
+                    scaler.unscale_(opt)
+                max_norm = cfg.max_grad_norm if cfg.max_grad_norm else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                if not math.isfinite(grad_norm) and scaler is None:
+                    last = save(done)
+                    raise TrainingDiverged(
+                        f"The gradient norm became {grad_norm} at step {step + 1}; training stopped. "
+                        f"{'The last good state is in ' + str(last) + '. ' if last else ''}"
+                        f"Lower the learning rate or beta, or train in fp32.")
+                lr = float(sched.get_last_lr()[0])
+                if scaler:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                sched.step()
+                done = step + 1
+                row = {"step": done, "loss": total, **stats, "lr": lr, "grad_norm": grad_norm,
+                       "seconds": round(time.perf_counter() - t0, 4)}
+                metrics.append(row)
+                if self.progress is not None:
+                    self.progress(done, cfg.steps, row)
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                    last, saved = save(done), done
+        except TrainingDiverged:
+            raise
+        except BaseException:
+            if done > saved:
+                last = save(done)
+                if last:
+                    log.warning("Interrupted after step %d; state saved to %s (resume to continue).", done, last)
+            raise
+        if done > saved or last is None:
+            last = save(done)
+        return last
+
+    def metadata(self, history: list[dict]) -> dict[str, str]:
+        cfg, ds = self.cfg, self.dataset
+        final = history[-1] if history else {}
+        meta = {
+            "ss_base_model_version": getattr(self.denoiser, "base_model_version", "sd_v1"),
+            "ss_training_comment": "SafetyDPO safety expert (Diffusion-DPO LoRA)",
+            "safetydpo_version": __version__,
+            "safetydpo_category": ",".join(cfg.category or ds.categories or []) or "all",
+            "safetydpo_objective": cfg.objective,
+            "safetydpo_beta": f"{cfg.beta:g}" if cfg.objective == "dpo" else f"{cfg.mapo_beta:g}",
+            "safetydpo_condition": cfg.condition,
+            "safetydpo_steps": str(len(history)),
+            "safetydpo_seed": str(cfg.seed),
+            "safetydpo_rank": str(cfg.rank),
+            "safetydpo_lr": f"{cfg.lr:g}",
+            "safetydpo_targets": cfg.targets,
+            "safetydpo_dataset_fingerprint": ds.fingerprint(),
+            "safetydpo_dataset_pairs": str(len(ds)),
+            "safetydpo_model_fingerprint": self.denoiser.fingerprint(),
+        }
+        if final:
+            meta["safetydpo_final_metrics"] = ",".join(f"{k}={final[k]:.4g}" for k in ("loss", "implicit_acc", "margin")
+                                                       if k in final)
+        return meta
+
+
+def train_expert(denoiser, dataset: PreferenceDataset | str | os.PathLike, config: TrainConfig, *,
+                 checkpoint_dir: str | os.PathLike | None = None, metrics_path: str | os.PathLike | None = None,
+                 resume: bool = False, progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+                 init_lora: LoraSet | None = None, allow_model_mismatch: bool = False) -> TrainResult:
+    """Train one safety expert on ``dataset`` (a folder or an open :class:`PreferenceDataset`)."""
+    if not isinstance(dataset, PreferenceDataset):
+        dataset = PreferenceDataset(dataset, categories=config.category, expect_fingerprint=denoiser.fingerprint(),
+                                    on_mismatch="warn" if allow_model_mismatch else "error")
+    trainer = ExpertTrainer(denoiser, dataset, config, checkpoint_dir=checkpoint_dir, metrics_path=metrics_path,
+                            progress=progress, should_stop=should_stop, init_lora=init_lora)
+    return trainer.run(resume=resume)

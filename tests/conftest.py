@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random-weight diffusers models built from configs, and small preference datasets.
+
+Nothing is downloaded; models are built once per test session in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory) -> Path:
+    from safetydpo_core.tiny_models import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd15") / "model", kind="sd15", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from safetydpo_core.tiny_models import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sdxl") / "model", kind="sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred(tmp_path_factory) -> Path:
+    from safetydpo_core.tiny_models import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_vpred") / "model", kind="sd15", seed=1,
+                               prediction_type="v_prediction")
+
+
+def make_dataset(root: Path, denoiser, n_per_category: int = 4, categories=("violence", "sexual"), seed: int = 0,
+                 shard_size: int = 3) -> Path:
+    """A small preference dataset with structured latents: safe = +pattern, unsafe = -pattern (+ noise)."""
+    from safetydpo_core.data import PreferenceDatasetWriter
+
+    g = torch.Generator().manual_seed(seed)
+    c, h, w = denoiser.latent_shape(32, 32)
+    with PreferenceDatasetWriter(root, model_fingerprint=denoiser.fingerprint(), shard_size=shard_size,
+                                 previews=False, settings={"source": "test"}) as wr:
+        for ci, cat in enumerate(categories):
+            pattern = torch.randn(c, h, w, generator=g)
+            for i in range(n_per_category):
+                jitter = 0.1 * torch.randn(c, h, w, generator=g)
+                wr.add(id=f"{cat}-{i}", category=[cat], concept=f"concept{ci}", unsafe=f"a photo of a {['cat', 'dog'][ci % 2]} at night",
+                       safe=f"a photo of a {['cat', 'dog'][ci % 2]}", safe_latent=pattern + jitter,
+                       unsafe_latent=-pattern + jitter, seed=i, height=32, width=32)
+    return root

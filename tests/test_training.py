@@ -1,0 +1,165 @@
+"""The DPO trainer on tiny diffusers models: the official objective, reference = adapters off, learning on a
+fixed preference set, base weights untouched, resume == uninterrupted, divergence and cancel handling."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import make_dataset
+from safetydpo_core.data import PreferenceDataset
+from safetydpo_core.denoiser.diffusers_backend import DiffusersDenoiser
+from safetydpo_core.errors import ConfigError, Interrupted, TrainingDiverged
+from safetydpo_core.training import TrainConfig, train_expert
+from safetydpo_core.training.checkpoint import list_checkpoints
+from safetydpo_core.training.evaluate import preference_stats
+from safetydpo_core.training.objectives import diffusion_dpo, mapo
+
+
+@pytest.fixture(scope="module")
+def sd15(tiny_sd15):
+    return DiffusersDenoiser.from_pretrained(tiny_sd15)
+
+
+@pytest.fixture(scope="module")
+def data(sd15, tmp_path_factory):
+    root = make_dataset(tmp_path_factory.mktemp("data") / "pairs", sd15)
+    return PreferenceDataset(root, categories="violence", expect_fingerprint=sd15.fingerprint())
+
+
+def test_objective_matches_hand_computation():
+    target = torch.zeros(4, 1, 1, 1)
+    pred = torch.tensor([1.0, 2.0, 3.0, 1.0]).view(4, 1, 1, 1)   # m = [1, 4 | 9, 1]
+    ref = torch.tensor([2.0, 1.0, 1.0, 1.0]).view(4, 1, 1, 1)    # r = [4, 1 | 1, 1]
+    out = diffusion_dpo(pred, ref, target, beta=0.1)
+    inside = -0.5 * 0.1 * (torch.tensor([1.0 - 9.0, 4.0 - 1.0]) - torch.tensor([4.0 - 1.0, 1.0 - 1.0]))
+    assert math.isclose(float(out.loss), float(-torch.nn.functional.logsigmoid(inside).mean()), rel_tol=1e-6)
+    assert out.stats["implicit_acc"] == 0.5
+    assert math.isclose(out.stats["margin"], float(inside.mean()), rel_tol=1e-6)
+    m = mapo(pred, target, beta=0.1, snr_value=0.5, num_train_timesteps=1000)
+    s = lambda x: 0.5 * x / (math.exp(0.5 * x) - 1)
+    ratio = [math.log(1 / (1 + math.exp(-1000 * (s(a) - s(b))))) for a, b in ((1, 9), (4, 1))]
+    assert math.isclose(float(m.loss), (1 + 4) / 2 - 0.1 * sum(ratio) / 2, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["tiny_sd15", "tiny_sdxl", "tiny_vpred"])
+def test_adapter_off_is_the_untouched_model(model, request):
+    den = DiffusersDenoiser.from_pretrained(request.getfixturevalue(model))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, den.latent_channels, 8, 8, generator=g)
+    t = torch.tensor([3, 900])
+    cond = den.encode_prompts(["a red cat", "a dog"])
+    with torch.no_grad():
+        base = den.predict(x, t, cond)
+    adapter = den.attach_lora(rank=4, targets="attn")
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.5, generator=g)
+        on = den.predict(x, t, cond)
+        with adapter.disabled():
+            off = den.predict(x, t, cond)
+    adapter.remove()
+    assert not torch.allclose(on, base, atol=1e-4)
+    assert torch.equal(off, base)
+    with torch.no_grad():
+        assert torch.equal(den.predict(x, t, cond), base)
+
+
+def test_step_zero_loss_is_ln2(sd15, data):
+    res = train_expert(sd15, data, TrainConfig(steps=1, seed=3))
+    assert abs(res.history[0]["loss"] - math.log(2)) < 1e-6
+    assert res.history[0]["implicit_acc"] == 0.0 and res.history[0]["margin"] == 0.0
+
+
+def test_training_learns_the_preference_and_leaves_the_base_untouched(sd15, data):
+    before = {k: v.clone() for k, v in sd15.unet.state_dict().items()}
+    cfg = TrainConfig(steps=40, lr=1e-2, beta=500, batch_size=4, seed=0, timestep_range=(200, 800))
+    res = train_expert(sd15, data, cfg)
+    after = sd15.unet.state_dict()
+    assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
+    stats = preference_stats(sd15, data, res.lora, beta=500, draws=3, timesteps=(200, 800))
+    base = preference_stats(sd15, data, None, beta=500, draws=3, timesteps=(200, 800))
+    assert stats["implicit_acc"] == 1.0
+    assert stats["margin"] > base["margin"] + 1.0
+    assert res.lora.metadata["safetydpo_category"] == "violence"
+    assert res.lora.metadata["safetydpo_model_fingerprint"] == sd15.fingerprint()
+    assert {"loss", "implicit_acc", "margin", "m_w", "m_l", "r_w", "r_l", "lr", "grad_norm"} <= set(res.history[-1])
+
+
+def test_resume_after_interruption_gives_the_same_lora(sd15, data, tmp_path):
+    cfg = TrainConfig(steps=6, lr=1e-3, beta=1000, seed=5, condition="both", prompt_dropout=0.3, checkpoint_every=2)
+    full = train_expert(sd15, data, cfg)
+    calls = {"n": 0}
+
+    def stop_after_3() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    with pytest.raises(Interrupted):
+        train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck", should_stop=stop_after_3)
+    assert [s for s, _ in list_checkpoints(tmp_path / "ck")][-1] == 3
+    resumed = train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck", resume=True)
+    assert len(resumed.history) == 6
+    for name, layer in full.lora.items():
+        assert torch.equal(layer.down, resumed.lora[name].down) and torch.equal(layer.up, resumed.lora[name].up)
+    # settings that change the run are refused on resume
+    with pytest.raises(ConfigError, match="lr"):
+        train_expert(sd15, data, TrainConfig(**{**cfg.to_dict(), "lr": 2e-3}), checkpoint_dir=tmp_path / "ck", resume=True)
+
+
+class _Poisoned:
+    """Delegates to a denoiser but returns NaN predictions from the n-th policy call on."""
+
+    def __init__(self, den, after: int):
+        self._den, self._after, self._calls = den, after, 0
+
+    def __getattr__(self, name):
+        return getattr(self._den, name)
+
+    def predict(self, x_t, t, cond):
+        out = self._den.predict(x_t, t, cond)
+        if torch.is_grad_enabled():
+            self._calls += 1
+            if self._calls > self._after:
+                return out * float("nan")
+        return out
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_state(sd15, data, tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"step 3.*last good state.*checkpoint-0000002"):
+        train_expert(_Poisoned(sd15, 2), data, TrainConfig(steps=5, lr=1e-3), checkpoint_dir=tmp_path / "ck")
+    assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [2]
+    # the denoiser is left clean: no adapters remain
+    assert not any("lora" in n for n, _ in sd15.unet.named_modules())
+
+
+@pytest.mark.parametrize("opts", [
+    {"objective": "mapo"}, {"condition": "safe", "sft_weight": 0.5}, {"batch_size": 2, "grad_accum": 2},
+    {"optimizer": "adafactor", "lr_schedule": "cosine", "warmup_steps": 1}, {"gradient_checkpointing": True},
+    {"targets": "attn+ff", "rank": 2, "alpha": 1.0}])
+def test_training_options_run(sd15, data, opts):
+    res = train_expert(sd15, data, TrainConfig(steps=2, lr=1e-3, **opts))
+    assert len(res.history) == 2 and all(math.isfinite(r["loss"]) for r in res.history)
+    if "targets" in opts:
+        assert any(n.endswith("ff.net.2") for n in res.lora.layers)
+        assert {l.alpha for l in res.lora.layers.values()} == {1.0}
+
+
+def test_gradient_checkpointing_gives_the_same_step(sd15, data):
+    a = train_expert(sd15, data, TrainConfig(steps=2, lr=1e-3, seed=1))
+    b = train_expert(sd15, data, TrainConfig(steps=2, lr=1e-3, seed=1, gradient_checkpointing=True))
+    assert a.lora.allclose(b.lora, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"rank": 0}, "rank must be a positive integer"), ({"lr": -1e-4}, "lr must be a positive number"),
+    ({"beta": 0}, "beta must be a positive number"), ({"category": "violance"}, "Unknown category 'violance'"),
+    ({"condition": "neither"}, "condition must be one of"), ({"steps": 0}, "steps must be a positive integer")])
+def test_bad_settings_are_named(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**bad)
+
+
+def test_missing_target_layers_list_what_exists(sd15, data):
+    with pytest.raises(ConfigError, match=r"\['to_qkv'\] do not exist.*to_q.*Presets"):
+        train_expert(sd15, data, TrainConfig(steps=1, targets="to_qkv"))
