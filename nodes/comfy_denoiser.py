@@ -35,6 +35,7 @@ import math
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
+import torch.utils.checkpoint
 
 from .comfy_lora_adapter import ComfyLoraAdapter, lora_from_comfy, lora_to_comfy
 
@@ -78,13 +79,14 @@ def _comfy():
     return comfy, UNetModel
 
 
-def comfy_progress(total: int, node_id=None) -> Callable[[int, int], None]:
-    """A ``progress(step, total)`` callback for the core that drives ComfyUI's progress bar (and its cancel)."""
+def comfy_progress(total: int, node_id=None) -> Callable[..., None]:
+    """A ``progress(step, total, ...)`` callback for the core (the trainer passes a metrics dict too) that
+    drives ComfyUI's progress bar. In the server the bar's hook also raises on Cancel."""
     import comfy.utils
 
     bar = comfy.utils.ProgressBar(total, node_id=node_id)
 
-    def progress(step: int, total_: int | None = None) -> None:
+    def progress(step: int, total_: int | None = None, *_) -> None:
         bar.update_absolute(step, total_)
 
     return progress
@@ -226,7 +228,7 @@ class ComfyDenoiser:
         mp = self._working()
         if self.adapter is not None:
             self.adapter.freeze_base()
-        if not self._is_loaded(mp):
+        if not self._is_loaded(mp) or (training and mp.model.model_lowvram):
             # TrainLoraNode asks for "everything" (1e20) so that nothing else stays on the device.
             mm.load_models_gpu([mp], memory_required=1e20 if training else 0, force_full_load=True)
         return mp
@@ -471,8 +473,11 @@ class ComfyDenoiser:
             kwargs = {k: v.to(dev) for k, v in cond.tensors.items() if k in _MODEL_KWARGS}
             options = dict(mp.model_options.get("transformer_options", {}))
             options.update({"sigmas": sigma, "cond_or_uncond": [0]})
-            autocast = self.compute_dtype == torch.bfloat16
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            # bf16 autocast where ComfyUI says the device has bf16; otherwise the caller's autocast (if
+            # any) is left as it is (autocast(enabled=False) would switch it off).
+            autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if self.compute_dtype == torch.bfloat16
+                        else contextlib.nullcontext())
+            with autocast:
                 denoised = mp.model.apply_model(x, sigma, transformer_options=options, **kwargs)
             return (x - denoised.float()) / sigma.view(view)
 

@@ -132,6 +132,11 @@ def test_protocol_and_model_facts(models, cd, kind):
     else:
         assert set(cond.tensors) == {"c_crossattn"}
     assert not torch.equal(cond.tensors["c_crossattn"][0], cond.tensors["c_crossattn"][1])
+    # prompts longer than one CLIP window batch with short ones as ComfyUI batches them (repeat to the LCM)
+    with torch.inference_mode():
+        mixed = d.encode_prompts([PROMPTS[0], " ".join(["a red house"] * 40)])
+    assert mixed.tensors["c_crossattn"].shape == (2, 154, ctx)
+    torch.testing.assert_close(mixed.tensors["c_crossattn"][0], cond.tensors["c_crossattn"][0].repeat(2, 1))
 
 
 def test_unsupported_models_are_refused_clearly(models, cd):
@@ -412,10 +417,11 @@ def test_progress_and_cancel_helpers_use_comfyui(cd):
     try:
         progress = cd.comfy_progress(10)
         progress(3, 10)
+        progress(5, 10, {"loss": 0.69})  # the trainer's signature
         progress(12)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
-    assert seen == [(3, 10), (10, 10)]
+    assert seen == [(3, 10), (5, 10), (10, 10)]
     assert cd.comfy_should_stop() is False
     comfy.model_management.interrupt_current_processing(True)
     try:
