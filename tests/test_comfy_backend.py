@@ -428,3 +428,36 @@ def test_progress_and_cancel_helpers_use_comfyui(cd):
         assert cd.comfy_should_stop() is True
     finally:
         comfy.model_management.interrupt_current_processing(False)
+
+
+# -- the core trainer on a ComfyUI MODEL, end to end --------------------------------------------------------
+def test_core_trainer_trains_an_expert_on_the_comfy_model(models, cd, tmp_path):
+    """Pairs rendered through ComfyUI's sampler, the core ExpertTrainer inside session(), the graph untouched."""
+    from safetydpo_core.data.preference_dataset import PreferenceDataset, PreferenceDatasetWriter
+    from safetydpo_core.training.config import TrainConfig
+    from safetydpo_core.training.trainer import ExpertTrainer
+
+    mp = models("sd15")[0]
+    before = diffusion_state(mp)
+    with torch.inference_mode():  # as in a ComfyUI node
+        d = _denoiser(cd, models("sd15"))
+        with PreferenceDatasetWriter(tmp_path / "ds", model_fingerprint=d.fingerprint(), previews=False) as w:
+            for i in range(2):
+                safe, unsafe = f"a photo of a cat {i}", f"a painting of a dog {i}"
+                noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(i))
+                lat = d.sample(d.encode_prompts([safe, unsafe]), d.encode_prompts([""]), noise, steps=2, cfg=4.0)
+                w.add(id=f"p{i}", category="violence", concept="c", unsafe=unsafe, safe=safe,
+                      safe_latent=lat[0], unsafe_latent=lat[1], seed=i, height=64, width=64)
+        ds = PreferenceDataset(tmp_path / "ds", expect_fingerprint=d.fingerprint())
+        seen = []
+        config = TrainConfig(steps=3, rank=2, beta=500.0, lr=1e-3, gradient_checkpointing=True)
+        with d.session():
+            result = ExpertTrainer(d, ds, config, progress=lambda s, n, m: seen.append((s, n)),
+                                   should_stop=cd.comfy_should_stop).run()
+    assert result.steps == 3 and seen[-1] == (3, 3)
+    assert result.lora.naming == "ldm" and len(result.lora) == len(d.layers("attn"))
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+    assert any(float(l.up.abs().max()) > 0 for l in result.lora.layers.values())
+    assert_same_state(before, mp)
+    assert _wrappers_on_modules(mp) == 0
+    assert all(p.requires_grad for p in mp.model.diffusion_model.parameters())
