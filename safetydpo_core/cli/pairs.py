@@ -75,6 +75,8 @@ def register(subparsers) -> None:
                      help="environment variable holding the endpoint's API key (default OPENAI_API_KEY; never logged)")
     llm.add_argument("--llm-timeout", type=float, default=60.0, metavar="S", help="seconds per request (default 60)")
     llm.add_argument("--llm-retries", type=int, default=3, metavar="N", help="retries with back-off (default 3)")
+    llm.add_argument("--llm-backoff", type=float, default=1.0, metavar="S",
+                     help="first wait before a retry, doubled each time (default 1 s)")
     llm.add_argument("--batch-size", type=int, default=4, help="requests per batch (default 4)")
     llm.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
     llm.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
@@ -213,7 +215,7 @@ def _write(args, fmt: str, cats: list[str]) -> int:
         from ..prompts.llm_writer import LLMPairWriter, make_backend
 
         backend = make_backend(args.llm, args.llm_model, api_key_env=args.api_key_env, timeout=args.llm_timeout,
-                               retries=args.llm_retries, concurrency=args.batch_size, device=args.device,
+                               retries=args.llm_retries, backoff=args.llm_backoff, concurrency=args.batch_size, device=args.device,
                                threads=args.llm_threads)
         writer = LLMPairWriter(backend, catalogue, checker, batch_size=args.batch_size,
                                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
