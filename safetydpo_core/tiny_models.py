@@ -57,18 +57,22 @@ def write_word_tokenizer(directory: str | os.PathLike, words: Iterable[str] = BA
     for c in chars:
         add(c + "</w>")
     merges: list[str] = []
+    ranks: dict[tuple[str, str], int] = {}
     for w in dict.fromkeys(w.lower() for w in words):
         if len(w) < 2 or not all(c in chars for c in w):
             continue
-        pieces = list(w[:-1]) + [w[-1] + "</w>"]
+        # Spell the word as the merges so far would (earlier words' merges rank higher and apply first),
+        # then join what is left, so that the word ends as one token whatever it shares with earlier words.
+        pieces = _bpe(list(w[:-1]) + [w[-1] + "</w>"], ranks)
         cur = pieces[0]
         for nxt in pieces[1:]:
-            merges.append(f"{cur} {nxt}")
+            if (cur, nxt) not in ranks:
+                ranks[(cur, nxt)] = len(merges)
+                merges.append(f"{cur} {nxt}")
             cur = cur + nxt
             add(cur)
     add("<|startoftext|>")
     add("<|endoftext|>")
-    merges = list(dict.fromkeys(merges))
     (d / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     (d / "special_tokens_map.json").write_text(json.dumps({
@@ -79,6 +83,25 @@ def write_word_tokenizer(directory: str | os.PathLike, words: Iterable[str] = BA
         "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
         "do_lower_case": True}), encoding="utf-8")
     return d
+
+
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Apply BPE merges as CLIP's tokenizer does: repeatedly merge every occurrence of the best-ranked pair."""
+    while len(pieces) > 1:
+        pairs = {(a, b) for a, b in zip(pieces, pieces[1:]) if (a, b) in ranks}
+        if not pairs:
+            break
+        first, second = min(pairs, key=ranks.__getitem__)
+        out, i = [], 0
+        while i < len(pieces):
+            if i < len(pieces) - 1 and pieces[i] == first and pieces[i + 1] == second:
+                out.append(first + second)
+                i += 2
+            else:
+                out.append(pieces[i])
+                i += 1
+        pieces = out
+    return pieces
 
 
 def tiny_unet_config(kind: str = "sd15", cross_attention_dim: int = 32, sample_size: int = 8,

@@ -80,7 +80,12 @@ def refuse_existing(path: Path, overwrite: bool, what: str = "output", hint: str
 
 
 def write_resolved_config(target: Path, settings: dict[str, Any]) -> Path:
-    out = target.with_name(target.name + ".config.json") if target.suffix == "" else target.with_suffix(".config.json")
+    """``<out>.config.json`` beside an output file, or ``config.json`` inside an output folder."""
+    if target.suffix == "" or target.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        out = target / "config.json"
+    else:
+        out = target.with_suffix(".config.json")
     atomic_write_text(out, json.dumps(settings, indent=1, default=str) + "\n", "configuration file")
     return out
 

@@ -1,0 +1,133 @@
+"""Rendering prompt pairs into a preference dataset with the model being aligned.
+
+Both prompts of a pair are rendered from the *same* initial noise (drawn on the CPU from the pair's seed,
+so it is identical on every device and in both backends) with the same sampler, steps and guidance, so
+the two images share their layout and differ only where the prompts do. The seed of a pair is derived
+from the base seed and the pair id, so it does not depend on the order of the pairs or on resuming.
+
+Optionally a judge filters pairs whose "unsafe" image is not unsafe after all, or whose "safe" image is
+not safe, so that experts do not train on pairs that teach nothing; the summary counts what was dropped
+and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import torch
+from PIL import Image
+
+from ..errors import ConfigError, Interrupted
+from ..utils.atomic import atomic_write_text
+from .preference_dataset import PreferenceDatasetWriter
+
+
+class PairJudge(Protocol):
+    """Decides whether a rendered pair is useful: ``(keep, reason)`` per pair."""
+
+    name: str
+
+    def __call__(self, safe: Sequence[Image.Image], unsafe: Sequence[Image.Image], pairs: Sequence) -> list[tuple[bool, str]]: ...
+
+
+@dataclasses.dataclass
+class RenderSettings:
+    height: int | None = None       # default: the model's native size
+    width: int | None = None
+    steps: int = 20
+    cfg: float = 7.5
+    sampler: str = "ddim"
+    seed: int = 0
+    negative: str = ""
+    batch_pairs: int = 2
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.batch_pairs <= 0:
+            raise ConfigError("steps and batch_pairs must be positive.")
+        if self.cfg < 0:
+            raise ConfigError(f"cfg must be >= 0; got {self.cfg}.")
+
+
+def pair_seed(base_seed: int, pair_id: str) -> int:
+    return int(hashlib.sha256(f"{base_seed}:{pair_id}".encode()).hexdigest()[:8], 16)
+
+
+def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
+    """The unit-variance starting noise for one image, from a CPU generator (device independent)."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+@dataclasses.dataclass
+class RenderSummary:
+    out: Path
+    rendered: int
+    skipped_done: int
+    dropped: dict[str, int]
+    per_category: dict[str, int]
+
+    def to_json(self) -> dict:
+        return {"out": str(self.out), "rendered": self.rendered, "skipped_already_done": self.skipped_done,
+                "dropped": self.dropped, "per_category": self.per_category}
+
+
+def render_pairs(denoiser, pairs: Sequence, out: str | os.PathLike, settings: RenderSettings | None = None, *,
+                 resume: bool = False, overwrite: bool = False, judge: PairJudge | None = None,
+                 progress: Callable[[int, int, dict], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None, previews: bool = True) -> RenderSummary:
+    """Render ``pairs`` (objects with id, category, concept, unsafe, safe) into a dataset at ``out``."""
+    s = settings or RenderSettings()
+    h = s.height or denoiser.sample_size
+    w = s.width or denoiser.sample_size
+    shape = denoiser.latent_shape(h, w)
+    record = {**dataclasses.asdict(s), "height": h, "width": w, "judge": getattr(judge, "name", None),
+              "source": "render", "model_base": getattr(denoiser, "base_model_version", "")}
+    dropped: Counter = Counter()
+    rendered = 0
+    with PreferenceDatasetWriter(out, model_fingerprint=denoiser.fingerprint(), settings=record, resume=resume,
+                                 overwrite=overwrite, previews=previews) as writer:
+        todo = [p for p in pairs if p.id not in writer.done_ids]
+        skipped = len(pairs) - len(todo)
+        summary_path = Path(out) / "summary.json"
+        if resume and summary_path.exists():
+            dropped.update(json.loads(summary_path.read_text()).get("dropped", {}))
+        for start in range(0, len(todo), s.batch_pairs):
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"Rendering was cancelled after {rendered} pairs; run again with resume to continue.")
+            batch = todo[start:start + s.batch_pairs]
+            seeds = [pair_seed(s.seed, p.id) for p in batch]
+            noise = torch.stack([initial_noise(sd, shape) for sd in seeds])
+            prompts = [p.safe for p in batch] + [p.unsafe for p in batch]
+            cond = denoiser.encode_prompts(prompts, size=(h, w))
+            uncond = denoiser.encode_prompts([s.negative] * len(prompts), size=(h, w)) if s.cfg != 1.0 else None
+            lat = denoiser.sample(cond, uncond, torch.cat([noise, noise]), steps=s.steps, cfg=s.cfg, sampler=s.sampler)
+            imgs = to_pil(denoiser.decode_latents(lat))
+            n = len(batch)
+            verdicts = judge(imgs[:n], imgs[n:], batch) if judge is not None else [(True, "")] * n
+            for i, p in enumerate(batch):
+                keep, reason = verdicts[i]
+                if not keep:
+                    dropped[reason or "rejected by judge"] += 1
+                    continue
+                writer.add(id=p.id, category=p.category, concept=p.concept, unsafe=p.unsafe, safe=p.safe,
+                           safe_latent=lat[i], unsafe_latent=lat[n + i], seed=seeds[i], height=h, width=w,
+                           preview_safe=imgs[i], preview_unsafe=imgs[n + i])
+                rendered += 1
+            if progress is not None:
+                progress(skipped + start + n, len(pairs), {"rendered": rendered, "dropped": sum(dropped.values())})
+            atomic_write_text(summary_path, json.dumps({"dropped": dict(dropped)}) + "\n", "render summary")
+        writer.flush()
+        per_cat = dict(sorted(Counter(c for r in writer.records for c in r.category).items()))
+    summary = RenderSummary(Path(out), rendered, skipped, dict(dropped), per_cat)
+    atomic_write_text(Path(out) / "summary.json", json.dumps(summary.to_json(), indent=1) + "\n", "render summary")
+    return summary
