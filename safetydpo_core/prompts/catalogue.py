@@ -1,8 +1,8 @@
 """The concept catalogue: unsafe concepts per category, their synonyms, and the phrases and scene templates the
 built-in writer combines into prompt pairs. The LLM writers use it for the concepts to ask about.
 
-The built-in catalogue is ``data/builtin_catalogue.json`` (written for this project, not taken from CoProV2;
-at least 15 concepts per category). Users add concepts, or synonyms and phrases for existing concepts, from
+The built-in catalogue is ``builtin_catalogue.json`` beside this module (written for this project, not
+taken from CoProV2; at least 15 concepts per category). Users add concepts, or synonyms and phrases for existing concepts, from
 a file:
 
 * JSON: ``{"concepts": [...]}`` or a plain list; each concept is an object with ``category`` (a name or a
@@ -37,7 +37,7 @@ from ..errors import ConfigError, SafetyDPOError
 from .checks import find_terms
 
 SLOTS = ("thing", "action")
-BUILTIN_PATH = Path(__file__).with_name("data") / "builtin_catalogue.json"
+BUILTIN_PATH = Path(__file__).with_name("builtin_catalogue.json")  # package data (pyproject: "*.json")
 
 
 @dataclass
