@@ -16,8 +16,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import logging
 import os
 import sys
 import types
@@ -148,7 +146,6 @@ def _vae(comfy, seed: int):
 def tiny_sd15(seed: int = 0, v_prediction: bool = False, with_vae: bool = True):
     """``(MODEL, CLIP, VAE)`` of a random-weight SD1.5-architecture model, built as the executor builds it."""
     c = import_comfy().comfy
-    logging.getLogger().setLevel(logging.WARNING)
     with torch.inference_mode():
         mp = _model_patcher(c, c.supported_models.SD15, TINY_SD15_UNET, seed, v_prediction)
         target = c.supported_models.SD15({}).clip_target()
@@ -160,7 +157,6 @@ def tiny_sd15(seed: int = 0, v_prediction: bool = False, with_vae: bool = True):
 def tiny_sdxl(seed: int = 0, v_prediction: bool = False, with_vae: bool = True):
     """``(MODEL, CLIP, VAE)`` of a random-weight SDXL-architecture model (two text encoders, pooled ``y``)."""
     c = import_comfy().comfy
-    logging.getLogger().setLevel(logging.WARNING)
     with torch.inference_mode():
         mp = _model_patcher(c, c.supported_models.SDXL, TINY_SDXL_UNET, seed, v_prediction)
         target = c.supported_models.SDXL({}).clip_target()
