@@ -418,3 +418,15 @@ def test_delta_layer_conv_shapes():
     layer, info = comerge_factor_layer("blk.conv", group, [1, 1], stats.get("blk.conv"))
     assert layer.down.shape == (4, 4, 3, 3) and layer.up.shape == (8, 4, 1, 1)
     assert any("approximated" in n for n in info["notes"])
+
+
+def test_merge_reports_progress_and_can_be_interrupted():
+    from safetydpo_core.errors import Interrupted
+
+    experts = [make_expert(s) for s in range(2)]
+    seen = []
+    merge_experts(experts, "linear", None, progress=lambda d, t, i: seen.append((d, t, i["layer"])))
+    assert [s[0] for s in seen] == [1, 2, 3, 4] and all(s[1] == 4 for s in seen)
+    with pytest.raises(Interrupted, match="layer 3 of 4"):
+        calls = []
+        merge_experts(experts, "linear", None, progress=lambda d, t, i: calls.append(d), should_stop=lambda: len(calls) >= 2)

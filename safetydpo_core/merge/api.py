@@ -158,7 +158,8 @@ def merge_experts(experts: Sequence[LoraSet], method: str = "comerge", stats: Ca
     opts.validate(method, len(experts))
     if len(experts) == 0:
         raise ConfigError("No experts to merge.")
-    experts = align_experts(experts)
+    experts = [e if all(l.down.device.type == "cpu" for l in e.layers.values()) else e.to(device="cpu")
+               for e in align_experts(experts)]
     naming = experts[0].naming
     if needs_calibration(method):
         if stats is None:
