@@ -119,7 +119,7 @@ def compose(scene: Scene | Mapping, choices: Mapping, *, omit: tuple[str, ...] =
     text = choices["template"].format(**words)
     text = re.sub(r"\s+", " ", text).strip().replace(" ,", ",")
     text = re.sub(r"\bplaced$", "", text).strip()
-    return text
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
 def caption(scene: Scene | Mapping, *, seed: int | None = None, rng: np.random.Generator | None = None,

@@ -27,14 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SafetyDPOError
 from ..utils.atomic import atomic_path, atomic_write_text
 from .captions import training_caption
 from .dataset import rendered_set, scene_of
 from .model import MAX_TOKENS, MODEL_DIR, SAMPLING, SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, build_modules, save_pipeline
 from .spec import WORLD
 
-DEFAULTS = {"steps": 6000, "batch": 32, "lr": 1e-3, "warmup": 200, "min_lr_ratio": 0.1, "weight_decay": 0.0,
+DEFAULTS = {"steps": 5000, "batch": 32, "lr": 1e-3, "warmup": 200, "min_lr_ratio": 0.1, "weight_decay": 0.0,
             "ema": 0.999, "grad_clip": 1.0, "dataset_size": 40000, "seed": 0, "p_empty": 0.1,
             "p_omit_colour": 0.08, "p_omit_position": 0.08}
 
@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     p.add_argument("--out", default=str(MODEL_DIR), help="where to write the pipeline folder (default: the shipped one)")
     p.add_argument("--work", default="/tmp/safetydpo_world_model", help="work folder: render cache and checkpoints")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start again")
@@ -63,7 +63,7 @@ def _log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
-def train(settings: dict, out: str | os.PathLike, work: str | os.PathLike, *, threads: int = 2,
+def train(settings: dict, out: str | os.PathLike, work: str | os.PathLike, *, threads: int = 1,
           checkpoint_every: int = 250, log_every: int = 50, fresh: bool = False) -> dict:
     """Train (or resume) and write the pipeline folder to ``out``; returns the training record."""
     s = dict(settings)
@@ -78,6 +78,7 @@ def train(settings: dict, out: str | os.PathLike, work: str | os.PathLike, *, th
     images = torch.from_numpy(data.images)
     unet, text_encoder, tokenizer, scheduler = build_modules(work / "tokenizer", seed=s["seed"])
     ema_unet, ema_text = build_modules(work / "tokenizer", seed=s["seed"])[:2]
+    tokenizer_files = {f.name: f.read_text(encoding="utf-8") for f in (work / "tokenizer").iterdir() if f.is_file()}
     ema_unet.load_state_dict(unet.state_dict())
     ema_text.load_state_dict(text_encoder.state_dict())
     for m in (ema_unet, ema_text):
@@ -96,6 +97,9 @@ def train(settings: dict, out: str | os.PathLike, work: str | os.PathLike, *, th
         unet.load_state_dict(ck["unet"]); text_encoder.load_state_dict(ck["text"])
         ema_unet.load_state_dict(ck["ema_unet"]); ema_text.load_state_dict(ck["ema_text"])
         opt.load_state_dict(ck["opt"])
+        for name, text in ck["tokenizer_files"].items():  # the exact tokenizer the run started with
+            (work / "tokenizer" / name).write_text(text, encoding="utf-8")
+        tokenizer = type(tokenizer).from_pretrained(str(work / "tokenizer"))
         rng.bit_generator.state = ck["np_rng"]
         torch.set_rng_state(ck["torch_rng"])
         step, cpu_before, wall_before, history = ck["step"], ck["cpu_s"], ck["wall_s"], ck["history"]
@@ -110,7 +114,7 @@ def train(settings: dict, out: str | os.PathLike, work: str | os.PathLike, *, th
                         "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(), "opt": opt.state_dict(),
                         "np_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                         "cpu_s": cpu_before + time.process_time() - cpu0, "wall_s": wall_before + time.time() - wall0,
-                        "history": history}, tmp)
+                        "history": history, "tokenizer_files": tokenizer_files}, tmp)
 
     while step < s["steps"]:
         idx = rng.integers(len(data), size=s["batch"])
@@ -187,8 +191,12 @@ def _export(out, unet, text_encoder, tokenizer_dir, scheduler, record) -> None:
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     settings = {k: getattr(a, k) for k in DEFAULTS}
-    train(settings, a.out, a.work, threads=a.threads, checkpoint_every=a.checkpoint_every, log_every=a.log_every,
-          fresh=a.fresh)
+    try:
+        train(settings, a.out, a.work, threads=a.threads, checkpoint_every=a.checkpoint_every, log_every=a.log_every,
+              fresh=a.fresh)
+    except SafetyDPOError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
