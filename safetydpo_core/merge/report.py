@@ -198,7 +198,8 @@ class MergeReport:
     def summary(self, max_layers: int | None = None) -> str:
         """A readable summary: the overall figures, one line per expert, then one line per layer."""
         ov = self.overall()
-        lines = [f"Merge method: {self.method}", f"Layers: {ov['layers']}, output rank: {ov['rank']}"]
+        rank = ov["rank"] if not isinstance(ov["rank"], dict) else f"{ov['rank']['min']}-{ov['rank']['max']}"
+        lines = [f"Merge method: {self.method}", f"Layers: {ov['layers']}, output rank: {rank}"]
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items() if v is not None)
         if opts:
             lines.append(f"Options: {opts}")
