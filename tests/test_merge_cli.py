@@ -143,3 +143,30 @@ def test_refusals(setup, capsys, tiny_sdxl):
     (d / "exists.safetensors").write_bytes(b"keep")
     assert main(base + ["--method", "concat", "--out", str(d / "exists.safetensors")]) == 2
     assert (d / "exists.safetensors").read_bytes() == b"keep"
+
+
+def test_sdxl_layout_calibrates_and_writes_ldm_kohya_keys(tiny_sdxl, tmp_path, capsys):
+    names = UNetNames.from_config(tiny_sdxl / "unet" / "config.json")
+    attn = {n: s for n, s in names.shapes["diffusers"].items() if n.endswith(("attn2.to_k", "attn2.to_v"))}
+    paths = []
+    for seed, cat in ((1, "violence"), (2, "shocking")):
+        g = torch.Generator().manual_seed(seed)
+        e = LoraSet({n: LoraLayer(torch.randn(4, s[1], generator=g), torch.randn(s[0], 4, generator=g), 4.0)
+                     for n, s in attn.items()}, "diffusers", {"ss_base_model_version": "sdxl_base_v1-0"})
+        paths.append(save_lora(e, tmp_path / f"{cat}.safetensors", names=names, metadata={"safetydpo_category": cat}))
+    with safe_open(str(paths[0]), framework="pt") as f:
+        assert any("input_blocks" in k for k in f.keys())        # kohya SDXL files use LDM names
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"id": f"p{i}", "category": c, "concept": "x", "unsafe": f"a red man {i}",
+                                           "safe": f"a man {i}"}) for i, c in enumerate(["violence", "shocking"] * 2)))
+    out = tmp_path / "merged.safetensors"
+    rc = main(["merge", "--model", str(tiny_sdxl), "--device", "cpu", "--experts", *map(str, paths), "--method",
+               "comerge-delta", "--rank", "3", "--calibration", str(pairs), "--calibration-inputs", "2", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    with safe_open(str(out), framework="pt") as f:
+        keys = list(f.keys())
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert keys and all(k.startswith("lora_unet_input_blocks") or k.startswith("lora_unet_middle_block")
+                        or k.startswith("lora_unet_output_blocks") for k in keys)
+    merged = load_lora(out, names=names)
+    assert merged.naming == "ldm" and set(merged.ranks.values()) == {3}
