@@ -14,8 +14,8 @@ per token: each hook reduces its input at once to
 * ``gram = X^T X`` (``rank_stats="gram"``): the input second-moment matrix. It gives the rank-space
   activations of any ``down`` afterwards (``||A x||^2 = a^T X^T X a``), so the statistics do not depend on
   the experts and can be cached and reused; but it costs a ``d_in x d_in`` product per token batch (as much
-  as the layer itself) and ``d_in^2`` floats per layer: about 0.8 GB for SD1.5's attention layers and
-  7 GB for SDXL's, against a few MB for the per-expert hooks. It cannot be split per input, so the
+  as the layer itself) and ``d_in^2`` float64 values per layer: 712 MB measured for SD1.5's attention layers
+  and about 10 GB estimated for SDXL's, against a few MB for the per-expert hooks. It cannot be split per input, so the
   per-input vote falls back to the average for the ``up`` scores in this mode.
 
 Calibration inputs. The Denoiser protocol has no image for a prompt, so by default (``x0="noise"``) the
