@@ -16,6 +16,9 @@ from ..utils.atomic import atomic_write_text
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required, metavar="MODEL",
                    help="a local diffusers pipeline folder or a single-file SD1.5/SDXL .safetensors checkpoint")
+    p.add_argument("--model-config", default=None, metavar="DIR",
+                   help="for a single-file checkpoint: a diffusers folder with its configs and tokenizer(s) "
+                        "(default: the shipped SD1.5/SDXL configs and a CLIP tokenizer found on this machine)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weight dtype of the frozen model (auto: fp32 on CPU, bf16/fp16 on GPU)")
@@ -26,7 +29,8 @@ def load_denoiser(args: argparse.Namespace):
     from ..denoiser.diffusers_backend import DiffusersDenoiser
 
     device = resolve_device(args.device)
-    return DiffusersDenoiser.from_pretrained(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
+    return DiffusersDenoiser.from_pretrained(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
+                                             config=getattr(args, "model_config", None))
 
 
 def read_config_file(path: str | None) -> dict[str, Any]:

@@ -62,8 +62,8 @@ class DiffusersDenoiser:
     # -- construction -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "DiffusersDenoiser":
-        return cls(load_components(model, device=device, dtype=dtype), device=device)
+                        dtype: torch.dtype = torch.float32, config: str | os.PathLike | None = None) -> "DiffusersDenoiser":
+        return cls(load_components(model, device=device, dtype=dtype, config=config), device=device)
 
     # -- the network --------------------------------------------------------------------------------
     @property

@@ -37,8 +37,12 @@ def _looks_like_hub_id(s: str) -> bool:
 
 
 def load_components(model: str | os.PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32) -> DiffusersComponents:
-    """Load the parts of a local diffusers model (or single-file checkpoint) for the diffusers backend."""
+                    dtype: torch.dtype = torch.float32, config: str | os.PathLike | None = None) -> DiffusersComponents:
+    """Load the parts of a local diffusers model (or single-file checkpoint) for the diffusers backend.
+
+    ``config``: for a single-file checkpoint, a diffusers folder whose configs and tokenizers describe it
+    (default: the SD1.5/SDXL configs shipped with this package and a CLIP tokenizer found on this machine).
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -47,7 +51,7 @@ def load_components(model: str | os.PathLike, device: str | torch.device = "cpu"
     if p.is_file():
         from .single_file import load_single_file
 
-        return load_single_file(p, device=device, dtype=dtype)
+        return load_single_file(p, device=device, dtype=dtype, config=config)
     kw: dict[str, Any] = {}
     if p.is_dir():
         if not (p / "unet" / "config.json").exists():
