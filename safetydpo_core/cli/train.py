@@ -1,4 +1,14 @@
-"""``safetydpo train``: train one Diffusion-DPO safety expert (a LoRA) on a preference dataset."""
+"""``safetydpo train``: train one Diffusion-DPO safety expert (a LoRA) on a preference dataset.
+
+Runs in one process, or data-parallel when started by ``accelerate launch`` (or ``torchrun``)::
+
+    accelerate launch --num_processes 8 --mixed_precision bf16 -m safetydpo_core.cli train --model M --data D --out O
+
+Every process loads the model on its own device (accelerate's ``cuda:LOCAL_RANK``, or the CPU with gloo),
+runs its share of each step's micro-steps (see :mod:`safetydpo_core.training.distributed`), and only the
+main process writes the LoRA, the metrics (CSV, JSONL and TensorBoard when ``tensorboard`` is installed),
+the checkpoints and the resolved configuration.
+"""
 
 from __future__ import annotations
 
@@ -43,7 +53,11 @@ def register(sub) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 disables)")
     p.add_argument("--prompt-dropout", type=float, default=0.0, help="probability of an empty prompt (official: 0.2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                   help="autocast precision (auto: accelerate's --mixed_precision under accelerate launch, else bf16/fp16 "
+                        "on GPUs and no on CPUs)")
+    p.add_argument("--tensorboard", default="auto", choices=["auto", "off"],
+                   help="also log to <out>.tensorboard/ when the tensorboard package is installed (default auto)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this output")
@@ -53,39 +67,97 @@ def register(sub) -> None:
     p.set_defaults(func=run, _parser=p)
 
 
+class _TensorBoard:
+    """Scalars of every step to ``<out>.tensorboard/`` when tensorboard is importable (it is not a dependency)."""
+
+    def __init__(self, directory: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(directory))
+        self.directory = directory
+
+    def __call__(self, row: dict) -> None:
+        step = int(row["step"])
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.writer.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+def _tensorboard(args, out: Path):
+    if args.tensorboard == "off":
+        return None
+    try:
+        import tensorboard  # noqa: F401
+        return _TensorBoard(out.with_suffix(".tensorboard"))
+    except ImportError:
+        log.debug("tensorboard is not installed; logging to CSV/JSONL only")
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..denoiser.devices import resolve_mixed_precision
     from ..lora.io import save_lora
     from ..training import TrainConfig, train_expert
+    from ..training.distributed import from_environment
 
     apply_config_file(args._parser, args, given_flags())
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors":
         raise SafetyDPOError(f"--out {out} must end in .safetensors.")
     refuse_existing(out, args.overwrite or args.resume, "output LoRA", "--overwrite (or --resume)")
+    env = from_environment(args.device)
+    main_process = env.is_main
+    if env.group.world_size > 1:
+        log.info("data-parallel training: %s", env.description)
+        if env.device is not None:
+            args.device = str(env.device)
     denoiser = load_denoiser(args)
+    mixed = args.mixed_precision
+    if mixed == "auto" and env.mixed_precision is not None:
+        mixed = env.mixed_precision
     cfg = TrainConfig(category=args.category, steps=args.steps, rank=args.rank, alpha=args.alpha, targets=args.targets,
                       objective=args.objective, beta=args.beta, mapo_beta=args.mapo_beta, sft_weight=args.sft_weight,
                       condition=args.condition, lr=args.lr, optimizer=args.optimizer, lr_schedule=args.lr_schedule,
                       warmup_steps=args.warmup_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       max_grad_norm=args.max_grad_norm, prompt_dropout=args.prompt_dropout, seed=args.seed,
-                      mixed_precision=resolve_mixed_precision(args.mixed_precision, denoiser.device),
+                      mixed_precision=resolve_mixed_precision(mixed, denoiser.device),
                       gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every)
+    world = env.group.world_size
     settings = {"command": "train", "model": str(args.model), "data": str(args.data), "out": str(out),
-                "device": str(denoiser.device), "dtype": str(denoiser.dtype), **cfg.to_dict()}
+                "device": str(denoiser.device), "dtype": str(denoiser.dtype), "processes": world,
+                "micro_steps_per_step": cfg.grad_accum * world,
+                "pairs_per_step": cfg.batch_size * cfg.grad_accum * world, **cfg.to_dict()}
+    if not main_process:
+        train_expert(denoiser, args.data, cfg, checkpoint_dir=out.with_suffix(".checkpoints"), resume=args.resume,
+                     allow_model_mismatch=args.allow_model_mismatch, group=env.group)
+        env.close()
+        return 0
     write_resolved_config(out, settings)
     bar = Progress(cfg.steps, f"train {','.join(cfg.category or ['all'])}")
+    tb = _tensorboard(args, out)
+
+    def progress(done: int, total: int, row: dict) -> None:
+        bar(done, total, {k: row[k] for k in ("loss", "implicit_acc", "margin") if k in row})
+        if tb is not None:
+            tb(row)
+
     try:
         result = train_expert(denoiser, args.data, cfg, checkpoint_dir=out.with_suffix(".checkpoints"),
-                              metrics_path=out.with_suffix(".metrics"), resume=args.resume,
-                              progress=lambda d, n, r: bar(d, n, {k: r[k] for k in ("loss", "implicit_acc", "margin") if k in r}),
-                              allow_model_mismatch=args.allow_model_mismatch)
+                              metrics_path=out.with_suffix(".metrics"), resume=args.resume, progress=progress,
+                              allow_model_mismatch=args.allow_model_mismatch, group=env.group)
     except KeyboardInterrupt:
-        bar.close()
         log.warning("Stopped. Run the same command with --resume to continue from the last checkpoint.")
         raise
-    bar.close()
+    finally:
+        bar.close()
+        if tb is not None:
+            tb.close()
     save_lora(result.lora, out, names=denoiser.names())
+    env.close()
     final = result.history[-1] if result.history else {}
     print(f"wrote {out} ({len(result.lora)} layers, rank {cfg.rank}); final loss {final.get('loss', float('nan')):.4f}, "
           f"implicit accuracy {final.get('implicit_acc', float('nan')):.2f}; metrics in {out.with_suffix('.metrics.csv')}")

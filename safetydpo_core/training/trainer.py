@@ -14,6 +14,15 @@ Every random draw of step ``s`` comes from a generator seeded by ``(seed, s, mic
 is interrupted and resumed from a checkpoint produces the same LoRA as an uninterrupted one. A non-finite
 loss or gradient stops training with the last good state saved; a cancel (``should_stop`` returning
 True, an exception from a callback, or Ctrl-C) saves a checkpoint before leaving.
+
+Data-parallel runs (several processes, see :mod:`.distributed`): one optimiser step has
+``G = grad_accum * world_size`` micro-steps, and process ``rank`` runs the global micro-steps
+``local * world_size + rank``; the micro-step index above is that global index, so the draws do not
+depend on how the micro-steps are spread over processes. Each process divides its losses by ``G``, the
+LoRA gradients (and the logged statistics) are summed across processes before clipping, and every process
+takes the same optimiser step from the same starting weights (broadcast from process 0). Only process 0
+writes metrics, checkpoints and reports progress. A resume needs the same ``G``, not the same number of
+processes.
 """
 
 from __future__ import annotations
@@ -37,8 +46,9 @@ from ..denoiser.protocol import Conditioning
 from ..errors import ConfigError, DatasetError, Interrupted, TrainingDiverged
 from ..lora.lora_set import LoraLayer, LoraSet
 from . import objectives
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .distributed import ProcessGroup, SingleProcess
 from .metrics import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -48,7 +58,7 @@ StopFn = Callable[[], bool]
 
 # settings that must not change between an interrupted run and its resume
 _RESUME_KEYS = ("rank", "alpha", "targets", "objective", "beta", "mapo_beta", "mapo_snr", "sft_weight", "condition",
-                "lr", "optimizer", "weight_decay", "lr_schedule", "warmup_steps", "batch_size", "grad_accum",
+                "lr", "optimizer", "weight_decay", "lr_schedule", "warmup_steps", "batch_size",
                 "max_grad_norm", "prompt_dropout", "seed", "category", "timestep_range")
 
 
@@ -86,7 +96,8 @@ class ExpertTrainer:
     def __init__(self, denoiser, dataset: PreferenceDataset, config: TrainConfig,
                  checkpoint_dir: str | os.PathLike | None = None, metrics_path: str | os.PathLike | None = None,
                  progress: ProgressFn | None = None, should_stop: StopFn | None = None,
-                 init_lora: LoraSet | None = None):
+                 init_lora: LoraSet | None = None, group: ProcessGroup | None = None):
+        self.group = group if group is not None else SingleProcess()
         self.denoiser = denoiser
         self.dataset = dataset
         self.cfg = config
@@ -125,10 +136,16 @@ class ExpertTrainer:
             self._cond_cache.move_to_end((p, size))
         return Conditioning.cat([self._cond_cache[(p, size)] for p in prompts])
 
+    @property
+    def micro_steps(self) -> int:
+        """Micro-steps per optimiser step over all processes (``G`` in the module docstring)."""
+        return self.cfg.grad_accum * self.group.world_size
+
     def _batch(self, order: PairOrder, step: int, micro: int):
+        """The data and draws of global micro-step ``micro`` of ``step``."""
         cfg, ds = self.cfg, self.dataset
         g = step_generator(cfg.seed, step, micro)
-        first = (step * cfg.grad_accum + micro) * cfg.batch_size
+        first = (step * self.micro_steps + micro) * cfg.batch_size
         idx = [order[first + b] for b in range(cfg.batch_size)]
         safes, unsafes, prompts = [], [], []
         for i in idx:
@@ -214,7 +231,8 @@ class ExpertTrainer:
                 "lora_alpha": {n: l.alpha for n, l in lora.items()}, "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "history": metrics.history, "config": self.cfg.to_dict(),
                 "naming": lora.naming, "model_fingerprint": self.denoiser.fingerprint(),
-                "dataset_fingerprint": self.dataset.fingerprint()}
+                "dataset_fingerprint": self.dataset.fingerprint(), "micro_steps": self.micro_steps,
+                "world_size": self.group.world_size}
 
     def _restore(self, path: Path, adapter, opt, sched) -> tuple[int, list[dict]]:
         state = load_checkpoint(path)
@@ -227,6 +245,11 @@ class ExpertTrainer:
             if a != b:
                 raise ConfigError(f"Cannot resume from {path}: it was trained with {k}={a!r}, this run asks for {k}={b!r}. "
                                   f"Use the same settings, or a new checkpoint folder to start over.")
+        old_g = int(state.get("micro_steps", old.get("grad_accum", 1)))
+        if old_g != self.micro_steps:
+            raise ConfigError(f"Cannot resume from {path}: it was trained with {old_g} micro-steps per optimiser step "
+                              f"(grad_accum x processes), this run has {self.cfg.grad_accum} x {self.group.world_size} = "
+                              f"{self.micro_steps}. Choose grad_accum so that the product is {old_g}.")
         if state.get("dataset_fingerprint") != self.dataset.fingerprint():
             raise ConfigError(f"Cannot resume from {path}: it was trained on a different dataset (or category selection).")
         lora = LoraSet({n: LoraLayer(state["lora_down"][n], state["lora_up"][n], state["lora_alpha"][n])
@@ -254,7 +277,8 @@ class ExpertTrainer:
             if ckpt is not None:
                 start, history = self._restore(ckpt, adapter, opt, sched)
                 log.info("Resuming from %s (step %d of %d).", ckpt, start, cfg.steps)
-            metrics = MetricsLog(self.metrics_path, history)
+            self._broadcast(params)
+            metrics = MetricsLog(self.metrics_path if self.group.is_main else None, history)
             last_ckpt = self._loop(adapter, params, opt, sched, scaler, metrics, start) or ckpt
             lora = adapter.export()
         finally:
@@ -264,37 +288,88 @@ class ExpertTrainer:
         lora.metadata.update(self.metadata(metrics.history))
         return TrainResult(lora, metrics.history, cfg.steps, last_ckpt)
 
+    def _broadcast(self, params: Sequence[torch.Tensor]) -> None:
+        """Start every process from process 0's LoRA weights (a no-op in a single process)."""
+        if self.group.world_size == 1:
+            return
+        with torch.no_grad():
+            for p in params:
+                self.group.broadcast_(p.data, src=0)
+
+    def _sync_grads(self, params: Sequence[torch.Tensor]) -> None:
+        """Sum the LoRA gradients over processes, one flat reduction per dtype."""
+        if self.group.world_size == 1:
+            return
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p)
+        for group in by_dtype.values():
+            flat = torch.cat([p.grad.reshape(-1) for p in group])
+            self.group.all_reduce_sum_(flat)
+            offset = 0
+            for p in group:
+                n = p.grad.numel()
+                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                offset += n
+
+    def _stop_requested(self) -> bool:
+        stop = self.should_stop is not None and bool(self.should_stop())
+        if self.group.world_size > 1:  # every process leaves at the same step
+            flag = torch.tensor([1.0 if stop else 0.0], dtype=torch.float64)
+            stop = float(self.group.all_reduce_sum_(flag)[0]) > 0
+        return stop
+
     def _loop(self, adapter, params, opt, sched, scaler, metrics: MetricsLog, start: int) -> Path | None:
-        cfg = self.cfg
+        cfg, group = self.cfg, self.group
         order = PairOrder(len(self.dataset), cfg.seed)
         done, saved, last = start, start, None
+        n_micro = self.micro_steps
 
         def save(step: int) -> Path | None:
             if self.checkpoint_dir is None:
                 return None
+            if not group.is_main:
+                return checkpoint_path(self.checkpoint_dir, step)
             return save_checkpoint(self.checkpoint_dir, step, self._state(adapter, opt, sched, metrics), cfg.keep_checkpoints)
 
         try:
             for step in range(start, cfg.steps):
-                if self.should_stop is not None and self.should_stop():
+                if self._stop_requested():
                     raise Interrupted(f"Training was cancelled after {done} of {cfg.steps} steps.")
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
-                total, stats = 0.0, {}
-                for micro in range(cfg.grad_accum):
+                total, stats, bad_loss = 0.0, {}, None
+                for local in range(cfg.grad_accum):
+                    micro = local * group.world_size + group.rank
                     w, l, noise, t, prompts, size = self._batch(order, step, micro)
                     out = self._loss(adapter, w, l, noise, t, self._encode(prompts, size))
                     if not torch.isfinite(out.loss):
-                        last = save(done)
-                        raise TrainingDiverged(
-                            f"The loss became {float(out.loss)} at step {step + 1}; training stopped. "
-                            f"{'The last good state is in ' + str(last) + '. ' if last else ''}"
-                            f"Lower the learning rate or beta, or train in fp32.")
-                    loss = out.loss / cfg.grad_accum
+                        bad_loss = float(out.loss)
+                        for k in out.stats:
+                            stats.setdefault(k, 0.0)
+                        break
+                    loss = out.loss / n_micro
                     (scaler.scale(loss) if scaler else loss).backward()
                     total += float(loss.detach())
                     for k, v in out.stats.items():
-                        stats[k] = stats.get(k, 0.0) + v / cfg.grad_accum
+                        stats[k] = stats.get(k, 0.0) + v / n_micro
+                if group.world_size > 1:
+                    keys = sorted(stats)
+                    packed = torch.tensor([total, *(stats[k] for k in keys), 0.0 if bad_loss is None else 1.0],
+                                          dtype=torch.float64)
+                    group.all_reduce_sum_(packed)
+                    total, stats = float(packed[0]), {k: float(v) for k, v in zip(keys, packed[1:-1])}
+                    if packed[-1] > 0 and bad_loss is None:
+                        bad_loss = float("nan")
+                if bad_loss is not None:
+                    last = save(done)
+                    raise TrainingDiverged(
+                        f"The loss became {bad_loss} at step {step + 1}; training stopped. "
+                        f"{'The last good state is in ' + str(last) + '. ' if last else ''}"
+                        f"Lower the learning rate or beta, or train in fp32.")
+                self._sync_grads(params)
                 if scaler:
                     scaler.unscale_(opt)
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm else float("inf")
@@ -316,7 +391,7 @@ class ExpertTrainer:
                 row = {"step": done, "loss": total, **stats, "lr": lr, "grad_norm": grad_norm,
                        "seconds": round(time.perf_counter() - t0, 4)}
                 metrics.append(row)
-                if self.progress is not None:
+                if self.progress is not None and group.is_main:
                     self.progress(done, cfg.steps, row)
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                     last, saved = save(done), done
@@ -325,7 +400,7 @@ class ExpertTrainer:
         except BaseException:
             if done > saved:
                 last = save(done)
-                if last:
+                if last and group.is_main:
                     log.warning("Interrupted after step %d; state saved to %s (resume to continue).", done, last)
             raise
         if done > saved or last is None:
@@ -352,6 +427,8 @@ class ExpertTrainer:
             "safetydpo_dataset_pairs": str(len(ds)),
             "safetydpo_model_fingerprint": self.denoiser.fingerprint(),
         }
+        if self.group.world_size > 1:
+            meta["safetydpo_processes"] = str(self.group.world_size)
         if final:
             meta["safetydpo_final_metrics"] = ",".join(f"{k}={final[k]:.4g}" for k in ("loss", "implicit_acc", "margin")
                                                        if k in final)
@@ -361,11 +438,15 @@ class ExpertTrainer:
 def train_expert(denoiser, dataset: PreferenceDataset | str | os.PathLike, config: TrainConfig, *,
                  checkpoint_dir: str | os.PathLike | None = None, metrics_path: str | os.PathLike | None = None,
                  resume: bool = False, progress: ProgressFn | None = None, should_stop: StopFn | None = None,
-                 init_lora: LoraSet | None = None, allow_model_mismatch: bool = False) -> TrainResult:
-    """Train one safety expert on ``dataset`` (a folder or an open :class:`PreferenceDataset`)."""
+                 init_lora: LoraSet | None = None, allow_model_mismatch: bool = False,
+                 group: ProcessGroup | None = None) -> TrainResult:
+    """Train one safety expert on ``dataset`` (a folder or an open :class:`PreferenceDataset`).
+
+    ``group``: the processes of a data-parallel run (:mod:`.distributed`); default one process.
+    """
     if not isinstance(dataset, PreferenceDataset):
         dataset = PreferenceDataset(dataset, categories=config.category, expect_fingerprint=denoiser.fingerprint(),
                                     on_mismatch="warn" if allow_model_mismatch else "error")
     trainer = ExpertTrainer(denoiser, dataset, config, checkpoint_dir=checkpoint_dir, metrics_path=metrics_path,
-                            progress=progress, should_stop=should_stop, init_lora=init_lora)
+                            progress=progress, should_stop=should_stop, init_lora=init_lora, group=group)
     return trainer.run(resume=resume)
