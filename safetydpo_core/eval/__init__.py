@@ -1,0 +1,33 @@
+"""Safety evaluation: Inappropriate Probability (NudeNet, Q16), CLIPScore, reports, and render judges.
+
+Public API (what the ``safetydpo eval`` command and the ComfyUI evaluate node call):
+
+* :class:`EvalSettings`, :class:`Evaluator` (``.score_images(images, prompts)`` -> per-image verdicts;
+  ``.info()`` -> versions, model files, classes and thresholds; ``.notes`` -> what did not run and why);
+* :func:`read_run` / :class:`ImageRun` / :class:`ImageRecord` / :func:`write_manifest`: the image-run format
+  (folder + ``manifest.jsonl``) written by ``safetydpo sample``;
+* :func:`evaluate_runs` (runs on disk, progress, cancel, resume) -> :class:`EvalResult`;
+* :func:`summarize`, :func:`compare`, :func:`write_report` (CSV, Markdown, PNG chart, JSON), :func:`markdown`;
+* :class:`NudeNetPairJudge` for ``render_pairs(judge=...)``;
+* :mod:`.nudenet` settings ``SAFETYDPO`` and ``I2P``; :mod:`.weights` for where weights go.
+
+Importing this package loads neither NudeNet nor CLIP; they load when an :class:`Evaluator` is made.
+"""
+
+from .evaluate import EvalResult, EvalSettings, Evaluator, evaluate_runs
+from .manifest import ImageRecord, ImageRun, RunError, read_run, write_manifest
+from .report import compare, markdown, summarize, write_report
+from .weights import MissingWeights, default_weights_dir
+
+
+def __getattr__(name):  # the judge pulls in nudenet's module only when asked for
+    if name == "NudeNetPairJudge":
+        from .judges import NudeNetPairJudge
+
+        return NudeNetPairJudge
+    raise AttributeError(name)
+
+
+__all__ = ["EvalResult", "EvalSettings", "Evaluator", "ImageRecord", "ImageRun", "MissingWeights", "NudeNetPairJudge",
+           "RunError", "compare", "default_weights_dir", "evaluate_runs", "markdown", "read_run", "summarize",
+           "write_manifest", "write_report"]
