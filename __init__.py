@@ -1,0 +1,11 @@
+"""ComfyUI-SafetyDPO: safety-align the loaded text-to-image model with SafetyDPO, as ComfyUI nodes.
+
+ComfyUI imports this file as the pack's entry point (under a module name derived from the folder path);
+everything else is imported relatively. Importing the pack imports no ComfyUI module, loads no model and
+downloads nothing; optional extras (NudeNet, gguf) are imported only by the node that needs them, which
+says what to install if they are missing. The nodes are described in docs/readme-sections/nodes.md.
+"""
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,107 @@
+"""Training one safety expert with Diffusion-DPO on the graph's loaded MODEL, in-process.
+
+The node runs the core trainer (:func:`safetydpo_core.training.train_expert`) inside
+``ComfyDenoiser(model, clip).session()``: LoRA adapters as weight wrappers on a clone of the MODEL, the
+reference pass with the adapters switched off, ComfyUI's progress bar (which also makes Cancel work), and
+on the way out every wrapper removed, so the graph's MODEL is exactly as it was. Checkpoints and the metric
+log go to ``<output>/safetydpo/checkpoints/<category>-<hash>``, where the hash covers the settings that a
+resume must keep (and the dataset and model), so queueing the same settings again with ``resume`` on
+continues where a cancelled or shorter run stopped. ComfyUI's cache keeps the result of an unchanged graph:
+queueing it again does not retrain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from . import paths
+from ._core import core, errors
+from .common import (BOOL, COMBO, FLOAT, INT, SEED, SOCKET, Node, apply_lora, category_choices, comfy_progress,
+                     comfy_stop, denoiser, lora_model_from_set)
+from .types import DATASET, LORA_MODEL, METRICS
+
+log = logging.getLogger(__name__)
+CONDITIONS = ("unsafe", "safe", "both")
+# settings that may change between a run and its resume (everything else keys the checkpoint folder)
+_FREE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing")
+
+
+def checkpoint_dir(category: str, settings: dict, dataset_fp: str, model_fp: str) -> Path:
+    """``<output>/safetydpo/checkpoints/<category>-<12 hex>`` for these settings, dataset and model."""
+    blob = json.dumps({"settings": settings, "dataset": dataset_fp, "model": model_fp}, sort_keys=True, default=str)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return paths.pack_output("checkpoints") / f"{category}-{key}"
+
+
+class TrainExpert(Node):
+    DESCRIPTION = ("Trains a safety expert (a LoRA) with Diffusion-DPO on the loaded MODEL, in ComfyUI's own process: "
+                   "for each pair the safe image is preferred over the unsafe one, against the untouched model as "
+                   "reference. Progress shows on the node and Cancel stops it after saving a checkpoint; queue again "
+                   "with 'resume' on to continue. The loaded MODEL itself is never changed.")
+    RETURN_TYPES = (LORA_MODEL, METRICS, "MODEL")
+    RETURN_NAMES = ("lora", "metrics", "model")
+    OUTPUT_TOOLTIPS = ("The trained expert as a LORA_MODEL (works with core Save LoRA and Load LoRA Model too).",
+                       "Per-step loss, implicit accuracy and reward margin, for the loss-plot node.",
+                       "A copy of the input MODEL with the expert applied at strength 1.")
+    FUNCTION = "train"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": SOCKET("MODEL", "The loaded model to align (SD1.x, SD2.x or SDXL UNet). It is not changed."),
+            "clip": SOCKET("CLIP", "The checkpoint's text encoder, to encode the pairs' prompts."),
+            "dataset": SOCKET(DATASET, "A preference dataset rendered with this model (render or load-dataset node)."),
+            "category": COMBO(category_choices(), "Train on this category's pairs ('all': every pair, one expert)."),
+            "steps": INT(500, 1, 1000000, "Optimiser steps."),
+            "learning_rate": FLOAT(1e-4, 1e-8, 1.0, "AdamW learning rate of the LoRA.", step=1e-6, round=False),
+            "rank": INT(4, 1, 256, "LoRA rank (alpha = rank, so the update's scale is 1)."),
+            "beta": FLOAT(5000.0, 1.0, 1e7, "Diffusion-DPO beta: how strongly the expert may move away from the "
+                                            "reference (larger = closer to the reference).", step=100.0),
+            "condition": COMBO(CONDITIONS, "Which prompt conditions both images of a pair: the unsafe prompt (the "
+                                           "method's default), the safe one, or either at random."),
+            "seed": SEED("Seed of the pair order, noise and timesteps (a resumed run repeats them exactly)."),
+            "gradient_checkpointing": BOOL(False, "Recompute activations in the backward pass: much less memory, "
+                                                  "about a third slower."),
+            "save_every": INT(100, 0, 1000000, "Save a checkpoint every N steps (0 = only at the end and on Cancel)."),
+            "resume": BOOL(True, "Continue from the last checkpoint of a run with the same settings, dataset and "
+                                 "model (after a Cancel, or to add steps). Off: start again from step 0."),
+        }, "optional": {
+            "allow_model_mismatch": BOOL(False, "Train even if the dataset was rendered with another model "
+                                                "(its images are then not this model's outputs)."),
+        }}
+
+    def train(self, model, clip, dataset, category, steps, learning_rate, rank, beta, condition, seed,
+              gradient_checkpointing, save_every, resume, allow_model_mismatch=False):
+        e = errors()
+        if not isinstance(dataset, dict) or "path" not in dataset:
+            raise e.DatasetError("dataset: expected a SAFETYDPO_DATASET from the render or load-dataset node.")
+        if category not in category_choices():
+            raise e.ConfigError(f"category must be one of {', '.join(category_choices())}; got {category!r}.")
+        tr = core("training")
+        cfg = tr.TrainConfig(category=None if category == "all" else category, steps=int(steps), rank=int(rank),
+                             beta=float(beta), condition=condition, lr=float(learning_rate), seed=int(seed),
+                             gradient_checkpointing=bool(gradient_checkpointing), checkpoint_every=int(save_every))
+        den = denoiser(model, clip)
+        model_fp = den.fingerprint()
+        ds = core("data.preference_dataset").PreferenceDataset(
+            dataset["path"], categories=cfg.category, expect_fingerprint=model_fp,
+            on_mismatch="warn" if allow_model_mismatch else "error")
+        keep = {k: v for k, v in cfg.to_dict().items() if k not in _FREE_KEYS}
+        ckpt = checkpoint_dir(category, keep, ds.fingerprint(), model_fp)
+        old = core("training.checkpoint").list_checkpoints(ckpt)
+        if not resume:
+            for _, p in old:
+                p.unlink(missing_ok=True)
+            if old:
+                log.info("SafetyDPO: resume is off; removed %d old checkpoint(s) in %s", len(old), ckpt)
+        with den.session():
+            result = tr.train_expert(den, ds, cfg, checkpoint_dir=ckpt, metrics_path=ckpt / "metrics", resume=bool(resume and old),
+                                     progress=comfy_progress(cfg.steps), should_stop=comfy_stop)
+        lora = lora_model_from_set(result.lora)
+        metrics = {"kind": "training", "category": category, "steps": result.steps, "history": list(result.history),
+                   "checkpoint_dir": str(ckpt), "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+                   "settings": cfg.to_dict()}
+        return (lora, metrics, apply_lora(model, lora, 1.0, "the trained expert"))
