@@ -7,6 +7,10 @@ Examples::
     safetydpo pairs --writer llm --llm http://127.0.0.1:11434/v1 --llm-model qwen2.5 --out pairs.jsonl --resume
     safetydpo pairs --from-csv CoProv2_train.csv --out pairs.jsonl
     safetydpo pairs --from-jsonl pairs.jsonl --categories sexual --format i2p --out eval_prompts.csv
+    safetydpo pairs --config pairs.toml --out pairs.jsonl
+
+Settings may come from ``--config`` (TOML/YAML/JSON with the long option names; flags given on the command
+line win); the resolved settings are written beside the output as ``<out stem>.config.json``.
 
 Exit status: 0 done; 2 bad input (message on stderr); 3 the writer made fewer pairs than asked (the file
 holds what passed the checks; the report says why the rest failed); 130 interrupted (pairs already written
@@ -54,6 +58,8 @@ def register(subparsers) -> None:
     out.add_argument("--resume", action="store_true", help="keep an existing JSONL output and add the missing pairs")
     out.add_argument("--rejects", metavar="JSONL", help="also write every rejected candidate with its reason here")
     out.add_argument("--no-progress", action="store_true", help="no progress bars")
+    out.add_argument("--config", metavar="FILE",
+                     help="TOML/YAML/JSON file with any of these options (command-line flags win)")
     chk = p.add_argument_group("checks")
     chk.add_argument("--tokenizer", metavar="PATH",
                      help="CLIP tokenizer for the 77-token check: a tokenizer folder, a diffusers model folder, or "
@@ -82,7 +88,7 @@ def register(subparsers) -> None:
     llm.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
     llm.add_argument("--device", default="cpu", help="device of a local model (default cpu)")
     llm.add_argument("--llm-threads", type=int, metavar="N", help="CPU threads of a local model while generating")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, _parser=p)
 
 
 def _bar(args, total: int, desc: str):
@@ -114,7 +120,22 @@ def _out_format(args) -> str:
     return "jsonl"
 
 
+def _write_config(args, fmt: str) -> None:
+    """The resolved settings beside the output: ``<out stem>.config.json``."""
+    import json
+
+    settings = {"command": "pairs", "format": fmt}
+    settings.update({k: v for k, v in vars(args).items() if k not in ("func", "_parser", "command", "verbose", "format")})
+    out = Path(args.out)
+    target = out.with_suffix(".config.json") if out.suffix else out.with_name(out.name + ".config.json")
+    atomic_write_text(target, json.dumps(settings, indent=1, default=str) + "\n", "configuration file")
+
+
 def run(args) -> int:
+    from .common import apply_config_file, given_flags
+
+    if getattr(args, "_parser", None) is not None:
+        apply_config_file(args._parser, args, given_flags())
     fmt = _out_format(args)
     if args.from_csv and args.from_jsonl:
         raise ConfigError("Give either --from-csv or --from-jsonl, not both.")
@@ -124,6 +145,7 @@ def run(args) -> int:
 
     check_output_path(args.out, overwrite=args.overwrite, resume=args.resume)
     cats = normalize_categories(args.categories, default_all=True)
+    _write_config(args, fmt)
     if args.from_csv or args.from_jsonl:
         return _convert(args, fmt, cats)
     return _write(args, fmt, cats)

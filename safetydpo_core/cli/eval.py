@@ -1,0 +1,111 @@
+"""``safetydpo eval``: Inappropriate Probability (NudeNet, Q16) and CLIPScore over image runs, with reports.
+
+Examples::
+
+    safetydpo eval runs/cmp --out reports/cmp                       # one run; its variants are compared
+    safetydpo eval runs/base runs/aligned --out reports/base-vs-aligned
+    safetydpo eval runs/x --q16 on --weights-dir ~/models/safetydpo-eval --out reports/x
+
+Each RUN is a folder from ``safetydpo sample`` (``manifest.jsonl`` + images) or a manifest file (JSONL, or a
+CSV with ``image,prompt[,categories]``). Writes ``per_image.csv``, ``summary.csv``, ``comparison.csv``,
+``report.md``, ``report.json``, ``ip_by_category.png`` and ``config.json`` into ``--out``. Nothing is
+downloaded: a missing weight file is an error (or, for ``auto``, a note in the report) that says what to
+download and where to put it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from ..errors import ConfigError, SafetyDPOError
+from .common import Progress, apply_config_file, given_flags, write_resolved_config
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="measure Inappropriate Probability (NudeNet/Q16) and CLIPScore of image runs",
+                       description="Evaluate one or more image runs (from `safetydpo sample`): IP with NudeNet in the "
+                                   "SafetyDPO setting (genitalia exposed) and the I2P setting (five exposed classes at "
+                                   "0.6), OR Q16 when its weights are given; CLIPScore when CLIP weights are given; "
+                                   "per-category tables; comparisons of runs or variants against a baseline. Weights "
+                                   "are read from local paths only (see --weights-dir).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="image run folder(s) with manifest.jsonl, or manifest files (.jsonl / .csv); two runs = base "
+                        "vs aligned")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--config", help="TOML/YAML/JSON file with any of these options (command-line flags win)")
+    p.add_argument("--names", help="comma-separated display names of the runs (default: folder names)")
+    p.add_argument("--baseline", help="group the others are compared with (default: the first run / variant)")
+    p.add_argument("--categories", help="only images of these categories (comma-separated)")
+    w = p.add_argument_group("detectors and weights (local files only)")
+    w.add_argument("--weights-dir", help="where evaluation weights live (default $SAFETYDPO_EVAL_WEIGHTS or "
+                                         "~/.cache/safetydpo/eval): clip-vit-large-patch14/, q16/prompts.npy, "
+                                         "clipscore/, nudenet/640m.onnx")
+    w.add_argument("--nudenet", default="on", choices=["on", "off"], help="run NudeNet (default on; needs the [eval] extra)")
+    w.add_argument("--nudenet-model", help="another NudeNet ONNX detector, e.g. 640m.onnx (default: the package's 320n)")
+    w.add_argument("--nudenet-resolution", type=int, help="detector input size (default 320, or 640 for a 640 model)")
+    w.add_argument("--q16", default="auto", choices=["auto", "on", "off"],
+                   help="Q16: auto (run when its weights are found; default), on (missing weights are an error), off")
+    w.add_argument("--q16-clip", help="CLIP ViT-L/14 transformers folder for Q16 (default <weights-dir>/clip-vit-large-patch14)")
+    w.add_argument("--q16-embeddings", help="Q16 prompt embeddings as .npy or .safetensors (default <weights-dir>/q16/prompts.npy)")
+    w.add_argument("--clipscore", default="auto", choices=["auto", "on", "off"],
+                   help="CLIPScore: auto (when CLIP weights are found; default), on, off")
+    w.add_argument("--clip-model", help="CLIP transformers folder for CLIPScore (default <weights-dir>/clipscore, else "
+                                        "the ViT-L/14 folder)")
+    w.add_argument("--device", default="auto", help="device of the CLIP models: auto (default), cpu, cuda, cuda:N, mps")
+    w.add_argument("--batch-size", type=int, default=8, help="images scored together (default 8)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted evaluation in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the reports in an existing --out")
+    p.set_defaults(func=run, _parser=p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..categories import normalize_categories
+    from ..denoiser.devices import resolve_device
+    from ..eval import EvalSettings, Evaluator, evaluate_runs, read_run, write_report
+
+    apply_config_file(args._parser, args, given_flags())
+    if isinstance(args.runs, str):
+        args.runs = [args.runs]
+    out = Path(args.out)
+    if args.resume and args.overwrite:
+        raise ConfigError("Choose either --resume or --overwrite, not both.")
+    if (out / "report.json").exists() or (out / "per_image.jsonl").exists():
+        if not (args.resume or args.overwrite):
+            raise SafetyDPOError(f"The report folder {out} already holds an evaluation. Pass --resume to continue it, "
+                                 f"--overwrite to replace it, or choose another --out.")
+    names = [n.strip() for n in args.names.split(",")] if args.names else [None] * len(args.runs)
+    if len(names) != len(args.runs):
+        raise ConfigError(f"--names has {len(names)} names for {len(args.runs)} runs.")
+    runs = [read_run(r, name=n) for r, n in zip(args.runs, names)]
+    cats = normalize_categories(args.categories) if args.categories else None
+    settings = EvalSettings(nudenet=args.nudenet == "on", nudenet_model=args.nudenet_model,
+                            nudenet_resolution=args.nudenet_resolution, q16=args.q16, q16_clip=args.q16_clip,
+                            q16_embeddings=args.q16_embeddings, clipscore=args.clipscore, clip_model=args.clip_model,
+                            weights_dir=args.weights_dir, device=str(resolve_device(args.device)),
+                            batch_size=args.batch_size)
+    evaluator = Evaluator(settings)
+    for note in evaluator.notes:
+        log.warning(note)
+    resolved = {"command": "eval", "runs": [str(r) for r in args.runs], "names": [r.name for r in runs],
+                "baseline": args.baseline, "categories": cats, **settings.to_json(),
+                "weights_dir_resolved": str(evaluator.weights_dir), "active": evaluator.active}
+    write_resolved_config(out, resolved)
+    total = sum(len(r.records) for r in runs)
+    bar = Progress(total, "eval")
+    try:
+        result = evaluate_runs(runs, evaluator, out, resume=args.resume, categories=cats, progress=bar)
+    except KeyboardInterrupt:
+        log.warning("Stopped. Run the same command with --resume to continue; scored images are kept.")
+        raise
+    finally:
+        bar.close()
+    files = write_report(result, out, baseline=args.baseline, settings=resolved)
+    print((out / "report.md").read_text(encoding="utf-8"))
+    print(json.dumps({k: str(v) for k, v in files.items()}, indent=1))
+    return 0

@@ -1,0 +1,107 @@
+"""``safetydpo sample``: generate evaluation images from a prompt CSV / pair file, with a LoRA at one or more
+strengths, into an image run (``images/<variant>/<id>.png`` + ``manifest.jsonl``) that ``safetydpo eval``
+reads.
+
+Examples::
+
+    safetydpo sample --model ./sd15 --prompts i2p_sexual.csv --out runs/base
+    safetydpo sample --model ./sd15 --prompts i2p.csv --lora merged.safetensors --strength 0 1 --out runs/cmp
+    safetydpo sample --model ./sdxl.safetensors --prompts pairs.jsonl --pair-field safe --limit 50 --out runs/safe
+
+I2P's ``sd_seed`` and ``sd_guidance_scale`` columns are honoured per row (``--ignore-row-seeds`` /
+``--ignore-row-guidance`` switch that off); rows without them use ``--seed`` (a per-prompt seed derived
+from it) and ``--cfg``. All strengths of a prompt share its seed and initial noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from ..errors import ConfigError, SafetyDPOError
+from ..eval.manifest import MANIFEST
+from .common import Progress, add_model_args, apply_config_file, given_flags, load_denoiser, write_resolved_config
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sample", help="generate evaluation images (optionally with a LoRA at several strengths)",
+                       description="Render the prompts of an I2P-style CSV (prompt, categories, sd_seed, "
+                                   "sd_guidance_scale, ...) or of a prompt-pair JSONL with the model, optionally with a "
+                                   "LoRA at one or more strengths, into OUT/images/<variant>/<id>.png and "
+                                   "OUT/manifest.jsonl (file, id, prompt, categories, seed, guidance, variant, lora, "
+                                   "strength, ...). Interrupted runs continue with --resume.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--prompts", required=True, help="I2P-style CSV (column 'prompt' required) or prompt-pair JSONL")
+    p.add_argument("--out", required=True, help="output folder (an image run for `safetydpo eval`)")
+    p.add_argument("--config", help="TOML/YAML/JSON file with any of these options (command-line flags win)")
+    p.add_argument("--lora", help="LoRA file (.safetensors; kohya, ComfyUI or diffusers/peft keys) to apply")
+    p.add_argument("--lora-name", help="name of the LoRA in variant names (default: the file's stem)")
+    p.add_argument("--strength", type=float, nargs="+", default=[1.0], metavar="S",
+                   help="LoRA strength(s); several make one variant each, e.g. --strength 0 0.5 1 (0 = the base model)")
+    p.add_argument("--categories", help="only prompts of these categories (comma-separated)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many prompts per (first) category")
+    p.add_argument("--pair-field", default="unsafe", choices=["unsafe", "safe", "both"],
+                   help="for a pair JSONL: which prompt of each pair to render (default unsafe)")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's native size)")
+    p.add_argument("--row-size", action="store_true", help="use the rows' sd_image_width/height where given")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20; SafetyDPO's inference uses 50)")
+    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale for rows without sd_guidance_scale (default 7.5)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "euler", "dpmpp_2m"])
+    p.add_argument("--negative", default="", help="negative prompt (default empty)")
+    p.add_argument("--seed", type=int, default=0, help="base seed for rows without sd_seed (per-prompt seeds derive from it)")
+    p.add_argument("--ignore-row-seeds", action="store_true", help="derive every seed from --seed, ignoring sd_seed")
+    p.add_argument("--ignore-row-guidance", action="store_true", help="use --cfg for every row, ignoring sd_guidance_scale")
+    p.add_argument("--batch-size", type=int, default=4, help="images rendered together (default 4)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the images and manifest of an existing run in --out")
+    p.set_defaults(func=run, _parser=p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..lora.io import load_lora
+    from ..merge.experts import align_experts
+    from ..sampling import SampleSettings, load_prompts, sample_prompts, variant_name
+
+    apply_config_file(args._parser, args, given_flags())
+    strengths = args.strength if isinstance(args.strength, list) else [args.strength]
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1; got {args.limit}.")
+    prompts = load_prompts(args.prompts, field=args.pair_field, categories=args.categories, limit=args.limit)
+    settings = SampleSettings(steps=args.steps, cfg=args.cfg, sampler=args.sampler, height=args.size, width=args.size,
+                              seed=args.seed, negative=args.negative, batch_size=args.batch_size,
+                              row_guidance=not args.ignore_row_guidance, row_seed=not args.ignore_row_seeds,
+                              row_size=args.row_size)
+    den = load_denoiser(args)
+    lora = lora_name = None
+    if args.lora:
+        lora = load_lora(args.lora, names=den.names())
+        lora = align_experts([lora], naming=den.naming, names=den.names(), weight_shapes=den.weight_shapes())[0]
+        lora_name = args.lora_name or Path(args.lora).stem
+    elif strengths != [1.0] and any(s != 0 for s in strengths):
+        raise ConfigError("--strength needs --lora; without a LoRA only the base model is sampled.")
+    variants = [variant_name(lora_name, s) if lora is not None else "base" for s in strengths]
+    out = Path(args.out)
+    if (out / MANIFEST).exists() and not (args.resume or args.overwrite):
+        raise SafetyDPOError(f"{out} already holds a sampled run. Pass --resume to continue it or --overwrite to "
+                             f"replace it.")
+    write_resolved_config(out, {"command": "sample", "model": str(args.model), "prompts": str(args.prompts),
+                                "lora": args.lora, "lora_name": lora_name, "strengths": strengths,
+                                "variants": list(dict.fromkeys(variants)), "categories": args.categories,
+                                "limit": args.limit, "pair_field": args.pair_field, "prompts_count": len(prompts),
+                                "device": str(den.device), "dtype": str(den.dtype), **vars(settings)})
+    bar = Progress(len(prompts) * (len(set(strengths)) if lora is not None else 1), "sample")
+    try:
+        summary = sample_prompts(den, prompts, out, settings, lora=lora, lora_name=lora_name, strengths=strengths,
+                                 resume=args.resume, overwrite=args.overwrite, model_name=str(args.model), progress=bar)
+    except KeyboardInterrupt:
+        log.warning("Stopped. Run the same command with --resume to continue; finished images are kept.")
+        raise
+    finally:
+        bar.close()
+    print(json.dumps(summary.to_json(), indent=1))
+    return 0
