@@ -131,3 +131,21 @@ def test_single_process_environment_is_detected(monkeypatch):
     assert isinstance(env.group, SingleProcess) and env.is_main and env.mixed_precision == "bf16"
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert launched_distributed()
+
+
+def test_tensorboard_logging_when_installed(tiny_sd15, data, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (it is optional)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb.safetensors"
+    assert main(["train", "--model", str(tiny_sd15), "--data", str(data), "--out", str(out), "--device", "cpu",
+                 "--steps", "2", "--rank", "2", "--category", "violence"]) == 0
+    acc = EventAccumulator(str(tmp_path / "tb.tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
+    rows = list(csv.DictReader(open(tmp_path / "tb.metrics.csv")))
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([float(r["loss"]) for r in rows], rel=1e-6)
+    out2 = tmp_path / "off.safetensors"
+    assert main(["train", "--model", str(tiny_sd15), "--data", str(data), "--out", str(out2), "--device", "cpu",
+                 "--steps", "1", "--rank", "2", "--category", "violence", "--tensorboard", "off"]) == 0
+    assert not (tmp_path / "off.tensorboard").exists()
