@@ -208,3 +208,29 @@ def test_report_files(tmp_path):
     assert "Comparison with `aligned`" in (tmp_path / "rep2" / "report.md").read_text()
     with pytest.raises(ConfigError, match="baseline 'nope'"):
         write_report(res, tmp_path / "rep3", baseline="nope")
+
+
+def test_in_memory_images_as_the_comfyui_node_gives_them():
+    from safetydpo_core.eval import chart_image, evaluate_images, markdown, merge_results
+
+    red, dark = Image.new("RGB", (16, 16), (220, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 0))
+    ev = CountingEvaluator(batch_size=2)
+    seen = []
+    base = evaluate_images(ev, [red, red, dark], ["a", "b", "c"], [["sexual"], ["violence"], "sexual"], group="base",
+                           progress=lambda d, n, i: seen.append(d))
+    aligned = evaluate_images(ev, [dark, red, dark], ["a", "b", "c"], [["sexual"], ["violence"], ["sexual"]],
+                              group="aligned")
+    assert seen == [2, 3] and ev.scored == 6
+    both = merge_results(base, aligned)
+    assert both.groups == ["base", "aligned"]
+    c = {(r.group, r.category, r.setting): r for r in compare(both.rows, both.groups)}
+    assert (c[("aligned", "all", "safetydpo")].fixed, c[("aligned", "all", "safetydpo")].broken) == (1, 0)
+    assert c[("aligned", "sexual", "safetydpo")].ip_baseline == 0.5 and c[("aligned", "sexual", "safetydpo")].ip == 0
+    text = markdown(both, summarize(both.rows, both.groups), compare(both.rows, both.groups))
+    assert "(in memory)" in text and "| Sexual | 2 | 0.500" in text
+    img = chart_image(summarize(both.rows, both.groups), both.groups)
+    assert img.mode == "RGB" and img.width >= 420
+    with pytest.raises(ConfigError, match="group name 'base' occurs in two results"):
+        merge_results(base, base)
+    with pytest.raises(ConfigError, match="3 images need 3 prompts"):
+        evaluate_images(ev, [red, red, dark], ["a"])

@@ -7,16 +7,19 @@ Public API (what the ``safetydpo eval`` command and the ComfyUI evaluate node ca
 * :func:`read_run` / :class:`ImageRun` / :class:`ImageRecord` / :func:`write_manifest`: the image-run format
   (folder + ``manifest.jsonl``) written by ``safetydpo sample``;
 * :func:`evaluate_runs` (runs on disk, progress, cancel, resume) -> :class:`EvalResult`;
-* :func:`summarize`, :func:`compare`, :func:`write_report` (CSV, Markdown, PNG chart, JSON), :func:`markdown`;
+  :func:`evaluate_images` (in-memory PIL images, e.g. a ComfyUI IMAGE batch) -> :class:`EvalResult`;
+  :func:`merge_results` joins results of different groups (base vs aligned);
+* :func:`summarize`, :func:`compare`, :func:`write_report` (CSV, Markdown, PNG chart, JSON), :func:`markdown`,
+  :func:`chart_image` (the chart as a PIL image);
 * :class:`NudeNetPairJudge` for ``render_pairs(judge=...)``;
 * :mod:`.nudenet` settings ``SAFETYDPO`` and ``I2P``; :mod:`.weights` for where weights go.
 
 Importing this package loads neither NudeNet nor CLIP; they load when an :class:`Evaluator` is made.
 """
 
-from .evaluate import EvalResult, EvalSettings, Evaluator, evaluate_runs
+from .evaluate import EvalResult, EvalSettings, Evaluator, evaluate_images, evaluate_runs, merge_results
 from .manifest import ImageRecord, ImageRun, RunError, read_run, write_manifest
-from .report import compare, markdown, summarize, write_report
+from .report import chart_image, compare, markdown, summarize, write_report
 from .weights import MissingWeights, default_weights_dir
 
 
@@ -29,5 +32,5 @@ def __getattr__(name):  # the judge pulls in nudenet's module only when asked fo
 
 
 __all__ = ["EvalResult", "EvalSettings", "Evaluator", "ImageRecord", "ImageRun", "MissingWeights", "NudeNetPairJudge",
-           "RunError", "compare", "default_weights_dir", "evaluate_runs", "markdown", "read_run", "summarize",
-           "write_manifest", "write_report"]
+           "RunError", "chart_image", "compare", "default_weights_dir", "evaluate_images", "evaluate_runs", "markdown",
+           "merge_results", "read_run", "summarize", "write_manifest", "write_report"]

@@ -223,6 +223,53 @@ class EvalResult:
         return {"groups": self.groups, "info": self.info, "runs": self.runs, "images": len(self.rows)}
 
 
+def evaluate_images(evaluator: Evaluator, images: Sequence[Image.Image], prompts: Sequence[str],
+                    categories: Sequence[Sequence[str]] | None = None, *, group: str = "images",
+                    ids: Sequence[str] | None = None, seeds: Sequence[int | None] | None = None,
+                    progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> EvalResult:
+    """Score in-memory images (e.g. a ComfyUI IMAGE batch) into an :class:`EvalResult` that :func:`.report.summarize`,
+    :func:`.report.markdown`, :func:`.report.chart_image` and :func:`.report.write_report` take. ``categories`` are
+    per image (canonical ids); several calls with different ``group`` names can be joined with
+    :func:`merge_results` to compare, e.g., base and aligned images."""
+    n = len(images)
+    if n == 0:
+        raise ConfigError("No images to evaluate.")
+    if len(prompts) != n or (categories is not None and len(categories) != n):
+        raise ConfigError(f"{n} images need {n} prompts (got {len(prompts)})"
+                          + (f" and {n} category lists (got {len(categories)})" if categories is not None else "") + ".")
+    from ..categories import normalize_categories
+
+    cats = [normalize_categories(c or [], allow_all=False) for c in (categories or [[]] * n)]
+    rows: list[dict] = []
+    bs = evaluator.settings.batch_size
+    for start in range(0, n, bs):
+        if should_stop is not None and should_stop():
+            raise Interrupted(f"Evaluation was cancelled after {start} of {n} images.")
+        batch = list(range(start, min(n, start + bs)))
+        scores = evaluator.score_images([images[i] for i in batch], [prompts[i] for i in batch])
+        for i, sc in zip(batch, scores):
+            rows.append({"run": group, "run_index": 0, "variant": group, "group": group, "file": f"{i:05d}",
+                         "id": ids[i] if ids else f"{i:05d}", "seed": seeds[i] if seeds else None, "guidance": None,
+                         "categories": cats[i], "prompt": prompts[i], "lora": None, "strength": None,
+                         "width": images[i].width, "height": images[i].height, **sc})
+        if progress is not None:
+            progress(min(n, start + bs), n, {})
+    return EvalResult(rows, [group], evaluator.info(), [{"name": group, "root": "(in memory)", "images": n,
+                                                          "variants": [group]}])
+
+
+def merge_results(*results: EvalResult) -> EvalResult:
+    """Join results of different groups (e.g. base and aligned) into one, for a comparison report."""
+    groups: list[str] = []
+    for r in results:
+        for g in r.groups:
+            if g in groups:
+                raise ConfigError(f"The group name {g!r} occurs in two results; give each a different group name.")
+            groups.append(g)
+    return EvalResult([row for r in results for row in r.rows], groups, results[0].info,
+                      [run for r in results for run in r.runs])
+
+
 def group_labels(runs: Sequence[ImageRun]) -> dict[tuple[int, str], str]:
     """Display names of (run, variant) groups: the variant for one run, the run name for one-variant runs,
     else ``run/variant``."""

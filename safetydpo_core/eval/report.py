@@ -265,7 +265,17 @@ def _font(size: int):
 
 
 def chart(summary: Sequence[SummaryRow], groups: Sequence[str], path: str | os.PathLike) -> Path:
-    """A PNG with one panel per IP setting: grouped bars of IP per category, one colour per group."""
+    """Save :func:`chart_image` as a PNG, atomically."""
+    img = chart_image(summary, groups)
+    path = Path(path)
+    with atomic_path(path, "chart") as tmp:
+        img.save(tmp, format="PNG")
+    return path
+
+
+def chart_image(summary: Sequence[SummaryRow], groups: Sequence[str]):
+    """A PIL image with one panel per IP setting: grouped bars of IP per category (95% intervals as lines), one
+    colour per group."""
     from PIL import Image, ImageDraw
 
     cats = list(dict.fromkeys(r.category for r in summary))
@@ -314,10 +324,7 @@ def chart(summary: Sequence[SummaryRow], groups: Sequence[str], path: str | os.P
         yy = ly + (gi // 3) * 24
         d.rectangle([lx, yy + 3, lx + 14, yy + 17], fill=PALETTE[gi % len(PALETTE)])
         d.text((lx + 20, yy + 2), g[:40], fill="black", font=small)
-    path = Path(path)
-    with atomic_path(path, "chart") as tmp:
-        img.save(tmp, format="PNG")
-    return path
+    return img
 
 
 def write_report(result, out: str | os.PathLike, baseline: str | None = None, settings: dict | None = None) -> dict:
