@@ -145,6 +145,10 @@ def test_eval_missing_weights_are_explained(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "openai/clip-vit-large-patch14" in err and str(empty / "clip-vit-large-patch14") in err
     assert "data/ViT-L-14/prompts.p" in err and str(empty / "q16" / "prompts.npy") in err
+    cfg = tmp_path / "eval.toml"
+    cfg.write_text(f'q16 = "on"\nweights_dir = "{empty}"\nnudenet = "off"\n')
+    assert main(["eval", str(tmp_path / "run"), "--out", str(tmp_path / "r"), "--config", str(cfg)]) == 2
+    assert "data/ViT-L-14/prompts.p" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "empty_run").mkdir()

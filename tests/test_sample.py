@@ -176,3 +176,11 @@ def test_cli_sample_writes_manifest_and_config(tiny_sd15, csv_file, lora_file, t
     assert main(["sample", "--model", str(tiny_sd15), "--prompts", str(csv_file), "--out", str(tmp_path / "o2"),
                  "--lora", str(bad)]) == 2
     assert "cannot be read as safetensors" in capsys.readouterr().err
+
+
+def test_sdxl_model_samples(tiny_sdxl, csv_file, tmp_path):
+    assert main(["sample", "--model", str(tiny_sdxl), "--prompts", str(csv_file), "--out", str(tmp_path / "xl"),
+                 "--device", "cpu", "--steps", "1", "--limit", "1", "--sampler", "euler"]) == 0
+    run = read_run(tmp_path / "xl")
+    assert len(run.records) == 2 and all(Image.open(run.path(r)).size == (32, 32) for r in run.records)
+    assert json.loads((tmp_path / "xl" / "config.json").read_text())["sampler"] == "euler"
