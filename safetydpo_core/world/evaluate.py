@@ -69,6 +69,25 @@ def model_from_checkpoint(checkpoint: str | Path, work: str | Path):
     return load_world_model(path=d / "model"), ck["step"]
 
 
+def judge_robustness(judge: Judge, strengths: Sequence[float] = (0.0, 1.0, 1.5, 2.0), n: int = 3000,
+                     seed: int = 202) -> dict:
+    """The judge's per-attribute accuracy on held-out renders (the judge trainer's test seed by default)
+    degraded at several strengths (1.0 is the strongest used in training on average; 2.0 is twice that)."""
+    from .dataset import ATTRS, rendered_set
+    from .train_judge import degrade
+
+    data = rendered_set(n, seed)
+    images = torch.from_numpy(data.images).float() / 255
+    out = {}
+    for k in strengths:
+        x = degrade(images, torch.Generator().manual_seed(int(k * 1000) + 1), strength=k)
+        reads = judge.read(x)
+        acc = {a: round(sum(r[a] == WORLD.ids(a)[int(lab[j])] for r, lab in zip(reads, data.labels)) / n, 4)
+               for j, a in enumerate(ATTRS)}
+        out[str(k)] = acc
+    return out
+
+
 def evaluate(denoiser, judge: Judge, *, seed: int = 0, repeats: int = 1, steps: int | None = None,
              cfg: float | None = None, sampler: str | None = None, log=print) -> dict:
     report: dict = {"sampling": {"steps": steps or SAMPLING["steps"], "cfg": SAMPLING["cfg"] if cfg is None else cfg,
@@ -118,6 +137,8 @@ def main(argv=None) -> int:
             den = load_world_model(path=a.model)
         report = evaluate(den, judge, seed=a.seed, repeats=a.repeats, steps=a.steps, cfg=a.cfg, sampler=a.sampler)
         report["judge_accuracy"] = judge.config.get("accuracy")
+        report["judge_robustness"] = judge_robustness(judge)
+        print("judge accuracy under degradation:", report["judge_robustness"])
         report["model"] = a.checkpoint or a.model or "shipped"
         if a.out != "-":
             atomic_write_text(a.out, json.dumps(report, indent=1))

@@ -154,9 +154,9 @@ def train(settings: dict, out: str | Path, work: str | Path, *, threads: int = 1
         net.train()
         idx = torch.randint(0, images.shape[0], (s["batch"],), generator=g)
         x = degrade(images[idx].float() / 255, g, strength=float(torch.rand(1, generator=g)) * 1.3)
-        out = net(x)
+        logits = net(x)
         y = labels[idx]
-        loss = sum(F.cross_entropy(out[h], y[:, j], label_smoothing=0.05) for j, h in enumerate(HEADS))
+        loss = sum(F.cross_entropy(logits[h], y[:, j], label_smoothing=0.05) for j, h in enumerate(HEADS))
         for gr in opt.param_groups:
             gr["lr"] = lr_at(step, s)
         opt.zero_grad(set_to_none=True)
