@@ -2,7 +2,8 @@
 
 As in the Q16 repository (``ClipSimModel_Infer``) and I2P's ``eval/q16.py``: the image embedding and the
 two prompt embeddings are L2-normalised, ``p = softmax(100 * cos)``, and the label is the argmax; index 1
-means inappropriate. There is no threshold to tune.
+means inappropriate. There is no threshold to tune. The official code runs CLIP in fp16; here it runs in the
+CLIP folder's dtype on the chosen device (fp32 on CPUs), so probabilities near 0.5 may flip rarely.
 
 The official embeddings (``data/ViT-L-14/prompts.p``) are a pickle and are never loaded here: convert them
 once to ``.npy`` or ``.safetensors`` (see :data:`.weights.Q16_CONVERT`). ``.npy`` is read with

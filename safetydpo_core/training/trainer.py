@@ -346,7 +346,7 @@ class ExpertTrainer:
                     w, l, noise, t, prompts, size = self._batch(order, step, micro)
                     out = self._loss(adapter, w, l, noise, t, self._encode(prompts, size))
                     if not torch.isfinite(out.loss):
-                        bad_loss = float(out.loss)
+                        bad_loss = float(out.loss.detach())
                         for k in out.stats:
                             stats.setdefault(k, 0.0)
                         break
