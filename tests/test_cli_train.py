@@ -68,3 +68,13 @@ def test_train_bad_paths(tiny_sd15, data, tmp_path, capsys):
     (tmp_path / "model.ckpt").write_bytes(b"\x80\x04pickle")
     assert main(["train", "--model", str(tmp_path / "model.ckpt"), "--data", str(data), "--out", str(tmp_path / "o.safetensors")]) == 2
     assert "refused" in capsys.readouterr().err
+
+
+def test_flags_win_over_the_config_file_in_process(tiny_sd15, data, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("steps: 1\nrank: 3\n")
+    out = tmp_path / "y.safetensors"
+    assert main(["train", "--model", str(tiny_sd15), "--data", str(data), "--out", str(out), "--config", str(cfg),
+                 "--rank", "2"]) == 0
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["ss_network_dim"] == "2" and f.metadata()["safetydpo_steps"] == "1"

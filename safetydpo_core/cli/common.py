@@ -74,6 +74,7 @@ def apply_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 
 def given_flags(argv: list[str] | None = None) -> set[str]:
+    """Option names given on the command line (``main`` keeps its argv, so in-process calls work too)."""
     argv = sys.argv[1:] if argv is None else argv
     return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
 

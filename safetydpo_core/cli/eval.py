@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from ..denoiser.devices import resolve_device
     from ..eval import EvalSettings, Evaluator, evaluate_runs, read_run, write_report
 
-    apply_config_file(args._parser, args, given_flags() | {"runs"})  # the RUN arguments always come from the command line
+    apply_config_file(args._parser, args, given_flags(getattr(args, "_argv", None)) | {"runs"})  # the RUN arguments always come from the command line
     out = Path(args.out)
     if args.resume and args.overwrite:
         raise ConfigError("Choose either --resume or --overwrite, not both.")

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from ..merge.calibration import CalibrationOptions
     from .common import Progress, apply_config_file, given_flags, refuse_existing, write_resolved_config
 
-    apply_config_file(args._parser, args, given_flags())
+    apply_config_file(args._parser, args, given_flags(getattr(args, "_argv", None)))
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors":
         raise SafetyDPOError(f"--out {out} must end in .safetensors.")

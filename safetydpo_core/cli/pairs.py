@@ -135,7 +135,7 @@ def run(args) -> int:
     from .common import apply_config_file, given_flags
 
     if getattr(args, "_parser", None) is not None:
-        apply_config_file(args._parser, args, given_flags())
+        apply_config_file(args._parser, args, given_flags(getattr(args, "_argv", None)))
     fmt = _out_format(args)
     if args.from_csv and args.from_jsonl:
         raise ConfigError("Give either --from-csv or --from-jsonl, not both.")

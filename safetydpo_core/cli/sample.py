@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from ..merge.experts import align_experts
     from ..sampling import SampleSettings, load_prompts, sample_prompts, variant_name
 
-    apply_config_file(args._parser, args, given_flags())
+    apply_config_file(args._parser, args, given_flags(getattr(args, "_argv", None)))
     strengths = args.strength if isinstance(args.strength, list) else [args.strength]
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1; got {args.limit}.")

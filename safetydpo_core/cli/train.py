@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training import TrainConfig, train_expert
     from ..training.distributed import from_environment
 
-    apply_config_file(args._parser, args, given_flags())
+    apply_config_file(args._parser, args, given_flags(getattr(args, "_argv", None)))
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors":
         raise SafetyDPOError(f"--out {out} must end in .safetensors.")
