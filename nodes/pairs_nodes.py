@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import paths
 from ._core import core, errors
-from .common import BOOL, COMBO, FLOAT, INT, SEED, SOCKET, STRING, Node, comfy_progress, comfy_stop
+from .common import COMBO, FLOAT, INT, SEED, SOCKET, STRING, Node, comfy_progress, comfy_stop
 from .types import PAIRS
 
 _CATEGORIES_TIP = ("Which categories: 'all', or a comma-separated list of hate, harassment, violence, self_harm, "

@@ -92,6 +92,9 @@ class TrainExpert(Node):
         keep = {k: v for k, v in cfg.to_dict().items() if k not in _FREE_KEYS}
         ckpt = checkpoint_dir(category, keep, ds.fingerprint(), model_fp)
         old = core("training.checkpoint").list_checkpoints(ckpt)
+        if resume and old and old[-1][0] > cfg.steps:
+            raise e.ConfigError(f"resume: {ckpt} already holds a checkpoint at step {old[-1][0]}, beyond steps={cfg.steps}. "
+                                f"Raise steps to continue that run, or turn resume off to train {cfg.steps} steps anew.")
         if not resume:
             for _, p in old:
                 p.unlink(missing_ok=True)

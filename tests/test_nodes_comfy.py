@@ -376,6 +376,8 @@ def test_cancel_saves_a_checkpoint_and_resume_finishes(comfy_dirs, sd15):
     assert [p.name for p in ckpts] == ["checkpoint-0000002.pt"]
     _, metrics, _ = _train(sd15, dataset, "shocking", steps=5, save_every=0)
     assert [r["step"] for r in metrics["history"]] == [1, 2, 3, 4, 5]
+    with pytest.raises(core_errors().ConfigError, match="checkpoint at step 5, beyond steps=3"):
+        _train(sd15, dataset, "shocking", steps=3, save_every=0)
     _, straight, _ = _train(sd15, dataset, "shocking", steps=5, save_every=0, resume=False)
     assert [r["loss"] for r in straight["history"]] == pytest.approx([r["loss"] for r in metrics["history"]], rel=1e-5)
     assert_same_state(before, mp)
