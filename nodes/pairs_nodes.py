@@ -77,9 +77,11 @@ def llm_models() -> list[str]:
         if not base.is_dir():
             continue
         for root, dirs, files in os.walk(base, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            depth = len(Path(root).relative_to(base).parts)
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < 3 else []
             if "config.json" in files and Path(root) != base:
                 found.append(os.path.relpath(root, base).replace(os.sep, "/"))
+                dirs[:] = []  # a model folder's subfolders are its own files
     return sorted(dict.fromkeys(found))
 
 

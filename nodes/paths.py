@@ -198,14 +198,18 @@ def write_new(base: Path, prefix: str, ext: str, write, what: str = "filename_pr
     raise errors().SafetyDPOError(f"Could not find a free file name for {prefix!r} in {base}.")
 
 
-def list_files(folders: Iterable[Path], exts: tuple[str, ...], annotate: str | None = None) -> list[str]:
-    """Relative paths (POSIX) of files with one of ``exts`` under ``folders``; `` [annotate]`` appended."""
+def list_files(folders: Iterable[Path], exts: tuple[str, ...], annotate: str | None = None,
+               max_depth: int = 3) -> list[str]:
+    """Relative paths (POSIX) of files with one of ``exts`` under ``folders`` (at most ``max_depth`` folder
+    levels down, hidden folders skipped: the lists are rebuilt on every /object_info request); `` [annotate]``
+    appended."""
     out: list[str] = []
     for base in folders:
         if not base.is_dir():
             continue
         for root, dirs, files in os.walk(base, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            depth = len(Path(root).relative_to(base).parts)
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < max_depth else []
             for f in sorted(files):
                 if f.lower().endswith(exts) and not f.startswith("."):
                     rel = os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/")

@@ -250,7 +250,14 @@ def _plain_image_graph(files: dict, prefix: str) -> dict:
     ks = g.add("KSampler", model=model, positive=pos, negative=neg, latent_image=lat, denoise=1.0, **SAMPLING)
     dec = g.add("VAEDecode", samples=g.out(ks), vae=vae)
     g.add("SaveImage", images=g.out(dec), filename_prefix=prefix)
+    g.add("SaveLatent", samples=g.out(ks), filename_prefix=f"latents/{prefix}")
     return g.nodes
+
+
+def _latent(server, prefix: str) -> torch.Tensor:
+    (path,) = (server.base / "output" / "latents").glob(f"{prefix}_*.latent")
+    with safe_open(str(path), "pt") as f:
+        return f.get_tensor("latent_tensor")
 
 
 def _import_failed_lines(log: str) -> list[str]:
@@ -291,7 +298,7 @@ def test_the_method_end_to_end_through_the_api(server):
     files = server.files
     # 1. the untouched model's image for a seed, before any training
     before_out = server.run(_plain_image_graph(files, "before"))
-    before = server.image(next(iter(before_out.values()))["images"][0])
+    before = server.image(next(o for o in before_out.values() if "images" in o)["images"][0])
     assert before.float().std() > 1.0, "the base model's image is constant (did the CLIP weights load?)"
 
     # 2. pairs -> render -> two experts -> Co-Merge -> save (ours and core's) -> loss plot -> safe sampler -> IP
@@ -372,9 +379,18 @@ def test_the_method_end_to_end_through_the_api(server):
     pos, neg, lat = _conds(g, clip)
     ks = g.add("KSampler", model=g.out(ll), positive=pos, negative=neg, latent_image=lat, denoise=1.0, **SAMPLING)
     prev = g.add("PreviewImage", images=g.out(g.add("VAEDecode", samples=g.out(ks), vae=vae)))
+    # and the untouched model, sampled again after all the training (KSamplerAdvanced: the same sampling as
+    # KSampler, but not served from ComfyUI's cache): the latent is bit for bit the one from before training
+    adv = g.add("KSamplerAdvanced", model=model, add_noise="enable", noise_seed=SAMPLING["seed"],
+                steps=SAMPLING["steps"], cfg=SAMPLING["cfg"], sampler_name=SAMPLING["sampler_name"],
+                scheduler=SAMPLING["scheduler"], positive=pos, negative=neg, latent_image=lat, start_at_step=0,
+                end_at_step=10000, return_with_leftover_noise="disable")
+    g.add("SaveLatent", samples=g.out(adv), filename_prefix="latents/after")
     out = server.run(g.nodes)
+    assert torch.equal(_latent(server, "after"), _latent(server, "before")), "the loaded model changed in training"
     new_log = server.log()[mark:]
     assert "lora key not loaded" not in new_log.lower(), new_log[-3000:]
+    print("\n".join(l for l in server.log().splitlines() if "Prompt executed" in l))  # timings, shown with -s
     with_lora = server.image(out[prev]["images"][0])
     assert torch.equal(with_lora, comp[:, :64]), "core LoraLoader + KSampler differ from the safe sampler's aligned image"
 
