@@ -143,6 +143,11 @@ def test_pair_nodes_write_save_and_load(comfy_dirs):
     cls = load_pack().NODE_CLASS_MAPPINGS["SafetyDPO_LoadPairs"]
     assert name in cls.INPUT_TYPES()["required"]["file"][0]
     assert cls.VALIDATE_INPUTS(file=name) is True
+    digest = cls.IS_CHANGED(file=name2, format="auto")  # the node re-runs when the file's content changes
+    assert digest == cls.IS_CHANGED(file=name)  # same content
+    second = saved.with_name("demo_00002_.jsonl")
+    second.write_text(second.read_text() + "\n")
+    assert cls.IS_CHANGED(file=name2) != digest
     loaded, count = run("SafetyDPO_LoadPairs", file=name, format="auto", categories="violence", limit_per_category=2)
     assert count == 2 and all("violence" in p.category for p in loaded)
     (csv_name,) = run("SafetyDPO_SavePairs", pairs=pairs, filename_prefix="safetydpo/pairs/demo_csv", format="coprov2_csv")
@@ -250,6 +255,10 @@ def test_sd15_render_train_resume_save_load_merge_sample_plot_evaluate(comfy_dir
     assert json.loads(summary)["rendered"] == 4 and dataset["pairs"] == 4
     again, _, summary2 = _render(sd15, pairs, "sd15_set")  # resume: nothing new to render
     assert json.loads(summary2)["skipped_already_done"] == 4 and again["pairs"] == 4
+    reloaded, previews2, _ = run("SafetyDPO_LoadDataset", dataset="sd15_set")
+    assert reloaded == dataset and torch.equal(previews2, previews)
+    other, _, _ = _render(sd15, pairs[:1], "sd15_set", if_exists="new folder")
+    assert Path(other["path"]).name == "sd15_set_0002" and other["pairs"] == 1
 
     seen = []
     comfy.utils.set_progress_bar_global_hook(lambda v, t, p, node_id=None: seen.append((v, t)))
@@ -455,3 +464,10 @@ def test_bad_files_and_names_are_refused_with_the_file_and_reason(comfy_dirs, sd
         run("SafetyDPO_LoadDataset", dataset="broken")
     with pytest.raises(errs.DatasetError, match="does not exist"):
         _train(sd15, {"path": str(comfy_dirs / "nowhere")}, "violence")
+
+
+def test_evaluate_without_nudenet_says_what_to_install(comfy_dirs, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nudenet", None)  # as if the [eval] extra were not installed
+    with pytest.raises(core_errors().SafetyDPOError, match="pip install .*nudenet"):
+        run("SafetyDPO_Evaluate", images=torch.rand(2, 64, 64, 3), setting="safetydpo",
+            detector="320n (bundled with nudenet)", q16="off")
