@@ -12,6 +12,7 @@ from ._core import core, errors
 from .types import CATEGORY, LoraModel, metadata_of
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+_TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.", "text_encoders.")
 _LORA_SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".lora_mid.weight", ".alpha", ".dora_scale",
                   ".diff_b", ".diff")
 
@@ -126,11 +127,21 @@ def unmatched_lora_keys(model, lora: Mapping) -> list[str]:
 
 def apply_lora(model, lora: Mapping, strength: float, what: str):
     """A clone of ``model`` with ``lora`` patched in at ``strength`` (ComfyUI's own LoRA loading); refuses a
-    LoRA with keys that would not load, naming the input and a key."""
+    LoRA with keys that would not load, naming the input and a key. Text-encoder keys are left out (the
+    safety LoRAs adapt the UNet only) with a warning."""
+    import logging
+
     import comfy.sd
 
     if not isinstance(lora, Mapping) or not lora:
         raise errors().LoraError(f"{what}: expected a LORA_MODEL (a dict of tensors) with at least one layer.")
+    te = [k for k in lora if k.startswith(_TE_PREFIXES)]
+    if te:
+        logging.getLogger(__name__).warning("%s: %d text-encoder keys are not applied (UNet only); use core Load LoRA "
+                                            "to apply them to the CLIP too.", what, len(te))
+        lora = {k: v for k, v in lora.items() if not k.startswith(_TE_PREFIXES)}
+        if not lora:
+            raise errors().LoraError(f"{what}: the LoRA has text-encoder keys only; nothing to apply to the model.")
     bad = unmatched_lora_keys(model, lora)
     if bad:
         raise errors().LoraError(

@@ -346,6 +346,9 @@ def test_sd15_render_train_resume_save_load_merge_sample_plot_evaluate(comfy_dir
     assert a_latent["samples"].shape == (2, 4, 8, 8)
     (patched,) = run("SafetyDPO_ApplySafetyLoRA", model=mp, lora=merged, strength=0.5)
     assert len(patched.patches) == len(keys) // 3 and not mp.patches
+    with_te = {**merged, "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)}
+    (patched_te,) = run("SafetyDPO_ApplySafetyLoRA", model=mp, lora=with_te, strength=1.0)  # UNet part applied
+    assert len(patched_te.patches) == len(keys) // 3
     assert_same_state(before, mp)
 
     (plot,) = run("SafetyDPO_LossPlot", metrics=metrics_4, smoothing=2, log_scale=True, width=320, height=200)
