@@ -46,9 +46,22 @@ def datasets_root() -> Path:
     return paths.pack_output("datasets")
 
 
+def open_dataset(path, **kw):
+    """The core's :class:`PreferenceDataset`; any failure to read it becomes a DatasetError naming the folder
+    (the core lets a malformed dataset.json through as a bare JSON error)."""
+    e = errors()
+    try:
+        return core("data.preference_dataset").PreferenceDataset(path, **kw)
+    except e.SafetyDPOError:
+        raise
+    except (ValueError, OSError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise e.DatasetError(f"The dataset {path} cannot be read: {type(err).__name__}: {err}. Render it again "
+                             f"(if_exists = overwrite) or remove the folder.") from err
+
+
 def dataset_info(path: Path) -> dict:
     """The ``SAFETYDPO_DATASET`` value for a dataset folder (checked by opening it)."""
-    ds = core("data.preference_dataset").PreferenceDataset(path)
+    ds = open_dataset(path)
     return {"path": str(path), "name": path.name, "pairs": len(ds), "per_category": ds.per_category(),
             "model_fingerprint": ds.model_fingerprint}
 
@@ -195,5 +208,5 @@ class LoadDataset(Node):
     def load(self, dataset):
         path = self._path(dataset)
         info = dataset_info(path)
-        ids = [r.id for r in core("data.preference_dataset").PreferenceDataset(path).records]
+        ids = [r.id for r in open_dataset(path).records]
         return (info, previews(path, ids), json.dumps({k: v for k, v in info.items() if k != "path"}, indent=1))

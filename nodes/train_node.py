@@ -86,9 +86,10 @@ class TrainExpert(Node):
                              gradient_checkpointing=bool(gradient_checkpointing), checkpoint_every=int(save_every))
         den = denoiser(model, clip)
         model_fp = den.fingerprint()
-        ds = core("data.preference_dataset").PreferenceDataset(
-            dataset["path"], categories=cfg.category, expect_fingerprint=model_fp,
-            on_mismatch="warn" if allow_model_mismatch else "error")
+        from .render_node import open_dataset
+
+        ds = open_dataset(dataset["path"], categories=cfg.category, expect_fingerprint=model_fp,
+                          on_mismatch="warn" if allow_model_mismatch else "error")
         keep = {k: v for k, v in cfg.to_dict().items() if k not in _FREE_KEYS}
         ckpt = checkpoint_dir(category, keep, ds.fingerprint(), model_fp)
         old = core("training.checkpoint").list_checkpoints(ckpt)

@@ -465,6 +465,10 @@ def test_bad_files_and_names_are_refused_with_the_file_and_reason(comfy_dirs, sd
     assert "broken" in dcls.INPUT_TYPES()["required"]["dataset"][0]
     with pytest.raises(errs.DatasetError, match=r"broken.*manifest\.jsonl, line 1: missing field"):
         run("SafetyDPO_LoadDataset", dataset="broken")
+    (ds_root / "manifest.jsonl").write_text("")
+    (ds_root / "dataset.json").write_text("{truncated")
+    with pytest.raises(errs.DatasetError, match=r"dataset .*broken cannot be read: JSONDecodeError"):
+        run("SafetyDPO_LoadDataset", dataset="broken")
     with pytest.raises(errs.DatasetError, match="does not exist"):
         _train(sd15, {"path": str(comfy_dirs / "nowhere")}, "violence")
 
