@@ -8,6 +8,7 @@ an SD1.5-shaped model; here the SDXL path, resume, Cancel and the error cases ar
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
@@ -50,8 +51,9 @@ def run(name, **inputs):
 
 
 def core_errors():
+    """The pack's own copy of safetydpo_core.errors (the classes the nodes raise)."""
     load_pack()
-    return sys.modules[f"{PACK}.safetydpo_core.errors"]
+    return importlib.import_module(f"{PACK}.safetydpo_core.errors")
 
 
 @pytest.fixture(scope="module")
