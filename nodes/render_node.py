@@ -42,8 +42,8 @@ def schedulers() -> list[str]:
         return list(_FALLBACK_SCHEDULERS)
 
 
-def datasets_root() -> Path:
-    return paths.pack_output("datasets")
+def datasets_root(create: bool = True) -> Path:
+    return paths.pack_output("datasets") if create else paths.output_dir() / paths.PACK_DIR / "datasets"
 
 
 def open_dataset(path, **kw):
@@ -158,7 +158,7 @@ class RenderPairs(Node):
 
 
 def dataset_folders() -> list[str]:
-    root = datasets_root()
+    root = datasets_root(create=False)  # listing creates nothing (INPUT_TYPES runs on every /object_info)
     return sorted(d.name for d in root.iterdir() if (d / "manifest.jsonl").is_file()) if root.is_dir() else []
 
 

@@ -38,6 +38,13 @@ MAPPINGS = _pack().NODE_CLASS_MAPPINGS
 DISPLAY = _pack().NODE_DISPLAY_NAME_MAPPINGS
 
 
+@pytest.fixture(autouse=True)
+def _without_comfyui(monkeypatch):
+    """As in CI without ComfyUI, even when another test module put ComfyUI on sys.path: INPUT_TYPES must not
+    reach ComfyUI's folders (it would list or create folders in that checkout)."""
+    monkeypatch.setitem(sys.modules, "folder_paths", None)
+
+
 def _inputs(cls) -> dict:
     spec = cls.INPUT_TYPES()
     return {**spec.get("required", {}), **spec.get("optional", {})}
