@@ -9,7 +9,6 @@ both prompts of a pair start from the same seed and noise. Datasets live in
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -70,10 +69,10 @@ def previews(path: Path, ids, limit: int = MAX_PREVIEWS):
     """IMAGE batch: each pair's safe image beside its unsafe image (from the dataset's previews)."""
     from PIL import Image
 
-    safe_name = core("data.preference_dataset")._safe_name
+    preview_paths = core("data.preference_dataset").preview_paths
     images, size = [], None
     for pid in list(ids)[:limit]:
-        s, u = (path / "previews" / f"{safe_name(pid)}.{k}.png" for k in ("safe", "unsafe"))
+        s, u = (path / rel for rel in preview_paths(pid))
         if not (s.is_file() and u.is_file()):
             continue
         with Image.open(s) as a, Image.open(u) as b:
@@ -139,14 +138,12 @@ class RenderPairs(Node):
                 i += 1
             out = paths.inside(root, f"{name}_{i:04d}", "dataset_name")
         den = denoiser(model, clip, vae)
-        if scheduler != "normal":
-            den.sample = functools.partial(den.sample, scheduler=scheduler)
         settings = render.RenderSettings(height=int(height) or None, width=int(width) or None, steps=int(steps),
-                                         cfg=float(cfg), sampler=sampler_name, seed=int(seed), negative=negative,
-                                         batch_pairs=int(batch_pairs))
+                                         cfg=float(cfg), sampler=sampler_name, scheduler=scheduler, seed=int(seed),
+                                         negative=negative, batch_pairs=int(batch_pairs))
         out.mkdir(parents=True, exist_ok=True)
         config = {"command": "render", "source": "ComfyUI SafetyDPO_RenderPairs", "model": den.fingerprint(),
-                  "pairs": f"{len(pairs)} pairs from the graph", "scheduler": scheduler, "if_exists": if_exists,
+                  "pairs": f"{len(pairs)} pairs from the graph", "if_exists": if_exists,
                   **vars(settings)}
         core("utils.atomic").atomic_write_text(out / "config.json", json.dumps(config, indent=1, default=str) + "\n",
                                                "configuration file")

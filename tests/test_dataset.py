@@ -122,3 +122,10 @@ def test_from_images_cli_and_missing_columns(tiny_sd15, tmp_path, capsys):
     assert main(["dataset", "from-images", "--model", str(tiny_sd15), "--csv", str(tmp_path / "bad.csv"),
                  "--out", str(tmp_path / "d2")]) == 2
     assert "lacks the column(s)" in capsys.readouterr().err
+
+
+def test_damaged_header_is_named(den, tmp_path):
+    root = make_dataset(tmp_path / "d", den, n_per_category=1)
+    (root / "dataset.json").write_text("{not json")
+    with pytest.raises(DatasetError, match=r"dataset.json is not valid JSON"):
+        PreferenceDataset(root)

@@ -99,3 +99,16 @@ def test_render_cli(tiny_sd15, tmp_path, capsys):
     assert json.loads((tmp_path / "data" / "config.json").read_text())["steps"] == 2
     assert main(args) == 2 and "--resume" in capsys.readouterr().err
     assert main(args + ["--resume"]) == 0
+
+
+def test_karras_schedule_is_recorded_and_changes_the_render(den, tmp_path):
+    import dataclasses
+
+    # (with 2 steps both schedules are just their end points, so use 4)
+    karras = dataclasses.replace(FAST, steps=4, sampler="euler", scheduler="karras")
+    normal = dataclasses.replace(FAST, steps=4, sampler="euler")
+    render_pairs(den, PAIRS[:1], tmp_path / "k", karras)
+    render_pairs(den, PAIRS[:1], tmp_path / "n", normal)
+    k, n = PreferenceDataset(tmp_path / "k"), PreferenceDataset(tmp_path / "n")
+    assert k.header["settings"]["scheduler"] == "karras"
+    assert not torch.equal(k.load_pair(0)[0], n.load_pair(0)[0])

@@ -163,3 +163,10 @@ def test_bad_settings_are_named(bad, match):
 def test_missing_target_layers_list_what_exists(sd15, data):
     with pytest.raises(ConfigError, match=r"\['to_qkv'\] do not exist.*to_q.*Presets"):
         train_expert(sd15, data, TrainConfig(steps=1, targets="to_qkv"))
+
+
+def test_resume_past_the_requested_steps_is_refused(sd15, data, tmp_path):
+    cfg = TrainConfig(steps=3, lr=1e-3, seed=2)
+    train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck")
+    with pytest.raises(ConfigError, match="already at step 3, past the 2 steps"):
+        train_expert(sd15, data, TrainConfig(**{**cfg.to_dict(), "steps": 2}), checkpoint_dir=tmp_path / "ck", resume=True)

@@ -180,9 +180,10 @@ class PreferenceDatasetWriter:
             raise DatasetError(f"Pair {id!r}: the safe latent {tuple(safe_latent.shape)} and the unsafe latent "
                                f"{tuple(unsafe_latent.shape)} differ in shape; both images must have the same size.")
         if self.previews and preview_safe is not None:
-            preview_safe.save(self.root / "previews" / f"{_safe_name(id)}.safe.png")
-            preview_unsafe.save(self.root / "previews" / f"{_safe_name(id)}.unsafe.png")
-            extra.setdefault("previews", [f"previews/{_safe_name(id)}.safe.png", f"previews/{_safe_name(id)}.unsafe.png"])
+            rel = preview_paths(id)
+            preview_safe.save(self.root / rel[0])
+            preview_unsafe.save(self.root / rel[1])
+            extra.setdefault("previews", list(rel))
         rec = PairRecord(id=id, category=normalize_categories(category), concept=concept, unsafe=unsafe, safe=safe,
                          seed=seed, height=int(height), width=int(width), latent_shape=list(safe_latent.shape),
                          shard="", model_fingerprint=self.model_fingerprint, extra=extra)
@@ -231,6 +232,12 @@ def _safe_name(id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", id)
 
 
+def preview_paths(pair_id: str) -> tuple[str, str]:
+    """Paths, relative to the dataset folder, of a pair's (safe, unsafe) preview PNGs."""
+    name = _safe_name(pair_id)
+    return f"previews/{name}.safe.png", f"previews/{name}.unsafe.png"
+
+
 class PreferenceDataset:
     """Read a preference dataset, optionally restricted to some categories.
 
@@ -247,7 +254,13 @@ class PreferenceDataset:
             raise DatasetError(f"{self.root} is not a preference dataset: it has no manifest.jsonl. Make one with "
                                f"`safetydpo render` or `safetydpo dataset from-images`.")
         header_path = self.root / "dataset.json"
-        self.header = json.loads(header_path.read_text(encoding="utf-8")) if header_path.exists() else {}
+        try:
+            self.header = json.loads(header_path.read_text(encoding="utf-8")) if header_path.exists() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{header_path} is not valid JSON ({e}); the dataset header is damaged. Re-render, "
+                               f"or delete dataset.json to read the manifest alone.") from e
+        if not isinstance(self.header, dict):
+            raise DatasetError(f"{header_path} does not hold a dataset header (a JSON object).")
         if self.header and self.header.get("format") != FORMAT:
             raise DatasetError(f"{header_path} is not a {FORMAT} header (format {self.header.get('format')!r}).")
         records, _ = _read_manifest(self.root / "manifest.jsonl")

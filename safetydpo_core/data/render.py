@@ -43,6 +43,7 @@ class RenderSettings:
     steps: int = 20
     cfg: float = 7.5
     sampler: str = "ddim"
+    scheduler: str = "normal"       # noise schedule of the sampler ("normal" or "karras")
     seed: int = 0
     negative: str = ""
     batch_pairs: int = 2
@@ -110,7 +111,8 @@ def render_pairs(denoiser, pairs: Sequence, out: str | os.PathLike, settings: Re
             prompts = [p.safe for p in batch] + [p.unsafe for p in batch]
             cond = denoiser.encode_prompts(prompts, size=(h, w))
             uncond = denoiser.encode_prompts([s.negative] * len(prompts), size=(h, w)) if s.cfg != 1.0 else None
-            lat = denoiser.sample(cond, uncond, torch.cat([noise, noise]), steps=s.steps, cfg=s.cfg, sampler=s.sampler)
+            lat = denoiser.sample(cond, uncond, torch.cat([noise, noise]), steps=s.steps, cfg=s.cfg, sampler=s.sampler,
+                                  scheduler=s.scheduler)
             imgs = to_pil(denoiser.decode_latents(lat))
             n = len(batch)
             verdicts = judge(imgs[:n], imgs[n:], batch) if judge is not None else [(True, "")] * n

@@ -21,6 +21,7 @@ from .loading import DiffusersComponents, load_components
 from .protocol import Conditioning
 
 SAMPLERS = ("ddim", "euler", "dpmpp_2m")
+SCHEDULES = ("normal", "karras")
 
 
 def base_model_version_of(unet_config: Mapping, info: Mapping | None = None) -> str:
@@ -197,21 +198,27 @@ class DiffusersDenoiser:
             x = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()
         return ((x + 1) / 2).clamp(0, 1)
 
-    def make_sampler(self, name: str):
+    def make_sampler(self, name: str, schedule: str = "normal"):
         from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
         classes = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
         if name not in classes:
             raise ConfigError(f"Unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}.")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"Unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+        if schedule == "karras":
+            if name == "ddim":
+                raise ConfigError("The karras schedule needs the euler or dpmpp_2m sampler.")
+            return classes[name].from_config(self.scheduler.config, use_karras_sigmas=True)
         return classes[name].from_config(self.scheduler.config)
 
     @torch.no_grad()
     def sample(self, cond: Conditioning, uncond: Conditioning | None, noise: torch.Tensor, steps: int = 20,
-               cfg: float = 7.5, sampler: str = "ddim", callback=None) -> torch.Tensor:
+               cfg: float = 7.5, sampler: str = "ddim", scheduler: str = "normal", callback=None) -> torch.Tensor:
         """Denoise ``noise`` (``[B,C,h,w]``, unit variance) under ``cond`` with classifier-free guidance."""
         if steps <= 0:
             raise ConfigError(f"Sampling steps must be positive; got {steps}.")
-        sched = self.make_sampler(sampler)
+        sched = self.make_sampler(sampler, scheduler)
         sched.set_timesteps(steps, device=self.device)
         x = noise.to(self.device, torch.float32) * sched.init_noise_sigma
         use_cfg = uncond is not None and cfg != 1.0

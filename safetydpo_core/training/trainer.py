@@ -276,6 +276,9 @@ class ExpertTrainer:
                 log.warning("No checkpoint to resume from in %s; starting from step 0.", self.checkpoint_dir)
             if ckpt is not None:
                 start, history = self._restore(ckpt, adapter, opt, sched)
+                if start > cfg.steps:
+                    raise ConfigError(f"The checkpoint {ckpt} is already at step {start}, past the {cfg.steps} steps "
+                                      f"asked for. Ask for at least {start} steps, or start over without resume.")
                 log.info("Resuming from %s (step %d of %d).", ckpt, start, cfg.steps)
             self._broadcast(params)
             metrics = MetricsLog(self.metrics_path if self.group.is_main else None, history)
