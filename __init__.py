@@ -8,4 +8,8 @@ says what to install if they are missing. The nodes are described in docs/readme
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# the frontend extension (web/safetydpo_live.js: live training view, merge report), served by ComfyUI under
+# /extensions/<pack folder>/
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

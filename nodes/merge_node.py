@@ -8,6 +8,7 @@ with the chosen method; the merged LoRA and the merge report come out.
 
 from __future__ import annotations
 
+from . import live_view
 from ._core import core, errors
 from .common import (COMBO, INT, SEED, SOCKET, Node, comfy_progress, comfy_stop, denoiser, lora_model_from_set,
                      lora_set_from_input)
@@ -109,4 +110,7 @@ class CoMerge(Node):
         result = merge.merge_experts(sets, method, stats, opts, progress=comfy_progress(len(merge.layer_union(sets))),
                                      should_stop=comfy_stop)
         result.lora.metadata["ss_base_model_version"] = den.base_model_version
-        return (lora_model_from_set(result.lora), result.report.summary())
+        report = result.report.summary()
+        live_view.merge_report(method, report)
+        # the report also rides in the node's UI output (shown on the node, and again when the result is cached)
+        return {"ui": {"text": [report]}, "result": (lora_model_from_set(result.lora), report)}

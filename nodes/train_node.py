@@ -17,7 +17,7 @@ import json
 import logging
 from pathlib import Path
 
-from . import paths
+from . import live_view, paths
 from ._core import core, errors
 from .common import (BOOL, COMBO, FLOAT, INT, SEED, SOCKET, Node, apply_lora, category_choices, comfy_progress,
                      comfy_stop, denoiser, lora_model_from_set)
@@ -101,9 +101,12 @@ class TrainExpert(Node):
                 p.unlink(missing_ok=True)
             if old:
                 log.info("SafetyDPO: resume is off; removed %d old checkpoint(s) in %s", len(old), ckpt)
+        progress = live_view.train_progress(cfg.steps, category, comfy_progress(cfg.steps),
+                                            start=old[-1][0] if resume and old else 0)
         with den.session():
             result = tr.train_expert(den, ds, cfg, checkpoint_dir=ckpt, metrics_path=ckpt / "metrics", resume=bool(resume and old),
-                                     progress=comfy_progress(cfg.steps), should_stop=comfy_stop)
+                                     progress=progress, should_stop=comfy_stop)
+        live_view.train_done(result.steps, cfg.steps, category)
         lora = lora_model_from_set(result.lora)
         metrics = {"kind": "training", "category": category, "steps": result.steps, "history": list(result.history),
                    "checkpoint_dir": str(ckpt), "checkpoint": str(result.checkpoint) if result.checkpoint else None,
