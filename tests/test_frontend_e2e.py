@@ -450,7 +450,14 @@ SET_WIDGETS_JS = """(edits) => {
 
 WATCH_JS = """() => {
   const api = window.comfyAPI.api.api;
-  window.__sdpo = {train: [], status: null, error: null};
+  window.__sdpo = {train: [], status: null, error: null, shown: []};
+  // what the view on the node showed, as it changed (the view is created by the first message)
+  new MutationObserver((records) => {
+    for (const r of records) {
+      const el = r.target;
+      if (el.dataset && el.dataset.safetydpoLive === 'train') window.__sdpo.shown.push(`${el.dataset.phase}:${el.dataset.step}`);
+    }
+  }).observe(document.body, {subtree: true, attributes: true, attributeFilter: ['data-step', 'data-phase']});
   api.addEventListener('safetydpo.train', (e) => window.__sdpo.train.push(e.detail));
   api.addEventListener('execution_success', (e) => { window.__sdpo.status = 'success'; });
   api.addEventListener('execution_error', (e) => { window.__sdpo.status = 'error'; window.__sdpo.error = e.detail; });
@@ -491,6 +498,10 @@ def test_queueing_workflow_2_trains_with_the_live_view(page, server):
     assert all(isinstance(e["loss"], float) and 0 <= e["implicit_acc"] <= 1 for e in steps)
     page.page.wait_for_function("() => document.querySelector('[data-safetydpo-live=\"train\"]')"
                                 ".dataset.phase === 'done'", timeout=30_000)
+    # the view followed the run: it showed every step it was sent, in order, then "done" (the "start" state
+    # may come before the frontend has put the new view into the page)
+    shown = [x for x in dict.fromkeys(page.page.evaluate("() => window.__sdpo.shown")) if not x.startswith("start")]
+    assert shown == [f"{e['phase']}:{e['step']}" for e in events if e["phase"] != "start"], (shown, events)
     shown = page.page.evaluate("""() => {
       const el = document.querySelector('[data-safetydpo-live="train"]');
       const c = el.querySelector('canvas');
