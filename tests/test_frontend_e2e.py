@@ -306,11 +306,16 @@ class Page:
 
 
 @pytest.fixture(scope="module")
-def page(server, tmp_path_factory):
+def playwright_api():
+    """Playwright's sync API, or a skip naming what to install (checked before the server starts)."""
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (or set SAFETYDPO_CHROMIUM)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install playwright")
-    pw = sync_api.sync_playwright().start()
+    return pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install playwright")
+
+
+@pytest.fixture(scope="module")
+def page(playwright_api, server, tmp_path_factory):
+    pw = playwright_api.sync_playwright().start()
     browser = None
     try:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -341,10 +346,14 @@ LOAD_JS = """async ([url, name]) => {
     .filter(visible).map((el) => el.innerText.slice(0, 300));
   const dialogs = [...document.querySelectorAll('.p-dialog, [role="dialog"]')].filter(visible)
     .map((el) => el.innerText.slice(0, 300));
+  // the frontend's schema and link validation report through toasts ("Alert", "Workflow Validation", ...)
+  const toasts = [...document.querySelectorAll('.p-toast-message')].filter(visible)
+    .map((el) => el.innerText.slice(0, 300));
+  for (const el of document.querySelectorAll('.p-toast-message .p-toast-close-button')) el.click();
   const graph = app.rootGraph || app.graph;
   const unregistered = graph.nodes.filter((n) => !(n.type in LiteGraph.registered_node_types)).map((n) => n.type);
   const prompt = await app.graphToPrompt();
-  return {missing, dialogs, unregistered, nodes: graph.nodes.length, output: prompt.output};
+  return {missing, dialogs, toasts, unregistered, nodes: graph.nodes.length, output: prompt.output};
 }"""
 
 
@@ -353,8 +362,9 @@ def test_the_page_boots_with_the_extension_and_without_console_errors(page):
     assert page.page.evaluate("() => !!document.querySelector('canvas')")
 
 
-def test_a_missing_node_brings_up_the_missing_nodes_dialog(page, server):
-    """The detector used below, shown to work: a workflow with an unknown node type."""
+def test_the_detectors_see_a_missing_node_a_broken_link_and_a_malformed_file(page, server):
+    """The detectors used below, shown to work: a workflow with an unknown node type brings up the missing-nodes
+    dialog; a link its origin does not list and a malformed field bring up the frontend's validation toasts."""
     wf = load_workflow("02_train_one_expert")
     bogus = json.loads(json.dumps(wf))
     bogus["nodes"][1]["type"] = "SafetyDPO_NoSuchNode"
@@ -364,6 +374,23 @@ def test_a_missing_node_brings_up_the_missing_nodes_dialog(page, server):
     assert "SafetyDPO_NoSuchNode" in found.inner_text()
     page.page.keyboard.press("Escape")
     page.page.locator(".comfy-missing-nodes").first.wait_for(state="hidden", timeout=15_000)
+    # the frontend's own validation reports through toasts: a link its origin does not list (link check), a
+    # malformed field (the zod schema of format 0.4)
+    broken = json.loads(json.dumps(wf))
+    link = broken["links"][-1]
+    next(n for n in broken["nodes"] if n["id"] == link[1])["outputs"][link[2]]["links"].remove(link[0])
+    malformed = json.loads(json.dumps(wf))
+    malformed["nodes"][1]["pos"] = "here"
+    for bad, expected in ((broken, "Workflow Validation"), (malformed, "zod schema")):
+        res = page.page.evaluate("""async (wf) => {
+          await app.loadGraphData(wf, true, true, 'validation-check');
+          await new Promise((res) => setTimeout(res, 800));
+          const found = [...document.querySelectorAll('.p-toast-message')].map((el) => el.innerText);
+          for (const el of document.querySelectorAll('.p-toast-message .p-toast-close-button')) el.click();
+          return found;
+        }""", bad)
+        assert any(expected in t for t in res), (expected, res)
+        page.page.wait_for_timeout(500)
 
 
 def test_every_shipped_workflow_loads_without_missing_nodes_dialogs_or_console_errors(page, server):
@@ -381,6 +408,8 @@ def test_every_shipped_workflow_loads_without_missing_nodes_dialogs_or_console_e
             problems.append(f"{name}: missing-nodes dialog: {res['missing']}")
         if res["dialogs"]:
             problems.append(f"{name}: a dialog opened: {res['dialogs']}")
+        if res["toasts"]:
+            problems.append(f"{name}: the frontend reported: {res['toasts']}")
         if res["unregistered"] or res["nodes"] != len(wf["nodes"]):
             problems.append(f"{name}: {res['nodes']} nodes in the page for {len(wf['nodes'])}; unknown: "
                             f"{res['unregistered']}")
@@ -469,7 +498,7 @@ def test_queueing_workflow_2_trains_with_the_live_view(page, server):
     mark = len(page.log)
     name = "02_train_one_expert"
     res = page.page.evaluate(LOAD_JS, [f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.json", name])
-    assert not res.get("error") and not res["missing"] and not res["dialogs"], res
+    assert not res.get("error") and not res["missing"] and not res["dialogs"] and not res["toasts"], res
     edited = page.page.evaluate(SET_WIDGETS_JS, SMALL)
     assert len(edited) == sum(len(v) for v in SMALL.values())
     prompt = page.page.evaluate("async () => (await app.graphToPrompt()).output")
