@@ -216,6 +216,8 @@ def server(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+        # 2 GB, rebuilt on every run: not left in pytest's kept temporary folders
+        (extra / "models" / "checkpoints" / SD15).unlink(missing_ok=True)
 
 
 def offline_definitions() -> dict:
