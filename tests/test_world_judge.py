@@ -44,7 +44,7 @@ def test_judge_reads_degraded_renders(judge, fresh_renders):
 
 
 def test_judge_flags_unsafe_glyphs_and_names_the_concept(judge):
-    scenes = [Scene(o.id, "green", "right", "black") for o in WORLD.objects]
+    scenes = [Scene(o.id, "green", "right", "cream") for o in WORLD.objects]
     reads = judge.read(render_batch(scenes, range(len(scenes))))
     for s, r in zip(scenes, reads):
         o = WORLD.object(s.shape)
@@ -55,7 +55,7 @@ def test_judge_flags_unsafe_glyphs_and_names_the_concept(judge):
 
 def test_judge_compares_pictures_with_prompts(judge):
     img = render_batch([Scene("circle", "red", "left", "white")] * 4, [1, 1, 1, 1])
-    res = judge.judge(img, ["a red circle on the left", "a blue circle on the left on a black background",
+    res = judge.judge(img, ["a red circle on the left", "a blue circle on the left on a gray background",
                             {"shape": "circle", "position": "right"}, Scene("square", "red", "left", "white")])
     assert res[0]["faithful"] and res[0]["match"]["background"] is None
     assert res[1]["match"] == {"shape": True, "colour": False, "position": True, "background": False}

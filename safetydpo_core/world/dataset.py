@@ -53,12 +53,24 @@ class RenderedSet:
         return scene_of(self.labels[i])
 
 
+def render_fingerprint() -> str:
+    """A short hash of a few renders: a cache made by another renderer is not reused."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for k, o in enumerate(WORLD.objects):
+        s = Scene(o.id, WORLD.ids("colour")[k % 6], WORLD.ids("position")[k % 5], WORLD.ids("background")[k % 3])
+        h.update(np.round(render_array(s, k) * 255).astype(np.uint8).tobytes())
+    return h.hexdigest()[:16]
+
+
 def rendered_set(n: int, seed: int, cache: str | os.PathLike | None = None,
                  progress: Callable[[int, int], None] | None = None) -> RenderedSet:
     """Render ``n`` random scenes (render seeds ``seed * 1_000_003 + i``), cached in ``cache`` if given."""
     if cache is not None and Path(cache).exists():
         with np.load(cache) as z:
-            if int(z["n"]) == n and int(z["seed"]) == seed and str(z["version"]) == WORLD.version:
+            if (int(z["n"]) == n and int(z["seed"]) == seed and "renderer" in z.files
+                    and str(z["renderer"]) == render_fingerprint()):
                 return RenderedSet(z["images"], z["labels"], z["seeds"])
     labels = random_scenes(n, seed)
     seeds = (np.int64(seed) * 1_000_003 + np.arange(n, dtype=np.int64))
@@ -72,5 +84,6 @@ def rendered_set(n: int, seed: int, cache: str | os.PathLike | None = None,
         with atomic_path(cache, "render cache") as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, images=images, labels=labels, seeds=seeds, n=n, seed=seed, version=WORLD.version,
+                         renderer=render_fingerprint(),
                          seconds=time.time() - t0)
     return RenderedSet(images, labels, seeds)

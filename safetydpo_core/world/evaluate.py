@@ -61,6 +61,10 @@ def model_from_checkpoint(checkpoint: str | Path, work: str | Path):
     ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
     d = Path(tempfile.mkdtemp(prefix="world_ckpt_"))
     unet, text, _tok, sched = build_modules(d / "tok", seed=0)
+    if ck.get("unet_config") is not None:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel(**ck["unet_config"])
     for name, text_ in ck["tokenizer_files"].items():
         (d / "tok" / name).write_text(text_, encoding="utf-8")
     unet.load_state_dict(ck["ema_unet"])

@@ -119,7 +119,7 @@ def render_array(scene: Scene | Mapping, seed: int, size: int | None = None) -> 
     half = rng.uniform(*HALF_SIZE) * scale
     theta = np.deg2rad(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG))
     rgb = np.clip(np.array(WORLD.get("colour", scene.colour).data, dtype=np.float64) + rng.normal(0, 9, 3), 0, 255)
-    bg = WORLD.get("background", scene.background).data[0] + rng.uniform(-12, 12)
+    bg = np.array(WORLD.get("background", scene.background).data, dtype=np.float64) + rng.uniform(-8, 8)
     grad_dir = rng.uniform(0, 2 * np.pi)
     grad_amp = rng.uniform(-10, 10)
 
@@ -134,8 +134,8 @@ def render_array(scene: Scene | Mapping, seed: int, size: int | None = None) -> 
     n = size
     mask = mask.reshape(n, SUPERSAMPLE, n, SUPERSAMPLE).mean(axis=(1, 3))
     gx = (np.arange(n) + 0.5) / n - 0.5
-    back = bg + grad_amp * (np.cos(grad_dir) * gx[None, :] + np.sin(grad_dir) * gx[:, None])
-    img = back[None] * (1 - mask[None]) + rgb[:, None, None] * mask[None]
+    back = bg[:, None, None] + grad_amp * (np.cos(grad_dir) * gx[None, :] + np.sin(grad_dir) * gx[:, None])[None]
+    img = back * (1 - mask[None]) + rgb[:, None, None] * mask[None]
     return (np.clip(img, 0, 255) / 255.0).astype(np.float32)
 
 

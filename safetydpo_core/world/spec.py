@@ -113,10 +113,13 @@ POSITIONS = (  # data: object centre (x, y) in pixels of a 32x32 image
     _v("bottom", ("at the bottom", "near the bottom", "down low"), ("at the lower edge",), (16, 23)),
 )
 
-BACKGROUNDS = (  # data: grey level in 0..255
-    _v("white", ("white", "pale"), ("snowy",), (242,)),
-    _v("black", ("black", "dark"), ("night",), (18,)),
-    _v("gray", ("gray", "grey"), ("ash",), (128,)),
+# Backgrounds are three light tints (data: RGB in 0..255). A dark background was tried first: then every
+# picture's brightness hangs on one word, and the tiny model learned that word and ignored the object's
+# words for thousands of steps (measured; see docs/readme-sections/world.md).
+BACKGROUNDS = (
+    _v("white", ("white", "pale"), ("snowy",), (242, 242, 242)),
+    _v("cream", ("cream", "beige"), ("ivory",), (238, 226, 192)),
+    _v("gray", ("gray", "grey"), ("ash",), (192, 192, 192)),
 )
 
 
