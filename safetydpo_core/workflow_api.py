@@ -7,7 +7,7 @@ Where node definitions come from (:func:`load_object_info`, :func:`merge_object_
 * a running ComfyUI: ``load_object_info("http://127.0.0.1:8188")`` (reads ``/object_info``), exact for that
   install, other packs included;
 * a saved ``/object_info`` JSON file (the pack keeps ComfyUI 0.8.0's common core nodes in
-  ``tests/data/comfy_core_nodes.json``, in that form);
+  ``safetydpo_core/comfy_core_nodes.json``, in that form, used by default);
 * this pack's own nodes, from their ``INPUT_TYPES`` called without ComfyUI (:func:`pack_object_info`; only
   where ``safetydpo_core`` sits inside the pack's folder, as in a ComfyUI install).
 
@@ -97,6 +97,15 @@ def load_object_info(source: str | os.PathLike, timeout: float = 30.0) -> dict:
     if not isinstance(data, dict) or not all(isinstance(v, dict) and "input" in v for v in data.values()):
         raise WorkflowError(f"{s}: expected an /object_info dict (node type -> definition with 'input').")
     return data
+
+
+CORE_NODES_FILE = Path(__file__).with_name("comfy_core_nodes.json")
+
+
+def core_object_info() -> dict:
+    """The kept interface definitions of ComfyUI 0.8.0's common core nodes (refresh them from a live server
+    with ``python tests/test_workflows.py --refresh-core-nodes URL``)."""
+    return load_object_info(CORE_NODES_FILE)
 
 
 def merge_object_info(*infos: Mapping | None) -> dict:

@@ -469,7 +469,7 @@ def test_bad_files_and_names_are_refused_with_the_file_and_reason(comfy_dirs, sd
         run("SafetyDPO_LoadDataset", dataset="broken")
     (ds_root / "manifest.jsonl").write_text("")
     (ds_root / "dataset.json").write_text("{truncated")
-    with pytest.raises(errs.DatasetError, match=r"dataset .*broken cannot be read: JSONDecodeError"):
+    with pytest.raises(errs.DatasetError, match=r"broken.dataset\.json is not valid JSON"):
         run("SafetyDPO_LoadDataset", dataset="broken")
     with pytest.raises(errs.DatasetError, match="does not exist"):
         _train(sd15, {"path": str(comfy_dirs / "nowhere")}, "violence")

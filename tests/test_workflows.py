@@ -1,7 +1,7 @@
 """The shipped workflows (``workflows/*.json``), checked without ComfyUI (CI): the files are UI-format JSON 0.4
 with a JPEG thumbnail each, stock model names listed under ``models``, ``properties.cnr_id`` on every pack
 node, fixed seeds and a MarkdownNote; every node type exists in the pack or in the kept list of ComfyUI core
-nodes (``tests/data/comfy_core_nodes.json``); ``widgets_values`` fit each node's widgets in count, order and
+nodes (``safetydpo_core/comfy_core_nodes.json``); ``widgets_values`` fit each node's widgets in count, order and
 type (control values included); every link joins matching types; the converter
 (:mod:`safetydpo_core.workflow_api`) turns each one into an API graph that passes the server's checks,
 re-implemented here independently. Plus the converter's own rules on small graphs (control values,
@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
 from safetydpo_core import workflow_api as wa  # noqa: E402
 
 WORKFLOWS = ROOT / "workflows"
-CORE_NODES = ROOT / "tests" / "data" / "comfy_core_nodes.json"
+CORE_NODES = ROOT / "safetydpo_core" / "comfy_core_nodes.json"
 PACK_ID = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["name"]
 SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
@@ -563,8 +563,11 @@ def test_cli_to_api_and_check(tmp_path, definitions):
     assert str(out) in r.stdout
     r = run_cli("to-api", str(src), "--out", str(out), "--object-info", str(CORE_NODES))
     assert r.returncode == 2 and "exists" in r.stderr and "--overwrite" in r.stderr
+    # offline the kept core definitions are used by default
+    r = run_cli("to-api", str(src), "--out", str(tmp_path / "y.json"))
+    assert r.returncode == 0 and json.loads((tmp_path / "y.json").read_text(encoding="utf-8")) == json.loads(out.read_text(encoding="utf-8"))
     # without the core definitions the core loader is unknown: a clear error, no file
-    r = run_cli("to-api", str(src), "--out", str(tmp_path / "x.json"))
+    r = run_cli("to-api", str(src), "--out", str(tmp_path / "x.json"), "--no-core")
     assert r.returncode == 2 and "CheckpointLoaderSimple" in r.stderr and "--object-info" in r.stderr
     assert not (tmp_path / "x.json").exists()
     r = run_cli("check", *map(str, sorted(WORKFLOWS.glob("*.json"))), "--object-info", str(CORE_NODES))

@@ -7,7 +7,7 @@
 
 Node definitions: this pack's own nodes when ``safetydpo_core`` sits in the pack's folder, plus every
 ``--object-info`` given: a running ComfyUI's URL (``http://127.0.0.1:8188``) or a saved ``/object_info`` JSON
-(the pack keeps ComfyUI 0.8.0's common core nodes in ``tests/data/comfy_core_nodes.json``).
+(by default ComfyUI 0.8.0's common core nodes, kept in ``safetydpo_core/comfy_core_nodes.json``).
 See :mod:`safetydpo_core.workflow_api`.
 """
 
@@ -32,6 +32,8 @@ def register(sub) -> None:
                             "when available.")
         q.add_argument("--no-pack", action="store_true",
                        help="do not add this pack's node definitions (use only --object-info)")
+        q.add_argument("--no-core", action="store_true",
+                       help="do not add the kept definitions of ComfyUI 0.8.0's core nodes")
 
     t = wsub.add_parser("to-api", help="write the API-format prompt of a UI workflow",
                         description="Convert a UI-format workflow (frontend 'Save') to the API format "
@@ -58,13 +60,13 @@ def register(sub) -> None:
 
 
 _HINT = (" Give the definitions with --object-info: a running ComfyUI's URL (http://127.0.0.1:8188) or a saved "
-         "/object_info JSON (ComfyUI 0.8.0's common core nodes: tests/data/comfy_core_nodes.json in the pack).")
+         "/object_info JSON (the kept ComfyUI 0.8.0 core nodes are used unless --no-core).")
 
 
 def _definitions(args) -> dict:
     from .. import workflow_api as wa
 
-    infos = []
+    infos = [] if args.no_core else [wa.core_object_info()]
     if not args.no_pack and wa.pack_root() is not None:
         infos.append(wa.pack_object_info())
     for src in args.object_info:
