@@ -58,7 +58,7 @@ def model_from_checkpoint(checkpoint: str | Path, work: str | Path):
     """A denoiser from the EMA weights of a training checkpoint (to look at a run before it ends)."""
     from .model import build_modules, save_pipeline
 
-    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
     d = Path(tempfile.mkdtemp(prefix="world_ckpt_"))
     unet, text, _tok, sched = build_modules(d / "tok", seed=0)
     if ck.get("unet_config") is not None:

@@ -1,7 +1,8 @@
 """The world's tiny text-to-image model: its architecture, where the shipped weights live, and how to use it.
 
-A pixel-space diffusers ``UNet2DConditionModel`` (3x32x32, no VAE: its "latents" are images in ``[-1, 1]``)
-conditioned through cross-attention on a small CLIP text encoder, both trained from scratch by
+A pixel-space diffusers ``UNet2DConditionModel`` (3x32x32, no VAE: its "latents" are images in ``[-1, 1]``;
+levels at 32, 16, 8 and 4 pixels with 16, 32, 64, 64 channels, cross-attention at 8x8, 4x4 and in the middle
+block) conditioned on a small CLIP text encoder (64 wide, 2 layers), v-prediction, both trained from scratch by
 :mod:`.train_model` on captioned renders of the world. The saved folder is an ordinary diffusers pipeline
 folder (``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, ``model_index.json``) with a
 ``safetydpo.json`` that says ``base_model_version: safetydpo_world_v1`` and the default sampling settings;
@@ -32,15 +33,15 @@ TEXT_DIM = 64
 
 UNET_CONFIG = {
     "sample_size": IMAGE_SIZE, "in_channels": 3, "out_channels": 3, "layers_per_block": 1,
-    "block_out_channels": [16, 32, 64],
-    "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+    "block_out_channels": [16, 32, 64, 64],
+    "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
     "cross_attention_dim": TEXT_DIM, "attention_head_dim": 4, "norm_num_groups": 8,
 }
 TEXT_CONFIG = {"hidden_size": TEXT_DIM, "intermediate_size": 2 * TEXT_DIM, "num_hidden_layers": 2,
                "num_attention_heads": 4, "max_position_embeddings": MAX_TOKENS}
 SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
-                    "prediction_type": "epsilon", "clip_sample": False, "timestep_spacing": "trailing"}
+                    "prediction_type": "v_prediction", "clip_sample": False, "timestep_spacing": "trailing"}
 SAMPLING = {"steps": 25, "cfg": 3.0, "sampler": "ddim"}
 
 
@@ -66,7 +67,7 @@ def write_tokenizer(directory: str | os.PathLike) -> Path:
     return write_word_tokenizer(directory, WORLD.vocabulary(), max_length=MAX_TOKENS)
 
 
-def build_modules(tokenizer_dir: str | os.PathLike, seed: int = 0):
+def build_modules(tokenizer_dir: str | os.PathLike, seed: int = 0, unet_config: dict | None = None):
     """Fresh (random) UNet, text encoder, tokenizer and scheduler of the world model's architecture."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
@@ -78,7 +79,7 @@ def build_modules(tokenizer_dir: str | os.PathLike, seed: int = 0):
     tcfg = CLIPTextConfig(vocab_size=vocab, projection_dim=TEXT_DIM, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
                           pad_token_id=vocab - 1, **TEXT_CONFIG)
     text_encoder = CLIPTextModel(tcfg)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = UNet2DConditionModel(**(unet_config or UNET_CONFIG))
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     return unet, text_encoder, tokenizer, scheduler
 

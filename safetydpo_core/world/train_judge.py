@@ -142,7 +142,7 @@ def train(settings: dict, out: str | Path, work: str | Path, *, threads: int = 1
     step, cpu_before = 0, 0.0
     ckpt = work / "judge_checkpoint.pt"
     if ckpt.exists() and not fresh:
-        ck = torch.load(ckpt, map_location="cpu", weights_only=False)
+        ck = torch.load(ckpt, map_location="cpu", weights_only=True)
         if ck["settings"] != s:
             raise ConfigError(f"The checkpoint {ckpt} was made with other settings; pass --fresh or the same settings.")
         net.load_state_dict(ck["net"]); opt.load_state_dict(ck["opt"]); g.set_state(ck["gen"])
