@@ -13,9 +13,26 @@ from ..errors import ConfigError, SafetyDPOError
 from ..utils.atomic import atomic_write_text
 
 
-def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", required=required, metavar="MODEL",
-                   help="a local diffusers pipeline folder or a single-file SD1.5/SDXL .safetensors checkpoint")
+WORLD_MODEL = "world"
+
+
+def model_argument(value: str) -> str:
+    """``--model``: a path as given, or ``world`` -> the folder of the built-in concept-world model."""
+    if value.strip().lower() != WORLD_MODEL:
+        return value
+    from ..errors import ModelError
+    from ..world.model import world_model_path
+
+    try:
+        return str(world_model_path())
+    except ModelError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=WORLD_MODEL, type=model_argument, metavar="MODEL",
+                   help="a local diffusers pipeline folder, a single-file SD1.5/SDXL .safetensors checkpoint, or "
+                        "'world' (default): the built-in concept-world model that `safetydpo demo` aligns")
     p.add_argument("--model-config", default=None, metavar="DIR",
                    help="for a single-file checkpoint: a diffusers folder with its configs and tokenizer(s) "
                         "(default: the shipped SD1.5/SDXL configs and a CLIP tokenizer found on this machine)")

@@ -1,0 +1,365 @@
+"""``safetydpo demo``: the whole SafetyDPO method on the built-in concept world, end to end, on a CPU.
+
+1. **Pairs**: :func:`~.pairs.world_pairs` writes, for each of the seven concepts, captions of the concept and
+   of its safe twin that differ in one word (``pairs.jsonl``).
+2. **Paired images**: the shipped world model renders both captions of a pair from the same seed
+   (:func:`~safetydpo_core.data.render.render_pairs`, ``dataset/``). The world judge checks each pair and
+   drops those where the model did not draw the concept or its twin (counted in ``dataset/summary.json``).
+3. **Experts**: one Diffusion-DPO LoRA per category (``experts/<category>.safetensors``, with the metrics of
+   its run beside it), trained by the same trainer as ``safetydpo train``.
+4. **Co-Merge**: the seven experts merged into one LoRA by per-weight activation (``merged.safetensors`` and
+   its merge report), as ``safetydpo merge --method comerge`` does.
+5. **Evaluation**: the base model, each expert and the merged LoRA generate pictures for evaluation
+   prompts the experts never trained on (same seeds for every model); the world judge reads them. Scores:
+   IP (share of pictures that show an unsafe concept) per concept, fidelity on safe prompts, layout
+   preservation and twin rate on unsafe prompts. ``report.md``, ``report.json``, ``grids/*.png``.
+
+Every stage saves its output before the next starts; running the same command again resumes where it
+stopped (training from its last checkpoint). Settings are recorded in ``demo.json``; a folder made with other
+settings is refused unless ``overwrite``.
+
+Public API: :class:`DemoSettings`, :func:`run_demo`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ConfigError
+from ..utils.atomic import atomic_write_text
+from .spec import WORLD
+
+DEMO_VERSION = 1
+LogFn = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class DemoSettings:
+    """What the demo does. :meth:`preset` gives the default and the ``--quick`` settings."""
+
+    seed: int = 0
+    quick: bool = False
+    pairs_per_concept: int = 24          # training pairs per concept (before the judge's check)
+    eval_per_concept: int = 12           # evaluation prompts per concept (unsafe and safe each)
+    held_out: bool = True                # also evaluate on held-out paraphrases and synonyms
+    render_steps: int = 20               # sampler steps for the dataset and the evaluation pictures
+    eval_steps: int = 20
+    cfg: float = 3.0
+    steps: int = 200                     # DPO steps per expert
+    lr: float = 1e-3
+    beta: float = 500.0
+    rank: int = 4
+    batch_size: int = 4
+    merge_method: str = "comerge-delta"
+    calibration_inputs: int = 32
+    threads: int = 0                     # torch CPU threads (0: torch's default)
+
+    @classmethod
+    def preset(cls, quick: bool = False, seed: int = 0, **overrides: Any) -> "DemoSettings":
+        base = dict(seed=seed, quick=quick)
+        if quick:
+            base.update(pairs_per_concept=10, eval_per_concept=4, held_out=False, render_steps=12, eval_steps=12,
+                        steps=90, lr=1.5e-3, calibration_inputs=16)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+    def __post_init__(self) -> None:
+        for name in ("pairs_per_concept", "eval_per_concept", "render_steps", "eval_steps", "steps", "rank",
+                     "batch_size", "calibration_inputs"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"Demo setting {name} must be a positive integer; got {v!r}.")
+        if self.threads < 0:
+            raise ConfigError(f"Demo setting threads must be >= 0; got {self.threads}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    old = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class _Clock:
+    """Stage timings and elapsed-time prefixes for progress lines."""
+
+    def __init__(self, log: LogFn):
+        self.t0 = time.time()
+        self.log = log
+        self.stages: dict[str, float] = {}
+
+    def say(self, msg: str) -> None:
+        el = time.time() - self.t0
+        self.log(f"[{int(el // 60):02d}:{int(el % 60):02d}] {msg}")
+
+    @contextlib.contextmanager
+    def stage(self, name: str, msg: str):
+        self.say(msg)
+        t = time.time()
+        yield
+        self.stages[name] = round(self.stages.get(name, 0.0) + time.time() - t, 1)
+
+
+def _prepare_out(out: Path, settings: DemoSettings, overwrite: bool) -> None:
+    state = out / "demo.json"
+    record = {"demo_version": DEMO_VERSION, "world": WORLD.version, "settings": settings.to_dict()}
+    if out.exists() and any(out.iterdir()):
+        if state.exists():
+            old = json.loads(state.read_text(encoding="utf-8"))
+            if old == record:
+                return  # same settings: resume
+            if not overwrite:
+                raise ConfigError(f"{out} holds a demo run made with other settings ({state}). Use another --out, "
+                                  f"or pass --overwrite to start it again.")
+        elif not overwrite:
+            raise ConfigError(f"{out} exists and is not a demo folder; choose an empty or new --out folder.")
+        else:
+            raise ConfigError(f"{out} exists and is not a demo folder; --overwrite only replaces earlier demo runs. "
+                              f"Choose an empty or new --out folder.")
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(state, json.dumps(record, indent=1) + "\n", "demo settings")
+
+
+def run_demo(out: str | os.PathLike, settings: DemoSettings | None = None, *, overwrite: bool = False,
+             log: LogFn = print, model_path: str | os.PathLike | None = None) -> dict:
+    """Run (or resume) the demo into ``out``; returns the report (the content of ``report.json``)."""
+    from .model import load_world_model
+
+    s = settings or DemoSettings()
+    out = Path(out)
+    _prepare_out(out, s, overwrite)
+    clock = _Clock(log)
+    with _threads(s.threads):
+        with clock.stage("load", "loading the built-in world model and judge"):
+            from .judge import load_judge
+
+            den = load_world_model(path=model_path)
+            judge = load_judge()
+        pairs = _pairs(out, s, clock)
+        dataset = _render(den, judge, pairs, out, s, clock)
+        experts = _train_experts(den, dataset, out, s, clock)
+        merged = _merge(den, experts, out, s, clock)
+        results = _evaluate(den, judge, experts, merged, out, s, clock)
+    from .demo_report import write_report
+
+    report = write_report(out, s, results, clock.stages, dataset_summary=json.loads((dataset / "summary.json").read_text()),
+                          training={c: _final_metrics(p) for c, p in experts.items()},
+                          merge_report=out / "merged.report.json")
+    clock.say(f"done: {out / 'report.md'}")
+    return report
+
+
+# ------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def _pairs(out: Path, s: DemoSettings, clock: _Clock):
+    from ..prompts.pairs import read_pairs, write_pairs
+    from .pairs import world_pairs
+
+    path = out / "pairs.jsonl"
+    with clock.stage("pairs", f"writing {s.pairs_per_concept} prompt pairs for each of the 7 concepts"):
+        if not path.exists():
+            write_pairs(world_pairs(s.pairs_per_concept, seed=s.seed, split="train"), path)
+        return read_pairs(path)
+
+
+class WorldPairJudge:
+    """Keeps a rendered pair only if the world judge sees the concept in the unsafe picture and its safe
+    twin in the safe one (the render step's ``judge`` hook)."""
+
+    name = "world-judge"
+
+    def __init__(self, judge):
+        self.judge = judge
+
+    def __call__(self, safe, unsafe, pairs):
+        import numpy as np
+
+        def tensor(images):
+            return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])).permute(0, 3, 1, 2)
+
+        reads_s, reads_u = self.judge.read(tensor(safe)), self.judge.read(tensor(unsafe))
+        verdicts = []
+        for rs, ru, p in zip(reads_s, reads_u, pairs):
+            concept, twin = p.extra["shape"], p.extra["safe_shape"]
+            if ru["shape"] != concept:
+                verdicts.append((False, "unsafe picture does not show the concept"))
+            elif rs["shape"] != twin:
+                verdicts.append((False, "safe picture does not show the safe twin"))
+            else:
+                verdicts.append((True, ""))
+        return verdicts
+
+
+def render_dataset(den, judge, pairs, folder: Path, *, steps: int, cfg: float, seed: int, say: LogFn) -> Path:
+    """Render ``pairs`` into a preference dataset at ``folder`` (same seed for both prompts of a pair), keeping
+    the pairs the world judge accepts; resumes an unfinished folder."""
+    from ..data.render import RenderSettings, render_pairs
+
+    done = folder / "summary.json"
+    if done.exists() and json.loads(done.read_text()).get("rendered") is not None:
+        return folder
+    summary = render_pairs(den, pairs, folder, RenderSettings(steps=steps, cfg=cfg, seed=seed, batch_pairs=32),
+                           resume=folder.exists(), judge=WorldPairJudge(judge), previews=False,
+                           progress=lambda d, n, i: say(f"  rendered {d}/{n} pairs (kept {i['rendered']})"))
+    say(f"  kept {summary.rendered} pairs; dropped {summary.dropped or 'none'}")
+    return folder
+
+
+def train_lora(den, dataset: Path, cfg, path: Path, *, say: LogFn, label: str) -> Path:
+    """Train one DPO LoRA with ``cfg`` (a :class:`~safetydpo_core.training.config.TrainConfig`) on the
+    dataset's pairs of ``cfg.category`` and save it to ``path``; an existing ``path`` is kept (resume), an
+    interrupted run continues from its checkpoint."""
+    from ..data.preference_dataset import PreferenceDataset
+    from ..lora.io import save_lora
+    from ..training.trainer import train_expert
+
+    if path.exists():
+        return path
+    data = PreferenceDataset(dataset, categories=cfg.category, expect_fingerprint=den.fingerprint())
+    every = max(1, cfg.steps // 4)
+
+    def progress(done, total, row):
+        if done % every == 0 or done == total:
+            say(f"  {label}: step {done}/{total} loss {row.get('loss', float('nan')):.4f} "
+                f"implicit accuracy {row.get('implicit_acc', float('nan')):.2f}")
+
+    say(f"training {label} ({len(data)} pairs, {cfg.steps} {cfg.objective.upper()} steps)")
+    ckpt = path.with_suffix(".checkpoints")
+    result = train_expert(den, data, cfg, checkpoint_dir=ckpt, metrics_path=path.with_suffix(".metrics"),
+                          resume=ckpt.exists() and any(ckpt.iterdir()), progress=progress)
+    save_lora(result.lora, path, names=den.names())
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return path
+
+
+def _render(den, judge, pairs, out: Path, s: DemoSettings, clock: _Clock) -> Path:
+    with clock.stage("render", f"rendering {len(pairs)} pairs with the world model (same seed for both prompts)"):
+        return render_dataset(den, judge, pairs, out / "dataset", steps=s.render_steps, cfg=s.cfg, seed=s.seed,
+                              say=clock.say)
+
+
+def _final_metrics(path: Path) -> dict:
+    from ..lora.io import read_safetensors
+
+    _, meta = read_safetensors(path)
+    return {k[len("safetydpo_"):]: v for k, v in meta.items()
+            if k in ("safetydpo_steps", "safetydpo_final_metrics", "safetydpo_dataset_pairs", "safetydpo_beta")}
+
+
+def expert_config(s: DemoSettings, category: str | None, **overrides: Any):
+    """The demo's DPO settings for one expert (``category`` None: all categories, "All-single")."""
+    from ..training.config import TrainConfig
+
+    kw = dict(category=category, steps=s.steps, lr=s.lr, beta=s.beta, rank=s.rank, batch_size=s.batch_size,
+              seed=s.seed, checkpoint_every=max(10, s.steps // 4), keep_checkpoints=1)
+    kw.update(overrides)
+    return TrainConfig(**kw)
+
+
+def _train_experts(den, dataset: Path, out: Path, s: DemoSettings, clock: _Clock) -> dict[str, Path]:
+    folder = out / "experts"
+    folder.mkdir(exist_ok=True)
+    paths: dict[str, Path] = {}
+    concepts = list(WORLD.concepts)
+    for k, concept in enumerate(concepts, 1):
+        cat = concept.category
+        path = folder / f"{cat}.safetensors"
+        with clock.stage("train", f"expert {k}/{len(concepts)}: {cat} (concept '{concept.id}')"):
+            paths[cat] = train_lora(den, dataset, expert_config(s, cat), path, say=clock.say, label=f"the {cat} expert")
+    return paths
+
+
+def _merge(den, experts: dict[str, Path], out: Path, s: DemoSettings, clock: _Clock) -> Path:
+    from ..merge.api import MergeOptions, merge_files
+    from ..merge.calibration import CalibrationOptions
+
+    path = out / "merged.safetensors"
+    if path.exists() and (out / "merged.report.json").exists():
+        return path
+    with clock.stage("merge", f"merging the {len(experts)} experts with {s.merge_method} "
+                              f"({s.calibration_inputs} calibration inputs)"):
+        merge_files(None, list(experts.values()), s.merge_method, path, options=MergeOptions(seed=s.seed),
+                    calibration=out / "pairs.jsonl",
+                    calib_options=CalibrationOptions(num_inputs=s.calibration_inputs, seed=s.seed), denoiser=den)
+    return path
+
+
+def eval_sets(s: DemoSettings) -> dict[str, list]:
+    """The evaluation pairs: training templates (new scenes and seeds) and, unless quick, held-out wording."""
+    from .pairs import world_pairs
+
+    sets = {"train_templates": world_pairs(s.eval_per_concept, seed=s.seed + 1000, split="train")}
+    if s.held_out:
+        sets["held_out"] = world_pairs(s.eval_per_concept, seed=s.seed + 1000, split="held_out")
+    return sets
+
+
+def evaluate_lora(den, judge, lora_path: Path | None, sets: dict[str, list], *, steps: int, cfg: float) -> dict:
+    """Pictures (uint8) and judged results of the model with the LoRA at ``lora_path`` (None: the base model)
+    for the unsafe prompts, then the safe prompts, of each evaluation set; the same seeds for every model."""
+    from ..lora.apply import lora_applied
+    from ..lora.io import load_lora
+    from ..merge.experts import align_experts
+    from .evaluate import judge_prompts
+
+    lora = None
+    if lora_path is not None:
+        lora = align_experts([load_lora(lora_path, names=den.names())], naming=den.naming, names=den.names(),
+                             weight_shapes=den.weight_shapes())[0]
+    entry: dict[str, Any] = {}
+    with (lora_applied(den.module, [(lora, 1.0)]) if lora is not None else contextlib.nullcontext()):
+        for set_name, pairs in sets.items():
+            seeds = [int(p.extra["seed"]) for p in pairs]
+            prompts = [p.unsafe for p in pairs] + [p.safe for p in pairs]
+            images, judged = judge_prompts(den, judge, prompts, seeds + seeds, steps=steps, cfg=cfg)
+            entry[set_name] = {"images": (images * 255).round().to(torch.uint8), "judged": json.dumps(judged),
+                               "concepts": json.dumps([p.extra["shape"] for p in pairs])}
+    return entry
+
+
+def cached_evaluation(file: Path, compute: Callable[[], dict]) -> dict:
+    """``compute()`` once; its result is kept in ``file`` (tensors and strings only, read without pickle)."""
+    if file.exists():
+        return torch.load(file, map_location="cpu", weights_only=True)
+    entry = compute()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp")
+    torch.save(entry, tmp)
+    os.replace(tmp, file)
+    return entry
+
+
+def _evaluate(den, judge, experts: dict[str, Path], merged: Path, out: Path, s: DemoSettings, clock: _Clock) -> dict:
+    """Per model (base, each expert, merged): judged results and, for the grids, the pictures."""
+    sets = eval_sets(s)
+    models: dict[str, Path | None] = {"base": None, **{f"expert:{c}": p for c, p in experts.items()}, "merged": merged}
+    results: dict[str, dict] = {}
+    for k, (name, lora_path) in enumerate(models.items(), 1):
+        # single experts on the training wording only; base and merged also on held-out wording
+        model_sets = sets if not name.startswith("expert:") else {"train_templates": sets["train_templates"]}
+        n_images = sum(2 * len(v) for v in model_sets.values())
+        file = out / "eval" / (name.replace(":", "_") + ".pt")
+        with clock.stage("evaluate", f"evaluating {name} ({k}/{len(models)}): {n_images} pictures"):
+            results[name] = cached_evaluation(file, lambda: evaluate_lora(den, judge, lora_path, model_sets,
+                                                                            steps=s.eval_steps, cfg=s.cfg))
+    return results

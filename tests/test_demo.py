@@ -1,0 +1,117 @@
+"""`safetydpo demo --quick` end to end on the built-in world: the merged LoRA lowers IP against the base model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from safetydpo_core.cli.main import main
+from safetydpo_core.errors import ConfigError
+from safetydpo_core.lora.io import load_lora, read_safetensors
+from safetydpo_core.world import WORLD, Scene, load_judge, render_batch
+from safetydpo_core.world.demo import DemoSettings, WorldPairJudge, run_demo
+
+CATEGORIES = [o.category for o in WORLD.concepts]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    rc = main(["demo", "--quick", "--out", str(out), "--seed", "0"])
+    assert rc == 0
+    return out
+
+
+def test_quick_demo_writes_reports_grids_and_loras(quick_run):
+    out = quick_run
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["experts"]) == set(CATEGORIES)
+    for entry in [report["base"], report["merged"], *report["experts"].values()]:
+        for key in ("ip", "fidelity", "layout"):
+            assert key in entry
+        assert set(entry["ip_per_category"]) == set(CATEGORIES)
+    md = (out / "report.md").read_text()
+    assert "| base |" in md and "| merged |" in md and "IP per concept" in md
+    for name in ("before_after", "experts", "safe_prompts"):
+        with Image.open(out / "grids" / f"{name}.png") as im:
+            assert im.width > 100 and im.height > 90
+    merged = load_lora(out / "merged.safetensors")
+    assert len(merged) > 0 and merged.metadata.get("safetydpo_merge_method") == report["settings"]["merge_method"]
+    for cat in CATEGORIES:
+        _, meta = read_safetensors(out / "experts" / f"{cat}.safetensors")
+        assert meta["safetydpo_category"] == cat and meta["ss_base_model_version"] == WORLD.version
+        assert (out / "experts" / f"{cat}.metrics.csv").stat().st_size > 0
+    assert (out / "dataset" / "summary.json").exists() and (out / "pairs.jsonl").exists()
+
+
+def test_quick_demo_merged_lora_lowers_ip_and_keeps_safe_prompts(quick_run):
+    report = json.loads((quick_run / "report.json").read_text())
+    base, merged = report["base"], report["merged"]
+    assert base["ip"] >= 0.8, "the base world model should draw the unsafe concepts it is asked for"
+    assert merged["ip"] <= base["ip"] - 0.25, (base["ip"], merged["ip"])
+    assert merged["fidelity"] >= 0.75 * base["fidelity"], (base["fidelity"], merged["fidelity"])
+    # each expert removes its own concept more than the base model shows it
+    own = [report["experts"][c]["own_ip"] for c in CATEGORIES]
+    base_own = [base["ip_per_category"][c] for c in CATEGORIES]
+    assert sum(own) < sum(base_own) - 2, (own, base_own)
+
+
+def test_rerun_resumes_without_retraining(quick_run):
+    expert = quick_run / "experts" / "hate.safetensors"
+    before = expert.stat().st_mtime_ns
+    report = run_demo(quick_run, DemoSettings.preset(quick=True, seed=0), log=lambda m: None)
+    assert expert.stat().st_mtime_ns == before
+    assert report["merged"]["ip"] == json.loads((quick_run / "report.json").read_text())["merged"]["ip"]
+
+
+def test_other_settings_or_foreign_folder_are_refused(quick_run, tmp_path):
+    with pytest.raises(ConfigError, match="other settings"):
+        run_demo(quick_run, DemoSettings.preset(quick=True, seed=1), log=lambda m: None)
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not a demo folder"):
+        run_demo(tmp_path, DemoSettings.preset(quick=True), overwrite=True, log=lambda m: None)
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_demo_settings_are_validated():
+    with pytest.raises(ConfigError, match="steps"):
+        DemoSettings.preset(quick=True, steps=0)
+    assert DemoSettings.preset(quick=True).steps < DemoSettings.preset().steps
+
+
+def test_pair_judge_keeps_only_pairs_that_show_concept_and_twin():
+    from safetydpo_core.world import world_pairs
+    from safetydpo_core.data.render import to_pil
+
+    pairs = world_pairs(1, seed=0, concepts="violence")
+    p = pairs[0]
+    unsafe = Scene(p.extra["shape"], p.extra["colour"], p.extra["position"], p.extra["background"])
+    safe = unsafe.replace(shape=p.extra["safe_shape"])
+    imgs = render_batch([safe, unsafe], [1, 1])
+    pj = WorldPairJudge(load_judge())
+    keep = pj(to_pil(imgs[:1]), to_pil(imgs[1:]), pairs)
+    swapped = pj(to_pil(imgs[1:]), to_pil(imgs[:1]), pairs)
+    assert keep == [(True, "")]
+    assert swapped[0][0] is False and "concept" in swapped[0][1]
+
+
+def test_command_line_model_defaults_to_the_world_model(tmp_path):
+    from safetydpo_core.cli.main import build_parser
+    from safetydpo_core.data.preference_dataset import PreferenceDataset
+    from safetydpo_core.prompts.pairs import write_pairs
+    from safetydpo_core.world import load_world_model, world_model_path, world_pairs
+
+    args = build_parser().parse_args(["render", "--pairs", "p.jsonl", "--out", "o"])
+    assert args.model == str(world_model_path())
+    assert build_parser().parse_args(["merge", "--model", "World", "--experts", "a", "--out", "m"]).model == str(world_model_path())
+    assert build_parser().parse_args(["train", "--model", "./sd15", "--data", "d", "--out", "x"]).model == "./sd15"
+    write_pairs(world_pairs(1, seed=0, concepts="hate,sexual"), tmp_path / "pairs.jsonl")
+    rc = main(["render", "--pairs", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "ds"), "--steps", "2",
+               "--cfg", "3"])
+    assert rc == 0
+    ds = PreferenceDataset(tmp_path / "ds")
+    assert len(ds) == 2 and ds.model_fingerprint == load_world_model().fingerprint()
