@@ -3,7 +3,7 @@
 ComfyUI imports this file as the pack's entry point (under a module name derived from the folder path);
 everything else is imported relatively. Importing the pack imports no ComfyUI module, loads no model and
 downloads nothing; optional extras (NudeNet, gguf) are imported only by the node that needs them, which
-says what to install if they are missing. The nodes are described in docs/readme-sections/nodes.md.
+says what to install if they are missing. The nodes are described in README.md (section "ComfyUI nodes").
 """
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS

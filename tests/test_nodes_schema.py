@@ -138,8 +138,8 @@ def test_training_nodes_keep_comfyui_caching_and_writers_are_output_nodes():
 
 
 def test_the_widget_order_documented_in_the_readme_section():
-    """docs/readme-sections/nodes.md lists each node's widgets in order: it must match INPUT_TYPES."""
-    text = (ROOT / "docs" / "readme-sections" / "nodes.md").read_text(encoding="utf-8")
+    """README.md lists each node's widgets in order: it must match INPUT_TYPES."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
     text = text.split("### Widget order", 1)[1].split("\n### ", 1)[0]
     for name, cls in MAPPINGS.items():
         spec = cls.INPUT_TYPES()

@@ -542,7 +542,7 @@ def test_pack_definitions_are_read_without_comfyui(definitions):
 
 
 def test_the_widget_order_table_in_the_readme_matches_the_definitions():
-    doc = (ROOT / "docs" / "readme-sections" / "nodes.md").read_text(encoding="utf-8")
+    doc = (ROOT / "README.md").read_text(encoding="utf-8")
     rows = dict(re.findall(r"^\| `(SafetyDPO_\w+)` \| (`[^|]*`) \|$", doc, re.M))
     for name, d in wa.pack_object_info().items():
         assert [w.name for w in wa.widget_inputs(d)] == re.findall(r"`(\w+)`", rows[name]), name

@@ -14,7 +14,7 @@ from safetydpo_core.world.metrics import attribute_accuracy, ip
 from safetydpo_core.world.model import write_tokenizer
 
 # Stated accuracy floors for the shipped model on safe prompts, judged by the shipped judge (20 DDIM steps).
-# The full evaluation (docs/readme-sections/world.md, weights/evaluation.json) measures more prompts.
+# The full evaluation (README "The world", weights/evaluation.json) measures more prompts.
 MIN_COLOUR = 0.9
 MIN_POSITION = 0.9
 MIN_SHAPE = 0.75

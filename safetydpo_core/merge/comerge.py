@@ -2,7 +2,7 @@
 
 SafetyDPO's description: "we analyze which expert has the highest activation for each weight across all
 inputs, then obtain the merged weights by merging only the most active weights per expert". The code was not
-released; two readings are implemented (see ``docs/readme-sections/merge.md``), both scoring a weight by
+released; two readings are implemented (see the README, "Merging safety experts"), both scoring a weight by
 ``|weight| x activation`` (Wanda's importance, Sun et al. 2024):
 
 * **F, factor space** (:func:`comerge_factor_layer`): each element of ``down`` (``A_e[k, j]``) and of ``up``

@@ -115,7 +115,7 @@ POSITIONS = (  # data: object centre (x, y) in pixels of a 32x32 image
 
 # Backgrounds are three light tints (data: RGB in 0..255). A dark background was tried first: then every
 # picture's brightness hangs on one word, and the tiny model learned that word and ignored the object's
-# words for thousands of steps (measured; see docs/readme-sections/world.md).
+# words for thousands of steps (measured; see the README, "The world").
 BACKGROUNDS = (
     _v("white", ("white", "pale"), ("snowy",), (242, 242, 242)),
     _v("cream", ("cream", "beige"), ("ivory",), (238, 226, 192)),
