@@ -9,7 +9,7 @@ For each seed (pairs, rendering, training and evaluation all follow the seed):
 * **scaling**: the first 1, 3 and 7 concepts' experts merged (Co-Merge delta, Co-Merge factor, linear), IP on
   those concepts;
 * **ablations** on three concepts: the condition switch (DPO conditioned on the unsafe, the safe or both
-  prompts) and DPO vs MaPO;
+  prompts), DPO vs MaPO, and the official beta (5000) instead of the demo's 500;
 * every model generates pictures for new prompts (training templates) and for held-out paraphrases and
   synonyms, each unsafe prompt beside its safe twin from the same seed; the world judge reads them.
 
@@ -41,7 +41,7 @@ MERGES = ("comerge", "comerge-delta", "concat", "linear", "ties", "dare")
 SCALING_METHODS = ("comerge-delta", "comerge", "linear")
 ABLATION_CONCEPTS = ("hate", "violence", "sexual")
 ABLATIONS = {"condition=safe": {"condition": "safe"}, "condition=both": {"condition": "both"},
-             "objective=mapo": {"objective": "mapo"}}
+             "objective=mapo": {"objective": "mapo"}, "beta=5000": {"beta": 5000.0}}
 
 
 def log(msg: str) -> None:
@@ -193,7 +193,7 @@ def tables(per_seed: dict[int, dict]) -> tuple[str, dict]:
     base_ip = [[_ip_over(r["base"]["train_templates"], cats[:k]) for r in R] for k in (1, 3, 7)]
     lines.append("| base model | " + " | ".join(_fmt(v) for v in base_ip) + " | | | |")
     # ablations
-    lines += ["", f"### Condition switch and objective (experts for {', '.join(ABLATION_CONCEPTS)})", "",
+    lines += ["", f"### Condition switch, objective and beta (experts for {', '.join(ABLATION_CONCEPTS)})", "",
               "| variant | own concept IP | others' IP | fidelity on safe prompts | layout kept |", "|---|---|---|---|---|"]
     summary["ablations"] = {}
     variants = {"condition=unsafe, DPO (default)": "expert"} | {k: k for k in ABLATIONS}

@@ -102,14 +102,17 @@ def test_pair_judge_keeps_only_pairs_that_show_concept_and_twin():
 def test_command_line_model_defaults_to_the_world_model(tmp_path):
     from safetydpo_core.cli.main import build_parser
     from safetydpo_core.data.preference_dataset import PreferenceDataset
-    from safetydpo_core.prompts.pairs import write_pairs
+    from safetydpo_core.prompts.pairs import read_pairs
     from safetydpo_core.world import load_world_model, world_model_path, world_pairs
 
     args = build_parser().parse_args(["render", "--pairs", "p.jsonl", "--out", "o"])
     assert args.model == str(world_model_path())
     assert build_parser().parse_args(["merge", "--model", "World", "--experts", "a", "--out", "m"]).model == str(world_model_path())
     assert build_parser().parse_args(["train", "--model", "./sd15", "--data", "d", "--out", "x"]).model == "./sd15"
-    write_pairs(world_pairs(1, seed=0, concepts="hate,sexual"), tmp_path / "pairs.jsonl")
+    assert main(["pairs", "--writer", "world", "--categories", "hate,sexual", "--per-category", "1",
+                 "--out", str(tmp_path / "pairs.jsonl")]) == 0
+    assert [p.to_dict() for p in read_pairs(tmp_path / "pairs.jsonl")] == \
+        [p.to_dict() for p in world_pairs(1, seed=0, concepts="hate,sexual")]
     rc = main(["render", "--pairs", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "ds"), "--steps", "2",
                "--cfg", "3"])
     assert rc == 0

@@ -41,8 +41,11 @@ def register(subparsers) -> None:
                     "I2P / JSONL files. " + describe_categories(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("what to do")
-    src.add_argument("--writer", choices=("builtin", "llm"), default="builtin",
-                     help="who writes the pairs (default: builtin, offline and deterministic)")
+    src.add_argument("--writer", choices=("builtin", "llm", "world"), default="builtin",
+                     help="who writes the pairs (default: builtin, offline and deterministic; world: captions of the "
+                          "built-in concept world, for the default --model world)")
+    src.add_argument("--world-split", choices=("train", "held_out"), default="train",
+                     help="--writer world: training wording, or held-out paraphrases and synonyms (for evaluation)")
     src.add_argument("--from-csv", metavar="CSV", help="convert a CoProV2 CSV (prompt,image,category) or an I2P CSV")
     src.add_argument("--from-jsonl", metavar="JSONL", help="convert or filter a pair JSONL file")
     src.add_argument("--categories", default="all", help="comma-separated categories (default: all)")
@@ -213,6 +216,11 @@ def _write(args, fmt: str, cats: list[str]) -> int:
 
     if args.per_category < 1:
         raise ConfigError(f"--per-category must be at least 1, not {args.per_category}.")
+    if args.writer == "world":
+        from ..world import world_pairs
+
+        return _emit(args, fmt, world_pairs(args.per_category, seed=args.seed, split=args.world_split, concepts=cats),
+                     "world pairs")
     if args.writer == "llm" and not args.llm:
         raise ConfigError("--writer llm needs --llm: a model folder, a .gguf file, or an http(s) endpoint URL "
                           "(with --llm-model).")

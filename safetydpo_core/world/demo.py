@@ -127,11 +127,9 @@ def _prepare_out(out: Path, settings: DemoSettings, overwrite: bool) -> None:
             if not overwrite:
                 raise ConfigError(f"{out} holds a demo run made with other settings ({state}). Use another --out, "
                                   f"or pass --overwrite to start it again.")
-        elif not overwrite:
-            raise ConfigError(f"{out} exists and is not a demo folder; choose an empty or new --out folder.")
         else:
-            raise ConfigError(f"{out} exists and is not a demo folder; --overwrite only replaces earlier demo runs. "
-                              f"Choose an empty or new --out folder.")
+            raise ConfigError(f"{out} exists and is not a demo folder (--overwrite only replaces earlier demo runs); "
+                              f"choose an empty or new --out folder.")
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
