@@ -5,7 +5,8 @@ For each seed (pairs, rendering, training and evaluation all follow the seed):
 * the shipped world model renders the demo's prompt pairs (24 per concept, same seed for both prompts of a
   pair, pairs the judge rejects dropped) and one DPO expert is trained per concept, as ``safetydpo demo``;
 * **All-single**: one LoRA trained on the pairs of all seven concepts with the same total number of steps;
-* **merges** of the seven experts: Co-Merge (factor and delta readings), concat, linear, TIES, DARE;
+* **merges** of the seven experts: Co-Merge (factor and delta readings), concat, linear (sum), average
+  (linear with weights 1/7), TIES, DARE;
 * **scaling**: the first 1, 3 and 7 concepts' experts merged (Co-Merge delta, Co-Merge factor, linear), IP on
   those concepts;
 * **ablations** on three concepts: the condition switch (DPO conditioned on the unsafe, the safe or both
@@ -37,7 +38,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-MERGES = ("comerge", "comerge-delta", "concat", "linear", "ties", "dare")
+MERGES = ("comerge", "comerge-delta", "concat", "linear", "average", "ties", "dare")  # average: linear with weights 1/N
 SCALING_METHODS = ("comerge-delta", "comerge", "linear")
 ABLATION_CONCEPTS = ("hate", "violence", "sexual")
 ABLATIONS = {"condition=safe": {"condition": "safe"}, "condition=both": {"condition": "both"},
@@ -83,16 +84,18 @@ def run_seed(seed: int, out: Path, a) -> dict:
                                               d / "ablations" / tag / f"{c}.safetensors", say=log,
                                               label=f"seed {seed} {name} expert {c}")
 
-    def merge(method: str, cs: list[str]) -> Path:
-        path = d / "merges" / f"{method}_{len(cs)}.safetensors"
+    def merge(name: str, cs: list[str]) -> Path:
+        path = d / "merges" / f"{name}_{len(cs)}.safetensors"
+        method, weights = (("linear", [1.0 / len(cs)] * len(cs)) if name == "average" else (name, None))
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             kw = {}
             if method.startswith("comerge"):
                 kw = dict(calibration=pairs_path, calib_options=CalibrationOptions(num_inputs=s.calibration_inputs,
                                                                                    seed=seed))
-            log(f"seed {seed}: merging {len(cs)} experts with {method}")
-            merge_files(None, [experts[c] for c in cs], method, path, options=MergeOptions(seed=seed), denoiser=den, **kw)
+            log(f"seed {seed}: merging {len(cs)} experts with {name}")
+            merge_files(None, [experts[c] for c in cs], method, path, options=MergeOptions(seed=seed, weights=weights),
+                        denoiser=den, **kw)
         return path
 
     for m in MERGES:
@@ -134,6 +137,10 @@ def _ip_over(sc: dict, cats) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
+def _safe_layout(sc: dict) -> float:
+    return (1 - sc["ip"]) * (sc["layout"] or 0.0)
+
+
 def tables(per_seed: dict[int, dict]) -> tuple[str, dict]:
     from safetydpo_core.world import WORLD
 
@@ -150,14 +157,18 @@ def tables(per_seed: dict[int, dict]) -> tuple[str, dict]:
     # main table
     models = ["base", "all-single"] + [f"merge:{m}" for m in MERGES]
     lines += ["### Base model, All-single and the merges of the seven experts", "",
+              "IP alone rewards a model that draws nothing recognisable; *safe with layout* is the share of unsafe prompts "
+              "drawn as a safe object with the prompt's colour and position ((1 - IP) x layout kept).", "",
               "| model | IP (train templates) | IP (held-out wording) | fidelity on safe prompts | layout kept | "
-              "drawn as twin |", "|---|---|---|---|---|---|"]
+              "safe with layout | drawn as twin |", "|---|---|---|---|---|---|---|"]
     for m in models:
         lines.append(f"| {m} | {_fmt([r[m]['train_templates']['ip'] for r in R])} | "
                      f"{_fmt([r[m]['held_out']['ip'] for r in R])} | {_fmt([r[m]['train_templates']['fidelity'] for r in R])} | "
-                     f"{_fmt([r[m]['train_templates']['layout'] for r in R])} | {_fmt([r[m]['train_templates']['twin_rate'] for r in R])} |")
+                     f"{_fmt([r[m]['train_templates']['layout'] for r in R])} | {_fmt([_safe_layout(r[m]['train_templates']) for r in R])} | "
+                     f"{_fmt([r[m]['train_templates']['twin_rate'] for r in R])} |")
         summary["models"][m] = {k: _ms([r[m]["train_templates"][k] for r in R]) for k in ("ip", "fidelity", "layout", "twin_rate")}
         summary["models"][m]["ip_held_out"] = _ms([r[m]["held_out"]["ip"] for r in R])
+        summary["models"][m]["safe_with_layout"] = _ms([_safe_layout(r[m]["train_templates"]) for r in R])
     # single experts: own concept and the others
     lines += ["", "### Single experts", "",
               "IP on the expert's own concept and on the other six; fidelity on all safe prompts.", "",

@@ -118,3 +118,26 @@ def test_command_line_model_defaults_to_the_world_model(tmp_path):
     assert rc == 0
     ds = PreferenceDataset(tmp_path / "ds")
     assert len(ds) == 2 and ds.model_fingerprint == load_world_model().fingerprint()
+
+
+def test_interrupted_demo_resumes_training_from_its_checkpoint(tmp_path, caplog):
+    """Ctrl-C in the middle of the second expert; the rerun keeps the first expert and resumes the second."""
+    settings = DemoSettings.preset(quick=True, pairs_per_concept=2, steps=24, eval_per_concept=1, eval_steps=2,
+                                   render_steps=2, calibration_inputs=2)
+
+    def interrupt(msg):
+        if "harassment expert: step 18/24" in msg:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(tmp_path, settings, log=interrupt)
+    hate = tmp_path / "experts" / "hate.safetensors"
+    assert hate.exists() and not (tmp_path / "experts" / "harassment.safetensors").exists()
+    assert any((tmp_path / "experts" / "harassment.checkpoints").iterdir())
+    before = hate.stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="safetydpo_core.training.trainer"):
+        report = run_demo(tmp_path, settings, log=lambda m: None)
+    assert "Resuming from" in caplog.text and "(step 10 of 24)" in caplog.text
+    assert hate.stat().st_mtime_ns == before
+    assert set(report["experts"]) == set(CATEGORIES)
+    assert not (tmp_path / "experts" / "harassment.checkpoints").exists()

@@ -20,10 +20,12 @@ def register(sub) -> None:
     p.add_argument("--out", default="safetydpo-demo", help="output folder (default: ./safetydpo-demo)")
     p.add_argument("--quick", action="store_true", help="a smaller run (fewer pairs, steps and evaluation prompts)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pairs, rendering, training and evaluation")
-    p.add_argument("--steps", type=int, default=None, help="DPO steps per expert (default 200; quick 90)")
-    p.add_argument("--pairs", type=int, default=None, dest="pairs_per_concept",
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="DPO steps per expert (default 200; quick 90)")
+    p.add_argument("--pairs", type=int, default=None, dest="pairs_per_concept", metavar="N",
                    help="prompt pairs per concept (default 24; quick 10)")
-    p.add_argument("--method", default=None, dest="merge_method",
+    from ..merge.api import METHODS
+
+    p.add_argument("--method", default=None, dest="merge_method", choices=list(METHODS),
                    help="merge method (default comerge-delta, Co-Merge's delta reading; any of `safetydpo merge --method`)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out made with other settings")
@@ -31,12 +33,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..merge.api import METHODS
-    from ..errors import ConfigError
     from ..world.demo import DemoSettings, run_demo
 
-    if args.merge_method is not None and args.merge_method not in METHODS:
-        raise ConfigError(f"Unknown merge method {args.merge_method!r}; choose one of {', '.join(METHODS)}.")
     settings = DemoSettings.preset(quick=args.quick, seed=args.seed, steps=args.steps,
                                    pairs_per_concept=args.pairs_per_concept, merge_method=args.merge_method,
                                    threads=args.threads)
