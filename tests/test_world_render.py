@@ -34,7 +34,7 @@ def test_world_pixels_are_pinned():
                                                       WORLD.ids("background") * 6)]
     imgs = render_batch(scenes, range(len(scenes))).double()
     assert imgs.sum().item() == pytest.approx(PINNED_SUM, rel=1e-6), (
-        "the world's renders changed; retrain the model and judge (see the README, "The world") and re-pin")
+        "the world's renders changed; retrain the model and judge (see the README, 'The world') and re-pin")
     assert (imgs * torch.arange(32, dtype=torch.float64)).sum().item() == pytest.approx(PINNED_MOMENT, rel=1e-6)
 
 
