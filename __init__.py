@@ -6,7 +6,14 @@ downloads nothing; optional extras (NudeNet, gguf) are imported only by the node
 says what to install if they are missing. The nodes are described in README.md (section "ComfyUI nodes").
 """
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:
+    # Imported as a plain file, not as a package: pytest does this with a test tree's root __init__.py when
+    # the folder's name is not a Python name (e.g. a clone named "ComfyUI-SafetyDPO"). There is no package to
+    # import the nodes relative to, and nothing to register.
+    NODE_CLASS_MAPPINGS: dict = {}
+    NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
 # the frontend extension (web/safetydpo_live.js: live training view, merge report), served by ComfyUI under
 # /extensions/<pack folder>/

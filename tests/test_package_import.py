@@ -112,3 +112,15 @@ def test_pyproject_has_the_registry_table():
     project = data["project"]
     assert project["name"] and "comfyui" not in project["name"].lower()
     assert "Repository" in project.get("urls", {})
+
+
+def test_root_init_imported_as_a_plain_file_registers_nothing_and_does_not_fail(tmp_path):
+    """pytest imports a test tree's root ``__init__.py`` as the plain module ``__init__`` when the folder's name
+    is not a Python name (a clone named ``ComfyUI-SafetyDPO``): that import must not fail."""
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('__init__', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "print(len(m.NODE_CLASS_MAPPINGS), m.WEB_DIRECTORY)")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT / "__init__.py")], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "./web"]
