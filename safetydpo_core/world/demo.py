@@ -229,6 +229,7 @@ def train_lora(den, dataset: Path, cfg, path: Path, *, say: LogFn, label: str) -
     interrupted run continues from its checkpoint."""
     from ..data.preference_dataset import PreferenceDataset
     from ..lora.io import save_lora
+    from ..training.checkpoint import latest_checkpoint
     from ..training.trainer import train_expert
 
     if path.exists():
@@ -243,8 +244,11 @@ def train_lora(den, dataset: Path, cfg, path: Path, *, say: LogFn, label: str) -
 
     say(f"training {label} ({len(data)} pairs, {cfg.steps} {cfg.objective.upper()} steps)")
     ckpt = path.with_suffix(".checkpoints")
+    last = latest_checkpoint(ckpt) if ckpt.exists() else None
+    if last is not None:
+        say(f"  resuming {label} from {last.name}")
     result = train_expert(den, data, cfg, checkpoint_dir=ckpt, metrics_path=path.with_suffix(".metrics"),
-                          resume=ckpt.exists() and any(ckpt.iterdir()), progress=progress)
+                          resume=last is not None, progress=progress)
     save_lora(result.lora, path, names=den.names())
     shutil.rmtree(ckpt, ignore_errors=True)
     return path
