@@ -11,15 +11,24 @@
   the models of a graph, so that the inference-tensor trap is reproduced.
 * :func:`backend_module`: imports ``nodes/comfy_*.py`` of this pack. ComfyUI has a top-level module
   ``nodes`` too, so the pack's ``nodes`` folder is loaded under a package name of its own.
+* :func:`comfyui_server`: ComfyUI's ``main.py`` in a subprocess on a free port (the server and browser tests),
+  as a :class:`ComfyServer` subclass of the test module's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 import types
+import urllib.error
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -177,3 +186,71 @@ def assert_same_state(before: dict[str, torch.Tensor], mp) -> None:
     assert set(after) == set(before)
     changed = [k for k in before if not torch.equal(before[k], after[k]) or before[k].dtype != after[k].dtype]
     assert not changed, f"{len(changed)} tensors of the loaded model changed, e.g. {changed[:3]}"
+
+
+# -- a real ComfyUI server (main.py in a subprocess) -------------------------------------------------------
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class ComfyServer:
+    """A running ``main.py``: its URL, process, log file and base directory. Test modules subclass it with
+    the requests they make; a subclass provides ``get(path)`` (used to wait for the server)."""
+
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path, base: Path, **attrs):
+        self.url, self.proc, self.log_path, self.base = url, proc, log, base
+        self.__dict__.update(attrs)
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def get(self, path: str):
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def comfyui_server(cls: type[ComfyServer], base: Path, extra_model_paths: Path, log: Path, *,
+                   while_starting: Callable[[], None] | None = None, start_timeout: float = 180,
+                   **attrs) -> Iterator[ComfyServer]:
+    """Start ComfyUI from ``COMFYUI_PATH`` on the CPU on a free local port (``--base-directory base``,
+    ``--extra-model-paths-config extra_model_paths``, output to ``log``), run ``while_starting()`` while it
+    starts, wait until ``/system_stats`` answers, yield ``cls(url, proc, log, base, **attrs)``, and stop the
+    server's whole process group afterwards."""
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MALLOC_MMAP_THRESHOLD_="4294967296",
+               MALLOC_TRIM_THRESHOLD_="68719476736")
+    env.pop("COMFYUI_PATH", None)
+    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+           "--disable-api-nodes", "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
+           "--extra-model-paths-config", str(extra_model_paths), "--preview-method", "none"]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    srv = cls(f"http://127.0.0.1:{port}", proc, log, base, **attrs)
+    try:
+        if while_starting is not None:
+            while_starting()
+        end = time.monotonic() + start_timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"ComfyUI exited with {proc.returncode}:\n{srv.log()[-6000:]}")
+            try:
+                srv.get("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if time.monotonic() > end:
+                    raise AssertionError(f"ComfyUI did not answer in {start_timeout:.0f} s:\n{srv.log()[-6000:]}") from None
+                time.sleep(1)
+        yield srv
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)

@@ -17,10 +17,6 @@ import json
 import math
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +26,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from comfyui_support import ComfyServer, comfyui_server
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "").strip() or None
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,20 +94,8 @@ def write_sd15_files(models: Path) -> dict[str, str]:
 
 
 # -- the server -------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Server:
-    def __init__(self, url: str, proc: subprocess.Popen, log: Path, base: Path, files: dict):
-        self.url, self.proc, self.log_path, self.base, self.files = url, proc, log, base, files
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
+class Server(ComfyServer):
+    files: dict
 
     def get(self, path: str):
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
@@ -175,39 +161,8 @@ def server(tmp_path_factory):
         "  text_encoders: models/text_encoders\n"
         "  vae: models/vae\n"
         "  loras: models/extra_loras\n", encoding="utf-8")
-    port = _free_port()
-    log = tmp / "server.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", MALLOC_MMAP_THRESHOLD_="4294967296",
-               MALLOC_TRIM_THRESHOLD_="68719476736")
-    env.pop("COMFYUI_PATH", None)
-    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-           "--disable-api-nodes", "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-           "--extra-model-paths-config", str(yaml_path), "--preview-method", "none"]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    srv = Server(f"http://127.0.0.1:{port}", proc, log, base, files)
-    try:
-        end = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"ComfyUI exited with {proc.returncode}:\n{srv.log()[-6000:]}")
-            try:
-                srv.get("/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if time.monotonic() > end:
-                    raise AssertionError(f"ComfyUI did not answer in 180 s:\n{srv.log()[-6000:]}") from None
-                time.sleep(1)
+    with comfyui_server(Server, base, yaml_path, tmp / "server.log", files=files) as srv:
         yield srv
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
 
 
 # -- graphs -----------------------------------------------------------------------------------------------

@@ -29,9 +29,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -45,6 +42,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from safetydpo_core import workflow_api as wa  # noqa: E402
+
+from comfyui_support import ComfyServer, comfyui_server  # noqa: E402
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "").strip() or None
 CHROMIUM = os.environ.get("SAFETYDPO_CHROMIUM", "/usr/bin/chromium")
@@ -128,21 +127,7 @@ def write_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
 
 
 # -- the server -------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Server:
-    def __init__(self, url: str, proc: subprocess.Popen, log: Path, base: Path):
-        self.url, self.proc, self.log_path, self.base = url, proc, log, base
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
+class Server(ComfyServer):
     def fetch(self, path: str) -> tuple[int, str, bytes]:
         try:
             with urllib.request.urlopen(self.url + path, timeout=30) as r:
@@ -178,46 +163,20 @@ def server(tmp_path_factory):
         f"  base_path: {extra}\n"
         "  custom_nodes: custom_nodes\n"
         "  checkpoints: models/checkpoints\n", encoding="utf-8")
-    port = _free_port()
-    log = tmp / "server.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", MALLOC_MMAP_THRESHOLD_="4294967296",
-               MALLOC_TRIM_THRESHOLD_="68719476736")
-    env.pop("COMFYUI_PATH", None)
-    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-           "--disable-api-nodes", "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-           "--extra-model-paths-config", str(yaml_path), "--preview-method", "none"]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    srv = Server(f"http://127.0.0.1:{port}", proc, log, base)
+    checkpoints = extra / "models" / "checkpoints"
+
+    def write_checkpoints():  # while the server starts; listed (by name only) before the first workflow loads
+        write_sd15_checkpoint(checkpoints / SD15)
+        (checkpoints / SDXL).write_bytes(b"")  # listed, never loaded
+
     try:
-        # written while the server starts; listed (by name only) before the first workflow loads
-        write_sd15_checkpoint(extra / "models" / "checkpoints" / SD15)
-        (extra / "models" / "checkpoints" / SDXL).write_bytes(b"")  # listed, never loaded
-        end = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"ComfyUI exited with {proc.returncode}:\n{srv.log()[-6000:]}")
-            try:
-                srv.get("/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if time.monotonic() > end:
-                    raise AssertionError(f"ComfyUI did not answer in 180 s:\n{srv.log()[-6000:]}") from None
-                time.sleep(1)
-        failed = [l for l in srv.log().splitlines() if "Cannot import" in l and PACK_DIR_NAME in l]
-        assert not failed, "\n".join(failed)
-        yield srv
+        with comfyui_server(Server, base, yaml_path, tmp / "server.log", while_starting=write_checkpoints) as srv:
+            failed = [l for l in srv.log().splitlines() if "Cannot import" in l and PACK_DIR_NAME in l]
+            assert not failed, "\n".join(failed)
+            yield srv
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
         # 2 GB, rebuilt on every run: not left in pytest's kept temporary folders
-        (extra / "models" / "checkpoints" / SD15).unlink(missing_ok=True)
+        (checkpoints / SD15).unlink(missing_ok=True)
 
 
 def offline_definitions() -> dict:
