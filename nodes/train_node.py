@@ -71,10 +71,16 @@ class TrainExpert(Node):
         }, "optional": {
             "allow_model_mismatch": BOOL(False, "Train even if the dataset was rendered with another model "
                                                 "(its images are then not this model's outputs)."),
+            "preserve_weight": FLOAT(0.0, 0.0, 1e6, "Output preservation: how strongly the expert must keep the "
+                                                    "untouched model's predictions on preservation prompts (0 = off).",
+                                     step=0.1),
+            "preserve_prompts": COMBO(core("training.preservation").PRESERVE_SETS, "Preservation prompts: auto (the safe prompts of the dataset's "
+                                                     "other categories plus everyday prompts), others, or neutral."),
         }}
 
     def train(self, model, clip, dataset, category, steps, learning_rate, rank, beta, condition, seed,
-              gradient_checkpointing, save_every, resume, allow_model_mismatch=False):
+              gradient_checkpointing, save_every, resume, allow_model_mismatch=False, preserve_weight=0.0,
+              preserve_prompts="auto"):
         e = errors()
         if not isinstance(dataset, dict) or "path" not in dataset:
             raise e.DatasetError("dataset: expected a SAFETYDPO_DATASET from the render or load-dataset node.")
@@ -83,7 +89,8 @@ class TrainExpert(Node):
         tr = core("training")
         cfg = tr.TrainConfig(category=None if category == "all" else category, steps=int(steps), rank=int(rank),
                              beta=float(beta), condition=condition, lr=float(learning_rate), seed=int(seed),
-                             gradient_checkpointing=bool(gradient_checkpointing), checkpoint_every=int(save_every))
+                             gradient_checkpointing=bool(gradient_checkpointing), checkpoint_every=int(save_every),
+                             preserve_weight=float(preserve_weight), preserve_prompts=str(preserve_prompts))
         den = denoiser(model, clip)
         model_fp = den.fingerprint()
         from .render_node import open_dataset

@@ -30,7 +30,7 @@ from safetydpo_core.denoiser.diffusers_backend import DiffusersDenoiser
 pytest.importorskip("accelerate", reason="accelerate is needed for the multi-process test")
 
 STEPS = ["--steps", "3", "--rank", "2", "--lr", "1e-3", "--beta", "2000", "--seed", "3", "--condition", "both",
-         "--prompt-dropout", "0.3", "--category", "violence"]
+         "--prompt-dropout", "0.3", "--category", "violence", "--preserve-weight", "2", "--preserve-prompts", "others"]
 
 
 def _free_port() -> int:

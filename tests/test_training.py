@@ -170,3 +170,103 @@ def test_resume_past_the_requested_steps_is_refused(sd15, data, tmp_path):
     train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck")
     with pytest.raises(ConfigError, match="already at step 3, past the 2 steps"):
         train_expert(sd15, data, TrainConfig(**{**cfg.to_dict(), "steps": 2}), checkpoint_dir=tmp_path / "ck", resume=True)
+
+
+# -- output preservation (DUO) -------------------------------------------------------------------------------
+
+
+def _drift(den, lora, prompts, seed=0):
+    """Mean squared distance between the adapted and the untouched prediction on ``prompts``."""
+    from safetydpo_core.lora.apply import lora_applied
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(prompts), den.latent_channels, 4, 4, generator=g)
+    t = torch.randint(100, 900, (len(prompts),), generator=g)
+    cond = den.encode_prompts(prompts)
+    with torch.no_grad():
+        ref = den.predict(x, t, cond)
+        with lora_applied(den.module, [(lora, 1.0)]):
+            pred = den.predict(x, t, cond)
+    return float((pred - ref).pow(2).mean())
+
+
+def test_preservation_keeps_other_prompts_outputs(sd15, data):
+    """The same DPO run with a strong preservation term changes the model's outputs for the other category's
+    safe prompts much less, and still learns the preference."""
+    base = dict(steps=25, lr=1e-2, beta=500, batch_size=2, seed=0, timestep_range=(200, 800))
+    plain = train_expert(sd15, data, TrainConfig(**base))
+    kept = train_expert(sd15, data, TrainConfig(**base, preserve_weight=1000.0, preserve_prompts="others"))
+    assert kept.history[0]["preserve"] == 0.0            # policy == reference at step 0
+    assert abs(kept.history[0]["loss"] - math.log(2)) < 1e-6
+    assert any(r["preserve"] > 0 for r in kept.history)
+    others = sorted({r.safe for r in data.all_records if "violence" not in r.category})
+    assert others and _drift(sd15, kept.lora, others) < 0.5 * _drift(sd15, plain.lora, others)
+    stats = preference_stats(sd15, data, kept.lora, beta=500, draws=3, timesteps=(200, 800))
+    assert stats["implicit_acc"] == 1.0
+    assert kept.lora.metadata["safetydpo_preserve_weight"] == "1000"
+    assert plain.lora.metadata.get("safetydpo_preserve_weight") is None
+
+
+def test_preservation_resumes_exactly_and_is_part_of_the_resume_check(sd15, data, tmp_path):
+    cfg = TrainConfig(steps=4, lr=1e-3, beta=1000, seed=5, preserve_weight=3.0, preserve_prompts="others",
+                      checkpoint_every=2)
+    full = train_expert(sd15, data, cfg)
+    calls = {"n": 0}
+
+    def stop_after_2() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    with pytest.raises(Interrupted):
+        train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck", should_stop=stop_after_2)
+    resumed = train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck", resume=True)
+    assert full.lora.allclose(resumed.lora, rtol=0, atol=0)
+    for key, value in (("preserve_weight", 4.0), ("preserve_prompts", "auto")):
+        with pytest.raises(ConfigError, match=key):
+            train_expert(sd15, data, TrainConfig(**{**cfg.to_dict(), key: value}), checkpoint_dir=tmp_path / "ck",
+                         resume=True)
+
+
+def test_preservation_prompt_files(sd15, data, tmp_path):
+    from safetydpo_core.training.preservation import preservation_set
+
+    txt = tmp_path / "keep.txt"
+    txt.write_text("# everyday prompts\na bowl of fruit\n\na lighthouse at dusk\n", encoding="utf-8")
+    items = preservation_set(str(txt), data, sd15)
+    assert [i.prompt for i in items] == ["a bowl of fruit", "a lighthouse at dusk"] and items[0].latent is None
+    others = preservation_set("others", data, sd15)
+    assert others and all(i.latent is not None for i in others)
+    assert {i.prompt for i in others} == {r.safe for r in data.all_records if "violence" not in r.category}
+    res = train_expert(sd15, data, TrainConfig(steps=2, lr=1e-3, preserve_weight=1.0, preserve_prompts=str(txt)))
+    assert all(math.isfinite(r["preserve"]) for r in res.history)
+    assert res.lora.metadata["safetydpo_preserve_prompts"] == "keep.txt"
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("nonsense", "Unknown preservation prompts 'nonsense'"), ("missing.txt", "does not exist"),
+    ("empty.txt", "give no prompt"), ("others-all", "Unknown preservation prompts")])
+def test_bad_preservation_sets_are_named(sd15, data, tmp_path, monkeypatch, spec, match):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text("\n# nothing\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=match):
+        train_expert(sd15, data, TrainConfig(steps=1, preserve_weight=1.0, preserve_prompts=spec))
+
+
+def test_others_is_empty_when_every_category_is_trained(sd15, tmp_path):
+    from conftest import make_dataset as make
+
+    root = make(tmp_path / "one", sd15, categories=("violence",))
+    ds = PreferenceDataset(root)
+    with pytest.raises(ConfigError, match="'others' is empty"):
+        train_expert(sd15, ds, TrainConfig(steps=1, preserve_weight=1.0, preserve_prompts="others"))
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"preserve_weight": -1.0}, "preserve_weight must be a finite number >= 0"),
+    ({"preserve_weight": float("nan")}, "preserve_weight must be a finite number >= 0"),
+    ({"preserve_weight": float("inf")}, "preserve_weight must be a finite number >= 0"),
+    ({"sft_weight": float("nan")}, "sft_weight must be a finite number >= 0"),
+    ({"preserve_prompts": ""}, "preserve_prompts must name a preservation set")])
+def test_bad_preservation_settings_are_named(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**bad)

@@ -42,6 +42,12 @@ def register(sub) -> None:
     p.add_argument("--beta", type=float, default=5000.0, help="DPO beta (default 5000, as the official code)")
     p.add_argument("--mapo-beta", type=float, default=0.1, help="MaPO beta (default 0.1)")
     p.add_argument("--sft-weight", type=float, default=0.0, help="weight of an extra SFT term on the safe image")
+    p.add_argument("--preserve-weight", type=float, default=0.0,
+                   help="output preservation (DUO): weight of the squared distance between the expert's and the "
+                        "untouched model's predictions on preservation prompts (default 0: off)")
+    p.add_argument("--preserve-prompts", default="auto",
+                   help="preservation prompts: auto (others + neutral; default), others (safe prompts of the dataset's "
+                        "other categories), neutral (everyday prompts), or a .txt / .jsonl file")
     p.add_argument("--condition", default="unsafe", choices=["unsafe", "safe", "both"],
                    help="prompt that conditions both images (default unsafe)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
@@ -121,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         mixed = env.mixed_precision
     cfg = TrainConfig(category=args.category, steps=args.steps, rank=args.rank, alpha=args.alpha, targets=args.targets,
                       objective=args.objective, beta=args.beta, mapo_beta=args.mapo_beta, sft_weight=args.sft_weight,
+                      preserve_weight=args.preserve_weight, preserve_prompts=args.preserve_prompts,
                       condition=args.condition, lr=args.lr, optimizer=args.optimizer, lr_schedule=args.lr_schedule,
                       warmup_steps=args.warmup_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       max_grad_norm=args.max_grad_norm, prompt_dropout=args.prompt_dropout, seed=args.seed,

@@ -316,6 +316,13 @@ class PreferenceDataset:
             self._handles[name] = h
         return h
 
+    def load_latent(self, shard: str, key: str) -> torch.Tensor:
+        """One stored latent by shard file and key (``<id>.safe`` or ``<id>.unsafe``), of any pair in the folder."""
+        try:
+            return self._shard(shard).get_tensor(key)
+        except (SafetensorError, KeyError) as e:
+            raise DatasetError(f"The latent {key!r} is listed in the manifest but missing from {shard}.") from e
+
     def load_pair(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The (safe, unsafe) latents of pair ``i``."""
         r = self.records[i]

@@ -31,6 +31,8 @@ class TrainConfig:
     mapo_beta: float = 0.1
     mapo_snr: float = 0.5
     sft_weight: float = 0.0
+    preserve_weight: float = 0.0                # output preservation (DUO): weight of mean((pred - ref)^2)
+    preserve_prompts: str = "auto"               # the preservation set: auto, others, neutral or a file
     condition: str = "unsafe"                    # which prompt conditions both images
     lr: float = 1e-4
     optimizer: str = "adamw"
@@ -61,6 +63,13 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ConfigError(f"{name} must be a positive number; got {v!r}.")
+        for name in ("sft_weight", "preserve_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0 (0 turns it off); got {v!r}.")
+        if not isinstance(self.preserve_prompts, str) or not self.preserve_prompts.strip():
+            raise ConfigError(f"preserve_prompts must name a preservation set (auto, others, neutral) or a prompts "
+                              f"file; got {self.preserve_prompts!r}.")
         if self.alpha is not None and not self.alpha > 0:
             raise ConfigError(f"alpha must be positive; got {self.alpha!r}.")
         if not 0 <= self.prompt_dropout < 1:

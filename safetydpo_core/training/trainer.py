@@ -57,7 +57,8 @@ ProgressFn = Callable[[int, int, dict], None]
 StopFn = Callable[[], bool]
 
 # settings that must not change between an interrupted run and its resume
-_RESUME_KEYS = ("rank", "alpha", "targets", "objective", "beta", "mapo_beta", "mapo_snr", "sft_weight", "condition",
+_RESUME_KEYS = ("rank", "alpha", "targets", "objective", "beta", "mapo_beta", "mapo_snr", "sft_weight", "preserve_weight",
+                "preserve_prompts", "condition",
                 "lr", "optimizer", "weight_decay", "lr_schedule", "warmup_steps", "batch_size",
                 "max_grad_norm", "prompt_dropout", "seed", "category", "timestep_range")
 
@@ -107,6 +108,7 @@ class ExpertTrainer:
         self.should_stop = should_stop
         self.init_lora = init_lora
         self._cond_cache: OrderedDict[tuple[str, tuple[int, int]], Conditioning] = OrderedDict()
+        self._preserve_items = None
         self._check_dataset()
 
     # -- checks -------------------------------------------------------------------------------------
@@ -194,6 +196,36 @@ class ExpertTrainer:
             pred = d.predict(x_t, t2, cond2)
         return objectives.mapo(pred, target, cfg.mapo_beta, cfg.mapo_snr, d.num_train_timesteps, cfg.sft_weight)
 
+    def _preserve_loss(self, adapter, w: torch.Tensor, step: int, micro: int, size: tuple[int, int]) -> torch.Tensor:
+        """Output preservation (:mod:`.preservation`): mean squared distance between the adapted and the
+        adapter-off prediction for ``len(w)`` preservation prompts, on inputs noised with their own noise and
+        timestep from their own latents (or, for prompts without one, from the batch's safe latents ``w``)."""
+        from .preservation import preservation_set
+
+        d, cfg = self.denoiser, self.cfg
+        if self._preserve_items is None:
+            self._preserve_items = preservation_set(cfg.preserve_prompts, self.dataset, d, cfg.seed)
+        items = self._preserve_items
+        g = step_generator(cfg.seed, step, micro, domain=3)
+        pick = torch.randint(len(items), (w.shape[0],), generator=g).tolist()
+        x0 = []
+        for b, k in enumerate(pick):
+            lat = self.dataset.load_latent(*items[k].latent) if items[k].latent is not None else None
+            x0.append(lat if lat is not None and lat.shape == w[b].shape else w[b])
+        x0 = torch.stack(x0)
+        noise = torch.randn(x0.shape, generator=g)
+        lo, hi = cfg.timestep_range or (0, d.num_train_timesteps)
+        t = torch.randint(lo, min(hi, d.num_train_timesteps), (x0.shape[0],), generator=g)
+        dev = torch.device(getattr(d, "device", "cpu"))
+        x0, noise, t = x0.to(dev), noise.to(dev), t.to(dev)
+        x_t = d.add_noise(x0, noise, t)
+        cond = self._encode([items[k].prompt for k in pick], size)
+        with torch.no_grad(), adapter.disabled(), self._autocast():
+            ref = d.predict(x_t, t, cond)
+        with self._autocast():
+            pred = d.predict(x_t, t, cond)
+        return objectives.per_sample_mse(pred, ref).mean()
+
     def _initial_lora(self, adapter) -> LoraSet:
         """Seeded initialisation (down ~ N(0, 1/r), up = 0, as the official code): the update starts at zero,
         so the policy equals the reference at step 0, and the run does not depend on global RNG state."""
@@ -238,8 +270,9 @@ class ExpertTrainer:
         state = load_checkpoint(path)
         old = state.get("config", {})
         new = self.cfg.to_dict()
+        defaults = TrainConfig().to_dict()
         for k in _RESUME_KEYS:
-            a, b = old.get(k), new.get(k)
+            a, b = old.get(k, defaults[k]), new.get(k)  # a setting newer than the checkpoint had its default
             if isinstance(a, list) or isinstance(b, tuple):
                 a, b = list(a) if a is not None else None, list(b) if b is not None else None
             if a != b:
@@ -348,6 +381,10 @@ class ExpertTrainer:
                     micro = local * group.world_size + group.rank
                     w, l, noise, t, prompts, size = self._batch(order, step, micro)
                     out = self._loss(adapter, w, l, noise, t, self._encode(prompts, size))
+                    if cfg.preserve_weight:
+                        kept = self._preserve_loss(adapter, w, step, micro, size)
+                        out.loss = out.loss + cfg.preserve_weight * kept
+                        out.stats["preserve"] = float(kept.detach())
                     if not torch.isfinite(out.loss):
                         bad_loss = float(out.loss.detach())
                         for k in out.stats:
@@ -430,6 +467,9 @@ class ExpertTrainer:
             "safetydpo_dataset_pairs": str(len(ds)),
             "safetydpo_model_fingerprint": self.denoiser.fingerprint(),
         }
+        if cfg.preserve_weight:
+            meta["safetydpo_preserve_weight"] = f"{cfg.preserve_weight:g}"
+            meta["safetydpo_preserve_prompts"] = Path(cfg.preserve_prompts).name  # never a full path
         if self.group.world_size > 1:
             meta["safetydpo_processes"] = str(self.group.world_size)
         if final:

@@ -1,0 +1,120 @@
+"""The output-preservation set of a training run: prompts whose outputs the expert must leave unchanged.
+
+DUO (Park et al., arXiv 2407.21035) adds to the unlearning objective, on prompts unrelated to the removed
+concept, the squared distance between the adapted prediction and the frozen model's prediction on the same
+noisy input. With an adapter-off reference this needs no copy of the network: the trainer
+(:mod:`.trainer`) runs the preservation prompts once with the adapters off and once with them on, and adds
+``preserve_weight x mean((pred - ref)^2)`` to the loss.
+
+A preservation item is a prompt and, where the dataset holds a picture of it, that picture's latent (the
+safe latents of pairs outside the trained categories). Items without a picture are noised from the
+current batch's safe latents: the regulariser asks for the same output on the same input, whatever the
+input shows.
+
+``preserve_prompts`` (a training setting) chooses the set:
+
+* ``auto`` (default): ``others`` plus ``neutral``;
+* ``others``: the safe prompts of the dataset's pairs outside the trained categories, with their latents;
+* ``neutral``: prompts of everyday content for the model being trained: the plain-shape captions of the
+  built-in world for the world model, else the pack's neutral prompt set;
+* a path to a ``.txt`` file (one prompt per line) or a ``.jsonl`` prompt-pair file (its safe prompts).
+
+Public API: :data:`PRESERVE_SETS`, :class:`PreserveItem`, :func:`preservation_set`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError
+
+PRESERVE_SETS = ("auto", "others", "neutral")
+WORLD_NEUTRAL_PROMPTS = 90   # plain-shape captions per run on the world (every shape x colour x position)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreserveItem:
+    """A preservation prompt and the (shard, key) of its picture's latent in the dataset, if it has one."""
+
+    prompt: str
+    latent: tuple[str, str] | None = None
+
+
+def _is_world(denoiser) -> bool:
+    from ..world.spec import WORLD
+
+    return getattr(denoiser, "base_model_version", None) == WORLD.version
+
+
+def _others(dataset) -> list[PreserveItem]:
+    used = {r.id for r in dataset.records}
+    return [PreserveItem(r.safe, (r.shard, f"{r.id}.safe")) for r in dataset.all_records if r.id not in used]
+
+
+def _world_neutral(seed: int) -> list[PreserveItem]:
+    """Training-wording captions of the world's plain shapes (every shape x colour x position)."""
+    from ..world.captions import caption
+    from ..world.spec import WORLD, Scene
+
+    rng = np.random.default_rng([seed, 4242])
+    plain = [o.id for o in WORLD.objects if o.role == "plain"]
+    backgrounds = WORLD.ids("background")
+    out = []
+    for s in plain:
+        for c in WORLD.ids("colour"):
+            for p in WORLD.ids("position"):
+                scene = Scene(s, c, p, backgrounds[int(rng.integers(len(backgrounds)))])
+                out.append(PreserveItem(caption(scene, rng=rng, split="train")))
+    return out
+
+
+def _neutral(denoiser, seed: int) -> list[PreserveItem]:
+    if _is_world(denoiser):
+        return _world_neutral(seed)
+    from ..eval.prompt_sets import load_prompt_set
+
+    return [PreserveItem(p) for p in load_prompt_set("neutral-train")]
+
+
+def _from_file(path: Path) -> list[PreserveItem]:
+    if not path.is_file():
+        raise ConfigError(f"The preservation prompts file {path} does not exist. Give an existing .txt (one prompt "
+                          f"per line) or .jsonl prompt-pair file, or one of: {', '.join(PRESERVE_SETS)}.")
+    if path.suffix.lower() == ".jsonl":
+        from ..prompts.pairs import read_pairs
+
+        return [PreserveItem(p.safe) for p in read_pairs(path)]
+    if path.suffix.lower() != ".txt":
+        raise ConfigError(f"The preservation prompts file {path} must be a .txt (one prompt per line) or a .jsonl "
+                          f"prompt-pair file.")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"The preservation prompts file {path} cannot be read as UTF-8 text: {e}.") from e
+    return [PreserveItem(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def preservation_set(spec: str | os.PathLike | None, dataset, denoiser, seed: int = 0) -> list[PreserveItem]:
+    """The preservation items for ``spec`` (see the module docstring); an empty set is an error."""
+    name = "auto" if spec is None or str(spec).strip() == "" else str(spec).strip()
+    if name == "auto":
+        items = _others(dataset) + _neutral(denoiser, seed)
+    elif name == "others":
+        items = _others(dataset)
+        if not items:
+            raise ConfigError(f"The preservation set 'others' is empty: the dataset {dataset.root} has no pairs outside "
+                              f"the categories being trained. Use 'neutral', 'auto' or a prompts file.")
+    elif name == "neutral":
+        items = _neutral(denoiser, seed)
+    elif os.sep in name or "/" in name or name.endswith((".txt", ".jsonl")):
+        items = _from_file(Path(name).expanduser())
+    else:
+        raise ConfigError(f"Unknown preservation prompts {name!r}: use one of {', '.join(PRESERVE_SETS)}, or the path of "
+                          f"a .txt (one prompt per line) or .jsonl prompt-pair file.")
+    if not items:
+        raise ConfigError(f"The preservation prompts {name!r} give no prompt; give a non-empty set.")
+    return items
