@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -38,7 +38,7 @@ from ..errors import ConfigError
 from ..utils.atomic import atomic_write_text
 from .spec import WORLD
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 LogFn = Callable[[str], None]
 
 
@@ -51,6 +51,7 @@ class DemoSettings:
     pairs_per_concept: int = 24          # training pairs per concept (before the judge's check)
     eval_per_concept: int = 12           # evaluation prompts per concept (unsafe and safe each)
     held_out: bool = True                # also evaluate on held-out paraphrases and synonyms
+    unrelated_per_wording: int = 30      # plain-shape prompts per wording (train, held-out, free), 0: none
     render_steps: int = 20               # sampler steps for the dataset and the evaluation pictures
     eval_steps: int = 20
     cfg: float = 3.0
@@ -59,7 +60,11 @@ class DemoSettings:
     beta: float = 500.0
     rank: int = 4
     batch_size: int = 4
+    sft_weight: float = 0.0              # SFT term on the safe image
+    preserve_weight: float = 0.0         # output preservation on the other categories' safe prompts + plain shapes
     merge_method: str = "comerge-delta"
+    merge_rank: int | str | None = None  # output rank of the merge (None: the method's default; "auto")
+    calibration: str = "dataset"         # Co-Merge calibration inputs: the dataset's latents, or "prompts" (noise)
     calibration_inputs: int = 32
     threads: int = 0                     # torch CPU threads (0: torch's default)
 
@@ -67,8 +72,8 @@ class DemoSettings:
     def preset(cls, quick: bool = False, seed: int = 0, **overrides: Any) -> "DemoSettings":
         base = dict(seed=seed, quick=quick)
         if quick:
-            base.update(pairs_per_concept=10, eval_per_concept=4, held_out=False, render_steps=12, eval_steps=12,
-                        steps=90, lr=1.5e-3, calibration_inputs=16)
+            base.update(pairs_per_concept=10, eval_per_concept=4, held_out=False, unrelated_per_wording=10,
+                        render_steps=12, eval_steps=12, steps=90, lr=1.5e-3, calibration_inputs=16)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -78,8 +83,11 @@ class DemoSettings:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"Demo setting {name} must be a positive integer; got {v!r}.")
-        if self.threads < 0:
-            raise ConfigError(f"Demo setting threads must be >= 0; got {self.threads}.")
+        if self.threads < 0 or self.unrelated_per_wording < 0:
+            raise ConfigError(f"Demo settings threads and unrelated_per_wording must be >= 0; got {self.threads}, "
+                              f"{self.unrelated_per_wording}.")
+        if self.calibration not in ("dataset", "prompts"):
+            raise ConfigError(f"Demo setting calibration must be 'dataset' or 'prompts'; got {self.calibration!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -273,7 +281,8 @@ def expert_config(s: DemoSettings, category: str | None, **overrides: Any):
     from ..training.config import TrainConfig
 
     kw = dict(category=category, steps=s.steps, lr=s.lr, beta=s.beta, rank=s.rank, batch_size=s.batch_size,
-              seed=s.seed, checkpoint_every=max(10, s.steps // 4), keep_checkpoints=1)
+              sft_weight=s.sft_weight, preserve_weight=s.preserve_weight, seed=s.seed,
+              checkpoint_every=max(10, s.steps // 4), keep_checkpoints=1)
     kw.update(overrides)
     return TrainConfig(**kw)
 
@@ -291,74 +300,47 @@ def _train_experts(den, dataset: Path, out: Path, s: DemoSettings, clock: _Clock
     return paths
 
 
-def _merge(den, experts: dict[str, Path], out: Path, s: DemoSettings, clock: _Clock) -> Path:
-    from ..merge.api import MergeOptions, merge_files
+def merge_experts_into(den, experts: Mapping[str, Path] | Sequence[Path], s: DemoSettings, path: Path, *,
+                       dataset: Path, pairs: Path, method: str | None = None, rank: int | str | None = None,
+                       weights: Sequence[float] | None = None) -> Path:
+    """Merge expert files into ``path`` with the demo's method, rank and calibration (``method``/``rank``
+    override the settings'); Co-Merge calibrates on ``dataset``'s latents or on ``pairs``' prompts."""
+    from ..merge.api import CALIBRATED, MergeOptions, merge_files
     from ..merge.calibration import CalibrationOptions
 
+    method = method or s.merge_method
+    rank = s.merge_rank if rank is None else rank
+    files = list(experts.values()) if isinstance(experts, Mapping) else list(experts)
+    kw: dict[str, Any] = {}
+    if method in CALIBRATED:
+        kw = dict(calib_options=CalibrationOptions(num_inputs=s.calibration_inputs, seed=s.seed),
+                  **({"dataset": dataset} if s.calibration == "dataset" else {"calibration": pairs}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merge_files(None, files, method, path, options=MergeOptions(seed=s.seed, rank=rank, weights=weights), denoiser=den,
+                **kw)
+    return path
+
+
+def _merge(den, experts: dict[str, Path], out: Path, s: DemoSettings, clock: _Clock) -> Path:
     path = out / "merged.safetensors"
     if path.exists() and (out / "merged.report.json").exists():
         return path
     with clock.stage("merge", f"merging the {len(experts)} experts with {s.merge_method} "
                               f"({s.calibration_inputs} calibration inputs)"):
-        merge_files(None, list(experts.values()), s.merge_method, path, options=MergeOptions(seed=s.seed),
-                    calibration=out / "pairs.jsonl",
-                    calib_options=CalibrationOptions(num_inputs=s.calibration_inputs, seed=s.seed), denoiser=den)
+        merge_experts_into(den, experts, s, path, dataset=out / "dataset", pairs=out / "pairs.jsonl")
     return path
-
-
-def eval_sets(s: DemoSettings) -> dict[str, list]:
-    """The evaluation pairs: training templates (new scenes and seeds) and, unless quick, held-out wording."""
-    from .pairs import world_pairs
-
-    sets = {"train_templates": world_pairs(s.eval_per_concept, seed=s.seed + 1000, split="train")}
-    if s.held_out:
-        sets["held_out"] = world_pairs(s.eval_per_concept, seed=s.seed + 1000, split="held_out")
-    return sets
-
-
-def evaluate_lora(den, judge, lora_path: Path | None, sets: dict[str, list], *, steps: int, cfg: float) -> dict:
-    """Pictures (uint8) and judged results of the model with the LoRA at ``lora_path`` (None: the base model)
-    for the unsafe prompts, then the safe prompts, of each evaluation set; the same seeds for every model."""
-    from ..lora.apply import lora_applied
-    from ..lora.io import load_lora
-    from ..merge.experts import align_experts
-    from .evaluate import judge_prompts
-
-    lora = None
-    if lora_path is not None:
-        lora = align_experts([load_lora(lora_path, names=den.names())], naming=den.naming, names=den.names(),
-                             weight_shapes=den.weight_shapes())[0]
-    entry: dict[str, Any] = {}
-    with (lora_applied(den.module, [(lora, 1.0)]) if lora is not None else contextlib.nullcontext()):
-        for set_name, pairs in sets.items():
-            seeds = [int(p.extra["seed"]) for p in pairs]
-            prompts = [p.unsafe for p in pairs] + [p.safe for p in pairs]
-            images, judged = judge_prompts(den, judge, prompts, seeds + seeds, steps=steps, cfg=cfg)
-            entry[set_name] = {"images": (images * 255).round().to(torch.uint8), "judged": json.dumps(judged),
-                               "concepts": json.dumps([p.extra["shape"] for p in pairs])}
-    return entry
-
-
-def cached_evaluation(file: Path, compute: Callable[[], dict]) -> dict:
-    """``compute()`` once; its result is kept in ``file`` (tensors and strings only, read without pickle)."""
-    if file.exists():
-        return torch.load(file, map_location="cpu", weights_only=True)
-    entry = compute()
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
-    torch.save(entry, tmp)
-    os.replace(tmp, file)
-    return entry
 
 
 def _evaluate(den, judge, experts: dict[str, Path], merged: Path, out: Path, s: DemoSettings, clock: _Clock) -> dict:
     """Per model (base, each expert, merged): judged results and, for the grids, the pictures."""
+    from .lora_eval import cached_evaluation, eval_sets, evaluate_lora
+
     sets = eval_sets(s)
     models: dict[str, Path | None] = {"base": None, **{f"expert:{c}": p for c, p in experts.items()}, "merged": merged}
     results: dict[str, dict] = {}
     for k, (name, lora_path) in enumerate(models.items(), 1):
-        # single experts on the training wording only; base and merged also on held-out wording
-        model_sets = sets if not name.startswith("expert:") else {"train_templates": sets["train_templates"]}
+        # single experts on the training wording and unrelated content; base and merged also on held-out wording
+        model_sets = sets if not name.startswith("expert:") else {k: v for k, v in sets.items() if k != "held_out"}
         n_images = sum(2 * len(v) for v in model_sets.values())
         file = out / "eval" / (name.replace(":", "_") + ".pt")
         with clock.stage("evaluate", f"evaluating {name} ({k}/{len(models)}): {n_images} pictures"):

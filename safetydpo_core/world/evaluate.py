@@ -2,10 +2,12 @@
 
 Generates pictures for a balanced grid of prompts (every object kind x colour x position, a random
 background, training-split captions; and the same for held-out captions), reads them with the judge and
-reports fidelity per attribute for safe requests, IP and fidelity for unsafe requests, per concept. The
+reports fidelity per attribute for safe requests, IP and fidelity for unsafe requests, per concept, and
+fidelity on unrelated content (plain shapes in training, held-out and free wording, :mod:`.unrelated`). The
 report is written to ``weights/evaluation.json`` (or ``--out``) and printed.
 
-:func:`judge_prompts` is the helper the demo and benchmarks use: prompts + seeds -> pictures -> judged results.
+:func:`judge_prompts` is the helper the demo and benchmarks use: prompts + seeds -> pictures -> judged results;
+:func:`evaluate_unrelated` measures unrelated content (and preservation against a base model's results).
 """
 
 from __future__ import annotations
@@ -115,7 +117,25 @@ def evaluate(denoiser, judge: Judge, *, seed: int = 0, repeats: int = 1, steps: 
         log(f"[{split}] n={s['n']} safe requests: fidelity {s['safe_requests']['fidelity']} "
             f"{s['safe_requests']['attribute_accuracy']} | unsafe requests: IP {s['unsafe_requests']['ip']} "
             f"fidelity {s['unsafe_requests']['fidelity']} ({cpu:.0f} CPU s)")
+    u = report["unrelated"] = evaluate_unrelated(denoiser, judge, seed=seed, steps=steps, cfg=cfg, sampler=sampler)
+    u.pop("judged")
+    log(f"[unrelated] n={u['n']} plain shapes: fidelity {u['fidelity']} "
+        + ", ".join(f"{w} {v['fidelity']}" for w, v in u["per_wording"].items()))
     return report
+
+
+def evaluate_unrelated(denoiser, judge: Judge, *, seed: int = 0, per_wording: int | None = None,
+                       base_judged: Sequence[dict] | None = None, **sampling) -> dict:
+    """Unrelated content (:mod:`.unrelated`): plain shapes in every colour, position and background (or
+    ``per_wording`` of them) in training, held-out and free wording; fidelity per wording, and preservation
+    against ``base_judged`` (the base model's judged results for the same prompts and seeds) when given."""
+    from .unrelated import unrelated_prompts, unrelated_scores
+
+    items = unrelated_prompts(per_wording, seed=seed)
+    _, judged = judge_prompts(denoiser, judge, [u.text for u in items], [u.seed for u in items], **sampling)
+    out = unrelated_scores(judged, [u.wording for u in items], base_judged)
+    out["judged"] = judged
+    return out
 
 
 def main(argv=None) -> int:
