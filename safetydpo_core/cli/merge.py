@@ -33,8 +33,9 @@ def register(sub) -> None:
     p.add_argument("--experts", nargs="+", required=True, metavar="LORA",
                    help="expert LoRA files (.safetensors; kohya, ComfyUI or diffusers/peft keys)")
     p.add_argument("--method", default="comerge", choices=list(METHODS), help=_METHOD_HELP)
-    p.add_argument("--rank", type=int, default=None,
-                   help="output rank of the SVD methods (default: the experts' largest rank); not for comerge/concat")
+    p.add_argument("--rank", default=None,
+                   help="output rank of the SVD methods: a number, or auto (the sum of the experts' ranks, at most 64); "
+                        "default: the experts' largest rank. comerge and concat fix their rank themselves")
     p.add_argument("--weights", nargs="+", type=float, default=None, metavar="W",
                    help="one weight per expert, multiplying its update (default 1 each)")
     p.add_argument("--out", required=True, help="merged LoRA file (.safetensors)")
@@ -82,7 +83,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..denoiser.devices import resolve_device, resolve_dtype
-    from ..merge.api import MergeOptions, merge_files, needs_calibration
+    from ..merge.api import MergeOptions, merge_files, needs_calibration, parse_rank
     from ..merge.calibration import CalibrationOptions
     from .common import Progress, apply_config_file, given_flags, refuse_existing, write_resolved_config
 
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     for e in args.experts:
         if Path(e).resolve() == out.resolve():
             raise SafetyDPOError(f"--out {out} is also one of the experts; write the merge to another file.")
-    opts = MergeOptions(rank=args.rank, weights=args.weights, aggregate=args.aggregate, normalize=args.normalize,
+    opts = MergeOptions(rank=parse_rank(args.rank) if args.rank is not None else None, weights=args.weights, aggregate=args.aggregate, normalize=args.normalize,
                         factor_balance=args.factor_balance, density=args.density, majority_sign=args.majority_sign,
                         svd=args.svd, seed=args.seed, threads=args.threads)
     opts.validate(args.method, len(args.experts))

@@ -31,6 +31,8 @@ from .report import LayerReport, MergeReport, factor_metrics
 
 log = logging.getLogger(__name__)
 
+AUTO_RANK = "auto"
+AUTO_RANK_CAP = 64
 METHODS = ("comerge", "comerge-delta", "concat", "linear", "ties", "dare", "dare-ties", "magnitude")
 CALIBRATED = ("comerge", "comerge-delta")
 DESCRIPTIONS = {
@@ -57,14 +59,16 @@ def needs_calibration(method: str) -> bool:
 class MergeOptions:
     """Options of every merge method (each method reads the ones that apply to it).
 
-    ``rank``: output rank of the SVD methods (default: the experts' largest rank); must stay ``None`` for
-    ``concat`` (rank = sum) and ``comerge`` (rank = the experts' rank). ``weights``: one per expert (default 1).
+    ``rank``: output rank of the SVD methods: a number, ``"auto"`` (the sum of the experts' ranks, at most
+    :data:`AUTO_RANK_CAP`: room for every expert's update) or ``None`` (the experts' largest rank); a number
+    is refused for ``concat`` (rank = sum) and ``comerge`` (rank = the experts' rank), which fix their rank
+    themselves and take ``"auto"`` as that. ``weights``: one per expert (default 1).
     ``aggregate``/``normalize``/``factor_balance``: Co-Merge (see :mod:`.comerge`). ``density`` and
     ``majority_sign``: TIES, DARE, magnitude. ``svd``: ``auto``, ``exact`` or ``randomized``. ``threads``:
     torch CPU threads while merging (default 1, see :func:`~.lowrank.cpu_threads`; ``None``: unchanged).
     """
 
-    rank: int | None = None
+    rank: int | str | None = None
     weights: Sequence[float] | None = None
     aggregate: str = "mean"
     normalize: str = "none"
@@ -78,9 +82,9 @@ class MergeOptions:
     def validate(self, method: str, n_experts: int) -> None:
         if method not in METHODS:
             raise ConfigError(f"Unknown merge method {method!r}; choose one of {', '.join(METHODS)}.")
-        if self.rank is not None:
-            if int(self.rank) <= 0:
-                raise ConfigError(f"The output rank must be a positive integer; got {self.rank}.")
+        if self.rank is not None and self.rank != AUTO_RANK:
+            if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+                raise ConfigError(f"The output rank must be a positive integer or {AUTO_RANK!r}; got {self.rank!r}.")
             if method == "concat":
                 raise ConfigError("concat is exact and its rank is the sum of the experts' ranks; leave the rank unset "
                                   "(or use linear for a chosen rank).")
@@ -174,7 +178,7 @@ def merge_experts(experts: Sequence[LoraSet], method: str = "comerge", stats: Ca
     if len(labels) != len(experts):
         raise ConfigError(f"{len(labels)} labels for {len(experts)} experts.")
     weights = [float(w) for w in (opts.weights if opts.weights is not None else [1.0] * len(experts))]
-    rank = int(opts.rank) if opts.rank is not None else max(e.max_rank for e in experts)
+    rank = output_rank(opts.rank, experts)
     names = layer_union(experts)
     report = MergeReport(method=method, labels=labels, experts=[_expert_info(e, l) for e, l in zip(experts, labels)],
                          options=opts.used_by(method), calibration=dict(stats.info) if (stats and needs_calibration(method)) else None)
@@ -202,6 +206,27 @@ def merge_experts(experts: Sequence[LoraSet], method: str = "comerge", stats: Ca
     report.seconds = time.perf_counter() - t0
     lora = LoraSet(out, naming, _output_metadata(method, experts, report))
     return MergeResult(lora, report)
+
+
+def parse_rank(text: str) -> int | str:
+    """A rank option from text: a positive integer or ``auto`` (for ``--rank``)."""
+    value = str(text).strip().lower()
+    if value == AUTO_RANK:
+        return AUTO_RANK
+    try:
+        rank = int(value)
+    except ValueError:
+        rank = 0
+    if rank <= 0:
+        raise ConfigError(f"The output rank must be a positive integer or {AUTO_RANK!r}; got {text!r}.")
+    return rank
+
+
+def output_rank(rank: int | str | None, experts: Sequence[LoraSet]) -> int:
+    """The SVD methods' output rank for a ``rank`` option (see :class:`MergeOptions`)."""
+    if rank == AUTO_RANK:
+        return min(sum(e.max_rank for e in experts), AUTO_RANK_CAP)
+    return int(rank) if rank is not None else max(e.max_rank for e in experts)
 
 
 def _merge_layer(method: str, name: str, group: list[LoraLayer | None], weights: list[float],
