@@ -11,15 +11,20 @@
   the models of a graph, so that the inference-tensor trap is reproduced.
 * :func:`backend_module`: imports ``nodes/comfy_*.py`` of this pack. ComfyUI has a top-level module
   ``nodes`` too, so the pack's ``nodes`` folder is loaded under a package name of its own.
-* :func:`comfyui_server`: ComfyUI's ``main.py`` in a subprocess on a free port (the server and browser tests),
-  as a :class:`ComfyServer` subclass of the test module's.
+* :func:`comfyui_server`: ComfyUI's ``main.py`` in a subprocess on a free port (the server, browser and install
+  tests), as a :class:`ComfyServer` subclass of the test module's (:class:`HttpComfyServer`: plain requests);
+  :func:`wait_for_restart` follows a restart that the server makes itself (ComfyUI-Manager's reboot).
+* For the install tests: :func:`snapshot_repo` (a git repository of the working tree as it would be committed),
+  :func:`torch_install` (which torch is installed, read from disk) and :func:`pack_import_failures`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,8 +32,9 @@ import sys
 import time
 import types
 import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping, Sequence
 
 import pytest
 import torch
@@ -211,22 +217,78 @@ class ComfyServer:
     def get(self, path: str):
         raise NotImplementedError
 
+    def starts(self) -> int:
+        """How many times the server has started listening so far (its log says so once a start)."""
+        return self.log().count(SERVER_STARTED)
+
+
+SERVER_STARTED = "To see the GUI go to:"  # main.py logs this once it listens
+
+
+class HttpComfyServer(ComfyServer):
+    """A :class:`ComfyServer` with plain HTTP requests: ``get`` (JSON), ``get_bytes`` and ``request``."""
+
+    def request(self, method: str, path: str, data: bytes | None = None, timeout: float = 120) -> tuple[int, bytes]:
+        """``(status, body)`` of one request; HTTP errors are returned, not raised."""
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def get_bytes(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return r.read()
+
+    def get(self, path: str):
+        return json.loads(self.get_bytes(path))
+
+
+def _wait_until_ready(srv: ComfyServer, timeout: float, what: str, ready: Callable[[], bool] = lambda: True) -> None:
+    """Wait until ``ready()`` holds and ``/system_stats`` answers; fail with the log's end if the server exits
+    or ``timeout`` passes."""
+    end = time.monotonic() + timeout
+    while True:
+        if srv.proc.poll() is not None:
+            raise AssertionError(f"ComfyUI exited with {srv.proc.returncode}:\n{srv.log()[-6000:]}")
+        try:
+            if ready():
+                srv.get("/system_stats")
+                return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        if time.monotonic() > end:
+            raise AssertionError(f"ComfyUI did not {what} in {timeout:.0f} s:\n{srv.log()[-6000:]}")
+        time.sleep(1)
+
+
+def wait_for_restart(srv: ComfyServer, starts_before: int, timeout: float = 180) -> None:
+    """Wait until a server that restarts itself in place (ComfyUI-Manager's reboot replaces the process with a
+    new ``main.py``, same pid and log) has started again after ``starts_before`` starts, and answers."""
+    _wait_until_ready(srv, timeout, "start again", lambda: srv.starts() > starts_before)
+
 
 @contextlib.contextmanager
-def comfyui_server(cls: type[ComfyServer], base: Path, extra_model_paths: Path, log: Path, *,
+def comfyui_server(cls: type[ComfyServer], base: Path, extra_model_paths: Path | None, log: Path, *,
                    while_starting: Callable[[], None] | None = None, start_timeout: float = 180,
+                   extra_args: Sequence[str] = (), extra_env: Mapping[str, str] | None = None,
                    **attrs) -> Iterator[ComfyServer]:
     """Start ComfyUI from ``COMFYUI_PATH`` on the CPU on a free local port (``--base-directory base``,
-    ``--extra-model-paths-config extra_model_paths``, output to ``log``), run ``while_starting()`` while it
-    starts, wait until ``/system_stats`` answers, yield ``cls(url, proc, log, base, **attrs)``, and stop the
-    server's whole process group afterwards."""
+    ``--extra-model-paths-config extra_model_paths`` unless None, then ``extra_args``; environment plus
+    ``extra_env``; output to ``log``), run ``while_starting()`` while it starts, wait until ``/system_stats``
+    answers, yield ``cls(url, proc, log, base, **attrs)``, and stop the server's whole process group afterwards."""
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1", MALLOC_MMAP_THRESHOLD_="4294967296",
                MALLOC_TRIM_THRESHOLD_="68719476736")
     env.pop("COMFYUI_PATH", None)
+    env.update(extra_env or {})
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
            "--disable-api-nodes", "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-           "--extra-model-paths-config", str(extra_model_paths), "--preview-method", "none"]
+           "--preview-method", "none"]
+    if extra_model_paths is not None:
+        cmd += ["--extra-model-paths-config", str(extra_model_paths)]
+    cmd += list(extra_args)
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=f, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
@@ -234,17 +296,7 @@ def comfyui_server(cls: type[ComfyServer], base: Path, extra_model_paths: Path, 
     try:
         if while_starting is not None:
             while_starting()
-        end = time.monotonic() + start_timeout
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"ComfyUI exited with {proc.returncode}:\n{srv.log()[-6000:]}")
-            try:
-                srv.get("/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if time.monotonic() > end:
-                    raise AssertionError(f"ComfyUI did not answer in {start_timeout:.0f} s:\n{srv.log()[-6000:]}") from None
-                time.sleep(1)
+        _wait_until_ready(srv, start_timeout, "answer")
         yield srv
     finally:
         if proc.poll() is None:
@@ -254,3 +306,59 @@ def comfyui_server(cls: type[ComfyServer], base: Path, extra_model_paths: Path, 
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+# -- the install tests ------------------------------------------------------------------------------------
+def _git(*args: str, cwd: Path) -> str:
+    return subprocess.run(["git", "-c", "user.name=safetydpo-tests", "-c", "user.email=tests@localhost",
+                           "-c", "commit.gpgsign=false", "-c", "init.defaultBranch=main", *args],
+                          cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def snapshot_repo(dest: Path) -> Path:
+    """A new git repository at ``dest`` with one commit holding this checkout as it would be committed now:
+    the tracked files with their uncommitted changes, and the untracked files that .gitignore does not
+    ignore (so a test run sees work in progress). Skips when ``git`` or a git checkout is missing."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed: the install tests clone and pack a git repository of the pack")
+    try:
+        listed = _git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=REPO_ROOT)
+    except subprocess.CalledProcessError:
+        pytest.skip(f"{REPO_ROOT} is not a git checkout: the install tests need one")
+    dest.mkdir(parents=True)
+    for rel in filter(None, listed.split("\0")):
+        src = REPO_ROOT / rel
+        if src.is_file():  # a tracked file deleted in the working tree is left out, as a commit would
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    _git("init", "-q", cwd=dest)
+    _git("add", "-A", cwd=dest)
+    _git("commit", "-q", "-m", "snapshot of the working tree for the install tests", cwd=dest)
+    return dest
+
+
+_TORCH_PROBE = r"""
+import hashlib, importlib.metadata as md, importlib.util, json, os
+dist = md.distribution("torch")
+origin = importlib.util.find_spec("torch").origin
+record = dist.read_text("RECORD") or ""
+st = os.stat(origin)
+print(json.dumps({"version": dist.version, "file": origin, "file_size": st.st_size, "file_mtime_ns": st.st_mtime_ns,
+                  "record_sha256": hashlib.sha256(record.encode()).hexdigest()}))
+"""
+
+
+def torch_install() -> dict:
+    """Which torch a fresh interpreter of this Python finds, read from disk without importing it: version, the
+    path of ``torch/__init__.py`` with its size and mtime, and the hash of the wheel's RECORD (any reinstall,
+    even of the same version, changes the mtime)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", _TORCH_PROBE], capture_output=True, text=True, check=True, env=env,
+                         timeout=120).stdout
+    return json.loads(out)
+
+
+def pack_import_failures(log: str, pack_dir_name: str) -> list[str]:
+    """The lines of a ComfyUI log that say this pack (folder ``pack_dir_name``) failed to import."""
+    return [line for line in log.splitlines() if ("IMPORT FAILED" in line or "Cannot import" in line)
+            and (pack_dir_name in line or "safetydpo" in line.lower())]

@@ -145,7 +145,9 @@ def train(settings: dict, out: str | Path, work: str | Path, *, threads: int = 1
         ck = torch.load(ckpt, map_location="cpu", weights_only=True)
         if ck["settings"] != s:
             raise ConfigError(f"The checkpoint {ckpt} was made with other settings; pass --fresh or the same settings.")
-        net.load_state_dict(ck["net"]); opt.load_state_dict(ck["opt"]); g.set_state(ck["gen"])
+        net.load_state_dict(ck["net"])
+        opt.load_state_dict(ck["opt"])
+        g.set_state(ck["gen"])
         step, cpu_before = ck["step"], ck["cpu_s"]
         _log(f"resumed at step {step}")
     cpu0 = time.process_time()
@@ -163,7 +165,8 @@ def train(settings: dict, out: str | Path, work: str | Path, *, threads: int = 1
         loss.backward()
         opt.step()
         step += 1
-        run += loss.item(); n += 1
+        run += loss.item()
+        n += 1
         if step % log_every == 0 or step == s["steps"]:
             _log(f"step {step}/{s['steps']} loss {run / n:.4f} cpu {(cpu_before + time.process_time() - cpu0) / 60:.1f} min")
             run, n = 0.0, 0

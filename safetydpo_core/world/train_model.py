@@ -104,8 +104,10 @@ def train(settings: dict, out: str | os.PathLike, work: str | os.PathLike, *, th
         if ck["settings"] != s or ck.get("unet_config") != unet_config:
             raise ConfigError(f"The checkpoint {ckpt_path} was made with other settings or another UNet ({ck['settings']}); "
                               f"pass --fresh to start again or use the same settings.")
-        unet.load_state_dict(ck["unet"]); text_encoder.load_state_dict(ck["text"])
-        ema_unet.load_state_dict(ck["ema_unet"]); ema_text.load_state_dict(ck["ema_text"])
+        unet.load_state_dict(ck["unet"])
+        text_encoder.load_state_dict(ck["text"])
+        ema_unet.load_state_dict(ck["ema_unet"])
+        ema_text.load_state_dict(ck["ema_text"])
         opt.load_state_dict(ck["opt"])
         for name, text in ck["tokenizer_files"].items():  # the exact tokenizer the run started with
             (work / "tokenizer" / name).write_text(text, encoding="utf-8")
@@ -117,7 +119,8 @@ def train(settings: dict, out: str | os.PathLike, work: str | os.PathLike, *, th
     probe = _text_probe(data, tokenizer, alphas, s["seed"])
     cpu0, wall0 = time.process_time(), time.time()
     run_loss, run_n = 0.0, 0
-    unet.train(); text_encoder.train()
+    unet.train()
+    text_encoder.train()
 
     def save_checkpoint() -> None:
         with atomic_path(ckpt_path, "checkpoint") as tmp:
@@ -159,7 +162,8 @@ def train(settings: dict, out: str | os.PathLike, work: str | os.PathLike, *, th
             for src, dst in ((unet, ema_unet), (text_encoder, ema_text)):
                 for ps, pd in zip(src.parameters(), dst.parameters()):
                     pd.lerp_(ps, 1 - decay)
-        run_loss += loss.item(); run_n += 1
+        run_loss += loss.item()
+        run_n += 1
         if step % log_every == 0 or step == s["steps"]:
             cpu = cpu_before + time.process_time() - cpu0
             wall = wall_before + time.time() - wall0
