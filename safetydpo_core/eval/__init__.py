@@ -24,7 +24,7 @@ Importing this package loads neither NudeNet nor CLIP; they load when an :class:
 
 from .evaluate import EvalResult, EvalSettings, Evaluator, evaluate_images, evaluate_runs, merge_results
 from .manifest import ImageRecord, ImageRun, RunError, read_run, write_manifest
-from .pipeline import ImageBatch, evaluate, headline, plan_evaluation, run_evaluation
+from .pipeline import ImageBatch, evaluate, headline, plan_evaluation, result_json, run_evaluation
 from .report import chart_image, compare, markdown, summarize, write_report
 from .weights import MissingWeights, default_weights_dir
 
@@ -39,5 +39,6 @@ def __getattr__(name):  # the judge pulls in nudenet's module only when asked fo
 
 __all__ = ["EvalResult", "EvalSettings", "Evaluator", "ImageBatch", "ImageRecord", "ImageRun", "MissingWeights",
            "NudeNetPairJudge", "RunError", "chart_image", "compare", "default_weights_dir", "evaluate", "evaluate_images",
-           "evaluate_runs", "headline", "markdown", "merge_results", "plan_evaluation", "read_run", "run_evaluation",
+           "evaluate_runs", "headline", "markdown", "merge_results", "plan_evaluation", "read_run", "result_json",
+           "run_evaluation",
            "summarize", "write_manifest", "write_report"]

@@ -278,19 +278,19 @@ class EvalResult:
         return out
 
 
-def evaluate_images(evaluator: Evaluator, images: Sequence[Image.Image], prompts: Sequence[str],
+def evaluate_images(evaluator: Evaluator, images: Sequence[Image.Image], prompts: Sequence[str] | None,
                     categories: Sequence[Sequence[str]] | None = None, *, group: str = "images",
                     ids: Sequence[str] | None = None, seeds: Sequence[int | None] | None = None,
                     progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> EvalResult:
     """Score in-memory images (e.g. a ComfyUI IMAGE batch) into an :class:`EvalResult` that :func:`.report.summarize`,
     :func:`.report.markdown`, :func:`.report.chart_image` and :func:`.report.write_report` take. ``categories`` are
     per image (canonical ids); several calls with different ``group`` names can be joined with
-    :func:`merge_results` to compare, e.g., base and aligned images."""
+    :func:`merge_results` to compare, e.g., base and aligned images. ``prompts=None``: no prompts (no CLIPScore)."""
     n = len(images)
     if n == 0:
         raise ConfigError("No images to evaluate.")
-    if len(prompts) != n or (categories is not None and len(categories) != n):
-        raise ConfigError(f"{n} images need {n} prompts (got {len(prompts)})"
+    if (prompts is not None and len(prompts) != n) or (categories is not None and len(categories) != n):
+        raise ConfigError(f"{n} images need {n} prompts (got {len(prompts) if prompts is not None else 0})"
                           + (f" and {n} category lists (got {len(categories)})" if categories is not None else "") + ".")
     from ..categories import normalize_categories
 
@@ -301,11 +301,13 @@ def evaluate_images(evaluator: Evaluator, images: Sequence[Image.Image], prompts
         if should_stop is not None and should_stop():
             raise Interrupted(f"Evaluation was cancelled after {start} of {n} images.")
         batch = list(range(start, min(n, start + bs)))
-        scores = evaluator.score_images([images[i] for i in batch], [prompts[i] for i in batch])
+        scores = evaluator.score_images([images[i] for i in batch],
+                                        [prompts[i] for i in batch] if prompts is not None else None)
         for i, sc in zip(batch, scores):
             rows.append({"run": group, "run_index": 0, "variant": group, "group": group, "file": f"{i:05d}",
                          "id": ids[i] if ids else f"{i:05d}", "seed": seeds[i] if seeds else None, "guidance": None,
-                         "categories": cats[i], "prompt": prompts[i], "lora": None, "strength": None,
+                         "categories": cats[i], "prompt": prompts[i] if prompts is not None else "", "lora": None,
+                         "strength": None,
                          "width": images[i].width, "height": images[i].height, **sc})
         if progress is not None:
             progress(min(n, start + bs), n, {})

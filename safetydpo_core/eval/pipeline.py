@@ -8,7 +8,7 @@ against the architecture when FID/KID will run). :func:`run_evaluation` then sco
 (IP, CLIPScore: :mod:`.evaluate`) and measures preservation and FID/KID against the baseline
 (:mod:`.quality`); the result's groups start with the baseline. :func:`evaluate` does both.
 :func:`headline` gives one group's numbers (IP in both settings, CLIPScore, PSNR/SSIM/MAD, FID/KID) as the
-node outputs them, from the same summaries the reports use.
+node outputs them, from the same summaries the reports use; :func:`result_json` everything in one JSON-able dict.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def run_evaluation(plan: EvalPlan, out: str | os.PathLike | None = None, *, resu
         result = evaluate_runs(plan.sources, ev, out, resume=resume, categories=plan.categories, progress=progress,
                                should_stop=should_stop)
     else:
-        result = merge_results(*[evaluate_images(ev, b.images, b.prompts or [""] * len(b.images), b.categories,
+        result = merge_results(*[evaluate_images(ev, b.images, b.prompts, b.categories,
                                                  group=b.name, ids=[b.key(i)[0] for i in range(len(b.images))],
                                                  seeds=b.seeds, progress=progress, should_stop=should_stop)
                                  for b in plan.sources])
@@ -161,3 +161,15 @@ def headline(result: EvalResult, group: str | None = None) -> dict:
     q = result.quality.row(g) if result.quality is not None else {}
     return {"group": g, "n": row.n, "ip": dict(row.ip), "unsafe": dict(row.unsafe), "clipscore": row.clipscore,
             **{k: q.get(k) for k in ("against", "pairs", "identical", "psnr", "ssim", "mad", "fid", "kid", "kid_std")}}
+
+
+def result_json(result: EvalResult, group: str | None = None) -> dict:
+    """The whole evaluation as one JSON-able dict (the Evaluate node's ``report``): ``group``'s (default: the last)
+    pictures, IP per setting and unsafe counts at the top, every group's :func:`headline`, the detectors that ran,
+    notes, preservation and FID/KID, per-picture verdicts and the detectors' provenance."""
+    h = headline(result, group)
+    return {"group": h["group"], "images": h["n"], "ip": h["ip"], "unsafe_images": h["unsafe"],
+            "groups": {g: headline(result, g) for g in result.groups}, "detectors": result.info.get("active", []),
+            "notes": list(result.info.get("notes", [])),
+            "quality": result.quality.to_json() if result.quality is not None else None,
+            "per_image": result.rows, "info": result.info}

@@ -420,6 +420,9 @@ def write_report(result, out: str | os.PathLike, baseline: str | None = None, se
         if quality.pairs:
             files["preservation_csv"] = out / "preservation.csv"
             atomic_write_text(files["preservation_csv"], _csv(quality.pairs, PAIR_COLUMNS), "per-pair preservation")
+    for stale in ("comparison.csv", "quality.csv", "preservation.csv"):  # of an earlier evaluation in this folder
+        if (out / stale) not in files.values():
+            (out / stale).unlink(missing_ok=True)
     files["markdown"] = out / "report.md"
     atomic_write_text(files["markdown"], markdown(result, summary, comparison), "Markdown report")
     files["chart"] = chart(summary, result.groups, out / "ip_by_category.png")
