@@ -163,12 +163,14 @@ def test_fid_matches_the_scipy_frechet_distance(n, d):
     ref = _scipy_frechet(a, b)
     assert fid(a, b) == pytest.approx(ref, rel=1e-7)
     assert frechet_distance(gaussian_stats(a), gaussian_stats(b)) == pytest.approx(ref, rel=1e-7)  # the d x d path
-    try:
-        from pytorch_fid.fid_score import calculate_frechet_distance
-    except ImportError:
-        return
+
+
+def test_fid_matches_pytorch_fid():
+    pf = pytest.importorskip("pytorch_fid.fid_score", reason="pytorch-fid (and torchvision) are not installed")
+    rng = np.random.default_rng(9)
+    a, b = rng.normal(size=(100, 512)), rng.normal(size=(100, 512)) * 1.1 + 0.2  # singular covariances
     sa, sb = gaussian_stats(a), gaussian_stats(b)
-    assert fid(a, b) == pytest.approx(calculate_frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma), rel=1e-6)
+    assert fid(a, b) == pytest.approx(pf.calculate_frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma), rel=1e-6)
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
@@ -209,14 +211,18 @@ def test_kid_unbiased_and_as_torch_fidelity_defines_it():
     assert mmd2_unbiased(a[:50], a[:50]) < 0 < mmd2_unbiased(a[:50], a[:50] + 1)  # unbiased: slightly < 0 for equal sets
     with pytest.raises(ConfigError, match="at least 2 images in each set"):
         kid(a[:1], a2)
-    try:
-        from torch_fidelity.metric_kid import kid_features_to_metric
-    except ImportError:
-        return
-    tf = kid_features_to_metric(torch.from_numpy(a), torch.from_numpy(a2 + 0.5), kid_subsets=50, kid_subset_size=100,
-                                verbose=False, kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
-                                kid_kernel_poly_coef0=1, rng_seed=2020)
-    assert shifted.mean == pytest.approx(tf["kernel_inception_distance_mean"], rel=1e-9)
+
+
+def test_kid_matches_torch_fidelity():
+    tf = pytest.importorskip("torch_fidelity.metric_kid", reason="torch-fidelity is not installed")
+    rng = np.random.default_rng(6)
+    a, b = rng.normal(size=(150, 64)), rng.normal(size=(120, 64)) + 0.3
+    ref = tf.kid_features_to_metric(torch.from_numpy(a), torch.from_numpy(b), kid_subsets=20, kid_subset_size=100,
+                                    verbose=False, kid_kernel="poly", kid_kernel_poly_degree=3,
+                                    kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1, rng_seed=2020)
+    ours = kid(a, b, subsets=20, subset_size=100)
+    assert ours.mean == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-9)
+    assert ours.std == pytest.approx(ref["kernel_inception_distance_std"], rel=1e-9)
 
 
 # -- the FID Inception ---------------------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ class QualityResult:
     def to_json(self) -> dict:
         return {"baseline": self.baseline, "against": self.against, "definitions": DEFINITIONS,
                 "preservation": [r.flat() for r in self.preservation],
-                "distribution": [r.flat() for r in self.distribution], "reference": self.reference,
+                "distribution": [r.flat() for r in self.distribution], "pairs": self.pairs, "reference": self.reference,
                 "inception": self.inception, "notes": self.notes}
 
     def row(self, group: str) -> dict:
