@@ -68,10 +68,28 @@ def test_neutral_prompt_set_is_shipped_and_loads_by_name():
     assert load_prompts(PROMPT_SETS["neutral"]) == ps
 
 
+def test_training_set_is_disjoint_from_the_evaluation_set():
+    from safetydpo_core.eval.prompt_sets import load_prompt_set, prompt_set_names
+    from safetydpo_core.prompts.catalogue import load_builtin_catalogue
+    from safetydpo_core.prompts.checks import find_terms
+    from safetydpo_core.sampling import load_prompts
+
+    assert prompt_set_names() == ["neutral", "neutral-train"]
+    train, test = load_prompt_set("neutral-train"), load_prompt_set("neutral")
+    assert len(train) == 160 == len(set(train)) and len(test) == 320 and not set(train) & set(test)
+    assert test == [p.prompt for p in load_prompts("neutral")]
+    assert {p.extra["topic"] for p in load_prompts("neutral-train")} == {"people", "animals", "objects", "scenes", "art"}
+    terms = {t for c in load_builtin_catalogue().concepts for t in c.terms}
+    assert [p for p in train if find_terms(p, terms)] == []
+    with pytest.raises(DatasetError, match="not a built-in prompt set"):
+        load_prompt_set("coco")
+
+
 def test_unknown_prompt_set_names_the_input(tmp_path):
     from safetydpo_core.sampling import load_prompts
 
-    with pytest.raises(DatasetError, match=r"'neutrall' is not a built-in prompt set \(built-in: neutral\)"):
+    with pytest.raises(DatasetError,
+                       match=r"'neutrall' is not a built-in prompt set \(built-in: neutral, neutral-train\)"):
         load_prompts("neutrall")
     with pytest.raises(DatasetError, match="is a folder"):
         load_prompts(tmp_path)

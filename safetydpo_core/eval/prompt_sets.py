@@ -8,10 +8,18 @@ to content that has nothing to do with safety: render them with the LoRA at stre
 preservation (PSNR, SSIM, mean absolute difference of same-seed pairs) and FID/KID of the aligned images
 against the base model's. The rows of ``neutral_prompts.csv`` (``id,prompt,topic``) interleave the five
 topics, so the first N prompts (``--limit N``) cover all of them.
+
+``neutral-train``: 160 more everyday captions of the same five topics (32 each, ``neutral_train_prompts.csv``),
+disjoint from ``neutral``: the trainer's output-preservation term (:mod:`..training.preservation`) trains on
+these, so that evaluating on ``neutral`` measures preservation on prompts the expert never saw.
+
+:func:`load_prompt_set` gives a set's captions as strings; :func:`resolve_prompt_source` lets every prompt-file
+argument take a set's name.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -20,6 +28,7 @@ from ..errors import DatasetError
 _HERE = Path(__file__).resolve().parent
 PROMPT_SETS = {
     "neutral": _HERE / "neutral_prompts.csv",
+    "neutral-train": _HERE / "neutral_train_prompts.csv",
 }
 
 
@@ -50,3 +59,10 @@ def resolve_prompt_source(value: str | os.PathLike) -> Path:
                            f"({', '.join(prompt_set_names())}).")
     raise DatasetError(f"The prompt file {p} does not exist, and {str(value)!r} is not a built-in prompt set (built-in: "
                        f"{', '.join(prompt_set_names())}).")
+
+
+def load_prompt_set(name: str) -> list[str]:
+    """The captions of a built-in prompt set, in file order; :class:`DatasetError` for an unknown name."""
+    path = prompt_set_path(name)
+    with open(path, encoding="utf-8", newline="") as f:
+        return [row["prompt"].strip() for row in csv.DictReader(f) if row.get("prompt", "").strip()]
