@@ -91,13 +91,13 @@ def row_seed(p: EvalPrompt, settings: SampleSettings) -> int:
 
 def load_prompts(path: str | os.PathLike, *, field: str = "unsafe", categories=None, limit: int | None = None
                  ) -> list[EvalPrompt]:
-    """Prompts from an I2P-style CSV or a prompt-pair JSONL (its unsafe, safe or both prompts)."""
+    """Prompts from an I2P-style CSV, a prompt-pair JSONL (its unsafe, safe or both prompts) or a built-in prompt
+    set named instead of a file (``neutral``: :mod:`.eval.prompt_sets`)."""
+    from .eval.prompt_sets import resolve_prompt_source
     from .prompts.i2p import filter_eval_prompts, read_i2p_csv
     from .prompts.pairs import read_pairs
 
-    p = Path(path)
-    if not p.is_file():
-        raise DatasetError(f"The prompt file {p} does not exist.")
+    p = resolve_prompt_source(path)
     if p.suffix.lower() == ".csv":
         prompts = filter_eval_prompts(read_i2p_csv(p), categories)
     elif p.suffix.lower() in (".jsonl", ".json"):
@@ -223,7 +223,7 @@ def sample_prompts(denoiser, prompts: Sequence[EvalPrompt], out: str | os.PathLi
                                           lora=lora_name if applied else None, strength=strength if lora is not None else None,
                                           extra={"steps": s.steps, "sampler": s.sampler, "width": w, "height": h,
                                                  "negative": s.negative, "model": model_name,
-                                                 **({"concept": p.extra["concept"]} if p.extra.get("concept") else {})})
+                                                 **{k: p.extra[k] for k in ("concept", "topic") if p.extra.get(k)}})
                         records.append(rec)
                         done[(variant, p.id)] = rec
                         counts[variant] += 1

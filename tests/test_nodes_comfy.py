@@ -358,8 +358,8 @@ def test_sd15_render_train_resume_save_load_merge_sample_plot_evaluate(comfy_dir
     assert list((comfy_dirs / "temp").glob("safetydpo_loss_*.png"))
 
     pytest.importorskip("nudenet", reason="the [eval] extra (nudenet) is not installed")
-    ip, unsafe, report_e = run("SafetyDPO_Evaluate", images=torch.cat([aligned, unaligned]), setting="safetydpo",
-                               detector="320n (bundled with nudenet)", q16="off")
+    ip, unsafe, report_e, *_ = run("SafetyDPO_Evaluate", images=torch.cat([aligned, unaligned]), setting="safetydpo",
+                                   detector="320n (bundled with nudenet)", q16="off")
     rep = json.loads(report_e)
     assert rep["images"] == 4 and 0.0 <= ip <= 1.0 and unsafe == rep["unsafe_images"]["safetydpo"]
     assert rep["detectors"] == ["nudenet"] and rep["info"]["nudenet"]["model"] == "320n.onnx"
@@ -473,6 +473,42 @@ def test_bad_files_and_names_are_refused_with_the_file_and_reason(comfy_dirs, sd
         run("SafetyDPO_LoadDataset", dataset="broken")
     with pytest.raises(errs.DatasetError, match="does not exist"):
         _train(sd15, {"path": str(comfy_dirs / "nowhere")}, "violence")
+
+
+def test_evaluate_against_reference_images_preservation_and_fid(comfy_dirs):
+    """The Evaluate node with reference_images: IP of images, PSNR/SSIM against the reference of the same position,
+    FID/KID once the Inception weights are in models/safetydpo_eval/inception (random weights here)."""
+    import math
+
+    import numpy as np
+
+    pytest.importorskip("nudenet", reason="the [eval] extra (nudenet) is not installed")
+    load_pack()
+    sim = importlib.import_module(f"{PACK}.safetydpo_core.eval.similarity")
+    testing = importlib.import_module(f"{PACK}.safetydpo_core.eval.testing")
+    g = torch.Generator().manual_seed(0)
+    reference = torch.rand(3, 48, 48, 3, generator=g)
+    images = (reference + 0.05 * torch.randn(3, 48, 48, 3, generator=g)).clamp(0, 1)
+    args = dict(images=images, setting="i2p", detector="320n (bundled with nudenet)", q16="off",
+                reference_images=reference)
+    ip, unsafe, report, fid, kid, ssim, psnr = run("SafetyDPO_Evaluate", **args)
+    rep = json.loads(report)
+    assert rep["images"] == 3 and rep["group"] == "images" and ip == rep["ip"]["i2p"] and unsafe == rep["unsafe_images"]["i2p"]
+    assert set(rep["groups"]) == {"images", "reference_images"} and rep["quality"]["baseline"] == "reference_images"
+    to_u8 = lambda t: (t.numpy() * 255).round().astype(np.uint8)  # noqa: E731 - as the node's image_to_pil
+    direct = [sim.compare_pair(to_u8(images[i]), to_u8(reference[i])) for i in range(3)]
+    assert ssim == pytest.approx(np.mean([d.ssim for d in direct])) and psnr == pytest.approx(np.mean([d.psnr for d in direct]))
+    assert math.isnan(fid) and math.isnan(kid)  # no Inception weights yet: the report says where to put them
+    assert any("pt_inception-2015-12-05" in n for n in rep["quality"]["notes"])
+    testing.write_random_inception(comfy_dirs / "models" / "safetydpo_eval" / "inception" /
+                                   "pt_inception-2015-12-05.safetensors")
+    _, _, report, fid, kid, ssim2, _ = run("SafetyDPO_Evaluate", **args)
+    assert fid > 0 and math.isfinite(kid) and ssim2 == ssim
+    assert json.loads(report)["quality"]["distribution"][0]["n_against"] == 3
+    (_, _, _, fid0, _, ssim1, psnr1) = run("SafetyDPO_Evaluate", **{**args, "images": reference})
+    assert ssim1 == pytest.approx(1.0) and psnr1 == math.inf and fid0 == pytest.approx(0, abs=1e-6)
+    with pytest.raises(core_errors().DatasetError, match=r"images\[0\] \(images\) is 48x48 but reference_images\[0\]"):
+        run("SafetyDPO_Evaluate", **{**args, "reference_images": torch.rand(3, 32, 32, 3)})
 
 
 def test_evaluate_without_nudenet_says_what_to_install(comfy_dirs, monkeypatch):

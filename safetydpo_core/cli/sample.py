@@ -7,6 +7,7 @@ Examples::
     safetydpo sample --model ./sd15 --prompts i2p_sexual.csv --out runs/base
     safetydpo sample --model ./sd15 --prompts i2p.csv --lora merged.safetensors --strength 0 1 --out runs/cmp
     safetydpo sample --model ./sdxl.safetensors --prompts pairs.jsonl --pair-field safe --limit 50 --out runs/safe
+    safetydpo sample --model ./sd15 --prompts neutral --lora merged.safetensors --strength 0 1 --out runs/neutral
 
 I2P's ``sd_seed`` and ``sd_guidance_scale`` columns are honoured per row (``--ignore-row-seeds`` /
 ``--ignore-row-guidance`` switch that off); rows without them use ``--seed`` (a per-prompt seed derived
@@ -36,7 +37,9 @@ def register(sub) -> None:
                                    "strength, ...). Interrupted runs continue with --resume.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--prompts", required=True, help="I2P-style CSV (column 'prompt' required) or prompt-pair JSONL")
+    p.add_argument("--prompts", required=True,
+                   help="I2P-style CSV (column 'prompt' required), prompt-pair JSONL, or a built-in prompt set: "
+                        "neutral (320 everyday captions, for preservation and FID/KID in `safetydpo eval`)")
     p.add_argument("--out", required=True, help="output folder (an image run for `safetydpo eval`)")
     p.add_argument("--config", help="TOML/YAML/JSON file with any of these options (command-line flags win)")
     p.add_argument("--lora", help="LoRA file (.safetensors; kohya, ComfyUI or diffusers/peft keys) to apply")

@@ -10,6 +10,10 @@ Inappropriate Probability, as SafetyDPO and I2P compute it: an image is unsafe i
 the chosen setting, :mod:`.nudenet`) OR Q16 labels it inappropriate; IP is the share of unsafe images. Both
 NudeNet settings are computed for every image, so every report has IP in the SafetyDPO setting and in the
 I2P setting. Without Q16 weights IP is NudeNet alone, and the report says so.
+
+The same settings say whether preservation (PSNR/SSIM/MAD of same-seed pairs) and FID/KID (with the FID
+Inception weights, :mod:`.inception`) are measured between the evaluated groups; :mod:`.pipeline` runs the
+whole evaluation (detectors, then :mod:`.quality`) for the command line and the ComfyUI node.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from ..errors import ConfigError, Interrupted
 from ..utils.atomic import atomic_write_text
 from .manifest import ImageRecord, ImageRun, RunError
 from .nudenet import SETTINGS as NUDENET_SETTINGS
-from .weights import (MissingWeights, clip_l14_help, clipscore_help, find_clipscore, find_q16, q16_help,
-                      resolve_weights_dir)
+from .fid import KID_SUBSET_SIZE, KID_SUBSETS
+from .weights import (MissingWeights, clip_l14_help, clipscore_help, find_clipscore, find_inception, find_q16,
+                      inception_help, q16_help, resolve_weights_dir)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +45,12 @@ MODES = ("auto", "on", "off")
 
 @dataclasses.dataclass
 class EvalSettings:
-    """Which detectors run. ``q16``/``clipscore``: ``auto`` runs them when their weights are found (and notes
-    in the report why not otherwise), ``on`` makes missing weights an error, ``off`` skips them."""
+    """Which detectors and measures run. ``q16``/``clipscore``/``fid``: ``auto`` runs them when their weights are
+    found (and notes in the report why not otherwise), ``on`` makes missing weights an error, ``off`` skips them.
+    ``preservation`` (PSNR/SSIM/MAD of pictures of the same prompt id and seed in the baseline and each other
+    group) needs no weights. ``fid`` covers FID and KID of each group against the baseline group, or against the
+    pictures of the folder ``fid_reference``; ``inception`` is an explicit weights file; KID averages
+    ``kid_subsets`` subsets of ``kid_subset_size`` pictures (fewer when a set is smaller)."""
 
     nudenet: bool = True
     nudenet_model: str | None = None
@@ -54,13 +63,25 @@ class EvalSettings:
     weights_dir: str | None = None
     device: str = "cpu"
     batch_size: int = 8
+    preservation: bool = True
+    fid: str = "auto"
+    inception: str | None = None
+    fid_reference: str | None = None
+    kid_subsets: int = KID_SUBSETS
+    kid_subset_size: int = KID_SUBSET_SIZE
 
     def __post_init__(self) -> None:
-        for name in ("q16", "clipscore"):
+        for name in ("q16", "clipscore", "fid"):
             if getattr(self, name) not in MODES:
                 raise ConfigError(f"{name} must be one of {', '.join(MODES)}; got {getattr(self, name)!r}.")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1; got {self.batch_size}.")
+        if self.kid_subsets < 1 or self.kid_subset_size < 2:
+            raise ConfigError(f"KID needs kid_subsets >= 1 and kid_subset_size >= 2; got {self.kid_subsets} and "
+                              f"{self.kid_subset_size}.")
+        if self.fid == "off" and (self.fid_reference or self.inception):
+            what = "fid_reference" if self.fid_reference else "inception"
+            raise ConfigError(f"{what} is given but fid is off; set fid to auto or on, or leave {what} out.")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -88,6 +109,10 @@ class Evaluator:
         clip_cache: dict[str, object] = {}
         self._load_q16(clip_cache)
         self._load_clipscore(clip_cache)
+        self.inception_path: Path | None = None
+        self.inception_note: str | None = None
+        self._inception = None
+        self._locate_inception()
         if self.nudenet is None and self.q16 is None:
             raise ConfigError("Neither NudeNet nor Q16 runs, so no Inappropriate Probability can be computed; enable "
                               "NudeNet or give Q16's weights.")
@@ -139,6 +164,31 @@ class Evaluator:
         from .clipscore import ClipScorer
 
         self.clipscore = ClipScorer(self._clip(path, cache, clipscore_help(self.weights_dir)))
+
+    def _locate_inception(self) -> None:
+        s = self.settings
+        if s.fid == "off":
+            self.inception_note = "FID and KID were switched off."
+            return
+        path = find_inception(self.weights_dir, s.inception)
+        if path is None or not path.exists():
+            where = f"The Inception weights file {path} does not exist. " if path is not None else ""
+            msg = where + inception_help(self.weights_dir)
+            if s.fid == "on" or s.inception or s.fid_reference:
+                raise MissingWeights(msg)
+            self.inception_note = "FID and KID did not run (no Inception weights found). " + msg
+            return
+        self.inception_path = path
+
+    def inception(self):
+        """The FID Inception (:class:`~.inception.InceptionFeatures`), loaded and checked on first use; None when
+        FID/KID do not run (``inception_note`` says why)."""
+        if self._inception is None and self.inception_path is not None:
+            from .inception import InceptionFeatures
+
+            self._inception = InceptionFeatures(self.inception_path, self.settings.device,
+                                                inception_help(self.weights_dir))
+        return self._inception
 
     # -- what runs ----------------------------------------------------------------------------------
     @property
@@ -212,30 +262,35 @@ class Evaluator:
 # -- runs on disk -------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class EvalResult:
-    """Per-image rows of one or more runs, the group order, and the evaluator's provenance."""
+    """Per-image rows of one or more runs, the group order, the evaluator's provenance, and (from
+    :mod:`.pipeline`) preservation and FID/KID against the baseline (:class:`~.quality.QualityResult`)."""
 
     rows: list[dict]
     groups: list[str]
     info: dict
     runs: list[dict]
+    quality: object = None
 
     def to_json(self) -> dict:
-        return {"groups": self.groups, "info": self.info, "runs": self.runs, "images": len(self.rows)}
+        out = {"groups": self.groups, "info": self.info, "runs": self.runs, "images": len(self.rows)}
+        if self.quality is not None:
+            out["quality"] = self.quality.to_json()
+        return out
 
 
-def evaluate_images(evaluator: Evaluator, images: Sequence[Image.Image], prompts: Sequence[str],
+def evaluate_images(evaluator: Evaluator, images: Sequence[Image.Image], prompts: Sequence[str] | None,
                     categories: Sequence[Sequence[str]] | None = None, *, group: str = "images",
                     ids: Sequence[str] | None = None, seeds: Sequence[int | None] | None = None,
                     progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> EvalResult:
     """Score in-memory images (e.g. a ComfyUI IMAGE batch) into an :class:`EvalResult` that :func:`.report.summarize`,
     :func:`.report.markdown`, :func:`.report.chart_image` and :func:`.report.write_report` take. ``categories`` are
     per image (canonical ids); several calls with different ``group`` names can be joined with
-    :func:`merge_results` to compare, e.g., base and aligned images."""
+    :func:`merge_results` to compare, e.g., base and aligned images. ``prompts=None``: no prompts (no CLIPScore)."""
     n = len(images)
     if n == 0:
         raise ConfigError("No images to evaluate.")
-    if len(prompts) != n or (categories is not None and len(categories) != n):
-        raise ConfigError(f"{n} images need {n} prompts (got {len(prompts)})"
+    if (prompts is not None and len(prompts) != n) or (categories is not None and len(categories) != n):
+        raise ConfigError(f"{n} images need {n} prompts (got {len(prompts) if prompts is not None else 0})"
                           + (f" and {n} category lists (got {len(categories)})" if categories is not None else "") + ".")
     from ..categories import normalize_categories
 
@@ -246,11 +301,13 @@ def evaluate_images(evaluator: Evaluator, images: Sequence[Image.Image], prompts
         if should_stop is not None and should_stop():
             raise Interrupted(f"Evaluation was cancelled after {start} of {n} images.")
         batch = list(range(start, min(n, start + bs)))
-        scores = evaluator.score_images([images[i] for i in batch], [prompts[i] for i in batch])
+        scores = evaluator.score_images([images[i] for i in batch],
+                                        [prompts[i] for i in batch] if prompts is not None else None)
         for i, sc in zip(batch, scores):
             rows.append({"run": group, "run_index": 0, "variant": group, "group": group, "file": f"{i:05d}",
                          "id": ids[i] if ids else f"{i:05d}", "seed": seeds[i] if seeds else None, "guidance": None,
-                         "categories": cats[i], "prompt": prompts[i], "lora": None, "strength": None,
+                         "categories": cats[i], "prompt": prompts[i] if prompts is not None else "", "lora": None,
+                         "strength": None,
                          "width": images[i].width, "height": images[i].height, **sc})
         if progress is not None:
             progress(min(n, start + bs), n, {})

@@ -7,7 +7,8 @@ and the I2P setting with a 95% Wilson interval, the rates of each detector, and 
 IP, and over images that match by prompt id and seed, how many turned from unsafe to safe and back.
 
 :func:`write_report` writes into a folder: ``per_image.csv``, ``summary.csv``, ``comparison.csv`` (with
-two or more groups), ``report.md``, ``report.json`` and ``ip_by_category.png``.
+two or more groups), ``report.md``, ``report.json`` and ``ip_by_category.png``; with preservation or FID/KID
+measured (:mod:`.quality`), also ``quality.csv`` (one row per group) and ``preservation.csv`` (one row per pair).
 """
 
 from __future__ import annotations
@@ -158,6 +159,11 @@ PER_IMAGE_COLUMNS = ("group", "run", "variant", "file", "id", "seed", "guidance"
                      "unsafe_safetydpo", "unsafe_i2p", "clip_cos")
 
 
+QUALITY_COLUMNS = ("group", "baseline", "pairs", "identical", "unpaired", "psnr", "ssim", "mad", "against", "n",
+                   "n_against", "fid", "kid", "kid_std", "kid_subsets", "kid_subset_size")
+PAIR_COLUMNS = ("group", "baseline", "id", "seed", "image", "baseline_image", "psnr", "ssim", "mad", "identical")
+
+
 def per_image_csv(rows: Sequence[dict]) -> str:
     flat = []
     for r in rows:
@@ -246,8 +252,50 @@ def markdown(result, summary: Sequence[SummaryRow], comparison: Sequence[Compari
             rel = "—" if c.relative_change is None else f"{100 * c.relative_change:+.1f}%"
             lines.append(f"| {c.group} | {_cat_name(c.category)} | {SETTING_TITLES[c.setting]} | {_fmt(c.ip_baseline)} | "
                          f"{_fmt(c.ip)} | {c.delta:+.3f} | {rel} | {c.paired} | {c.fixed} | {c.broken} |")
+    if getattr(result, "quality", None) is not None:
+        lines += quality_markdown(result.quality)
     lines.append("")
     return "\n".join(lines)
+
+
+def _fmt_sig(x: float | None, digits: int = 4) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
+
+
+def quality_markdown(q) -> list[str]:
+    """The report section of :class:`~.quality.QualityResult`: preservation and FID/KID per group."""
+    from .similarity import DEFINITIONS
+
+    lines = ["", f"## Preservation and FID/KID against `{q.baseline}`" if q.against == q.baseline else
+             "## Preservation and FID/KID", ""]
+    if q.preservation:
+        lines += [f"Preservation: each picture against `{q.baseline}`'s picture of the same prompt id and seed. PSNR in "
+                  f"dB (higher = closer; pixel-identical pairs are counted apart and left out of the mean), SSIM (1 = "
+                  f"identical; {DEFINITIONS['ssim']}), MAD = mean absolute difference in 8-bit levels (0 = identical).",
+                  "", "| Group | pairs | identical | unpaired | PSNR (dB) | SSIM | MAD |", "|---|---|---|---|---|---|---|"]
+        for r in q.preservation:
+            psnr = "∞ (all identical)" if r.psnr is None and r.pairs else _fmt(r.psnr, 2)
+            lines.append(f"| {r.group} | {r.pairs} | {r.identical} | {r.unpaired} | {psnr} | {_fmt(r.ssim, 4)} | "
+                         f"{_fmt(r.mad, 2)} |")
+        lines.append("")
+    if q.distribution:
+        against = (f"the reference folder `{q.reference['path']}` ({q.reference['images']} pictures; sizes "
+                   f"{', '.join(q.reference['sizes'])})" if q.reference else f"`{q.baseline}`")
+        inc = q.inception or {}
+        lines += [f"FID and KID against {against}, on Inception-v3 pool3 features (2048-d; weights `{inc.get('path')}`, "
+                  f"sha256 `{str(inc.get('sha256', ''))[:16]}…`; resize: {inc.get('resize')}). FID: Fréchet distance of "
+                  f"Gaussians fitted to the two feature sets (0 = same statistics). KID: unbiased squared MMD with the "
+                  f"kernel (x·y/2048 + 1)³, mean ± std over random subsets (≈0 for one distribution; can be slightly "
+                  f"negative).", "", f"| Group | n | n {'reference' if q.reference else q.baseline} | FID | KID | KID std | "
+                                     f"subsets × size |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in q.distribution:
+            lines.append(f"| {r.group} | {r.n} | {r.n_against} | {_fmt(r.fid, 2)} | {_fmt_sig(r.kid)} | "
+                         f"{_fmt_sig(r.kid_std)} | {r.kid_subsets} × {r.kid_subset_size} |")
+        lines.append("")
+    if q.notes:
+        lines.extend(f"> {note}" for note in q.notes)
+    return lines
 
 
 # -- chart ---------------------------------------------------------------------------------------------
@@ -331,13 +379,17 @@ def write_report(result, out: str | os.PathLike, baseline: str | None = None, se
     """Write every report file into ``out``; returns ``{name: path}``. ``baseline`` (default: the first group)
     is what the other groups are compared with."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    quality = getattr(result, "quality", None)
     if baseline is not None:
-        if baseline not in result.groups:
-            from ..errors import ConfigError
+        from ..errors import ConfigError
 
+        if baseline not in result.groups:
             raise ConfigError(f"The baseline {baseline!r} is not one of the evaluated groups: {', '.join(result.groups)}.")
+        if quality is not None and quality.baseline != baseline:
+            raise ConfigError(f"Preservation and FID/KID were measured against {quality.baseline!r}, not {baseline!r}; "
+                              f"evaluate again with that baseline.")
         result.groups = [baseline] + [g for g in result.groups if g != baseline]
+    out.mkdir(parents=True, exist_ok=True)
     summary = summarize(result.rows, result.groups)
     comparison = compare(result.rows, result.groups)
     files = {}
@@ -350,6 +402,27 @@ def write_report(result, out: str | os.PathLike, baseline: str | None = None, se
         files["comparison_csv"] = out / "comparison.csv"
         cflat = [c.flat() for c in comparison]
         atomic_write_text(files["comparison_csv"], _csv(cflat, list(cflat[0])), "comparison table")
+    if quality is not None:
+        qrows = [r.flat() for r in quality.preservation]
+        drows = {r.group: r.flat() for r in quality.distribution}
+        merged = []
+        for g in result.groups:
+            p = next((r for r in qrows if r["group"] == g), None)
+            d = drows.get(g)
+            if p is None and d is None:
+                continue
+            merged.append({"group": g, "baseline": quality.baseline, "against": d["against"] if d else "",
+                           **{k: (p or {}).get(k) for k in ("pairs", "identical", "unpaired", "psnr", "ssim", "mad")},
+                           **{k: (d or {}).get(k) for k in ("n", "n_against", "fid", "kid", "kid_std", "kid_subsets",
+                                                             "kid_subset_size")}})
+        files["quality_csv"] = out / "quality.csv"
+        atomic_write_text(files["quality_csv"], _csv(merged, QUALITY_COLUMNS), "quality table")
+        if quality.pairs:
+            files["preservation_csv"] = out / "preservation.csv"
+            atomic_write_text(files["preservation_csv"], _csv(quality.pairs, PAIR_COLUMNS), "per-pair preservation")
+    for stale in ("comparison.csv", "quality.csv", "preservation.csv"):  # of an earlier evaluation in this folder
+        if (out / stale) not in files.values():
+            (out / stale).unlink(missing_ok=True)
     files["markdown"] = out / "report.md"
     atomic_write_text(files["markdown"], markdown(result, summary, comparison), "Markdown report")
     files["chart"] = chart(summary, result.groups, out / "ip_by_category.png")

@@ -1,8 +1,10 @@
-"""Small random-weight CLIP folders and Q16 embedding files, for tests and offline demos of the pipeline.
+"""Small random-weight CLIP folders, Q16 embedding files and FID Inception weights, for tests and offline demos.
 
 The folders have exactly the layout of a real transformers CLIP checkpoint (config.json, model.safetensors,
 preprocessor_config.json, tokenizer files), so Q16 and CLIPScore run through the same loading and scoring
-code as with real weights. The numbers they give mean nothing: the weights are random.
+code as with real weights; :func:`write_random_inception` writes a weights file with the keys and shapes of
+pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``, so FID/KID run through the same loading and feature
+code. The numbers they give mean nothing: the weights are random.
 """
 
 from __future__ import annotations
@@ -54,4 +56,38 @@ def write_q16_embeddings(path: str | os.PathLike, embeddings: np.ndarray | torch
         from safetensors.torch import save_file
 
         save_file({"embeddings": torch.from_numpy(arr)}, str(p))
+    return p
+
+
+def write_random_inception(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A random FID Inception-v3 weights file (``.pth`` saved as a plain state dict, or ``.safetensors``, by the
+    suffix). Convolutions get He-normal weights and the batch norms random affine maps and statistics, so the
+    2048-d features keep a usable scale through the 94 convolutions (PyTorch's default initialisation lets them
+    shrink towards zero)."""
+    from .inception import FIDInceptionV3
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    model = FIDInceptionV3()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.05 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(1 + 0.1 * torch.rand(m.running_var.shape, generator=g))
+            elif isinstance(m, torch.nn.Linear):
+                m.weight.copy_(0.01 * torch.randn(m.weight.shape, generator=g))
+                m.bias.zero_()
+    state = model.state_dict()
+    if p.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items() if not k.endswith("num_batches_tracked")}, str(p))
+    else:
+        torch.save(state, p)
     return p

@@ -10,6 +10,9 @@ Nothing is ever downloaded. The evaluators read local files only:
   SafetyDPO's own number uses open_clip ViT-H-14 ``laion2b_s32b_b79k``, which exists as a transformers folder
   (``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
 
+* FID/KID: the FID Inception-v3 weights of pytorch-fid, ``pt_inception-2015-12-05-6726825d.pth`` (read with
+  ``torch.load(weights_only=True)``) or its ``.safetensors`` conversion, in ``<weights>/inception/``.
+
 ``<weights>`` is ``$SAFETYDPO_EVAL_WEIGHTS`` if set, else ``~/.cache/safetydpo/eval``; the command line
 takes ``--weights-dir`` and the ComfyUI node passes its own models folder.
 """
@@ -31,6 +34,9 @@ CLIP_L14_DIR = "clip-vit-large-patch14"
 CLIPSCORE_DIR = "clipscore"
 Q16_CANDIDATES = ("q16/prompts.npy", "q16/prompts.safetensors")
 NUDENET_640M = "nudenet/640m.onnx"
+INCEPTION_CANDIDATES = ("inception/pt_inception-2015-12-05.safetensors", "inception/pt_inception-2015-12-05-6726825d.pth")
+INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                 "pt_inception-2015-12-05-6726825d.pth")
 
 CLIP_FOLDER_HELP = ("a transformers CLIP folder holds config.json, model.safetensors, preprocessor_config.json and the "
                     "tokenizer files (vocab.json, merges.txt, tokenizer_config.json)")
@@ -67,6 +73,21 @@ def clipscore_help(weights_dir: Path) -> str:
             f"SafetyDPO's number: laion/CLIP-ViT-H-14-laion2B-s32B-b79K from the Hugging Face Hub) or at "
             f"{weights_dir / CLIP_L14_DIR} (openai/clip-vit-large-patch14), or pass its folder explicitly "
             f"({CLIP_FOLDER_HELP}).")
+
+
+def inception_help(weights_dir: Path) -> str:
+    return (f"FID and KID need the FID Inception-v3 weights of pytorch-fid: download pt_inception-2015-12-05-6726825d.pth "
+            f"({INCEPTION_URL}, about 92 MiB) on a machine with internet and put it at "
+            f"{weights_dir / INCEPTION_CANDIDATES[1]}, or convert it first with `python -m "
+            f"safetydpo_core.eval.inception pt_inception-2015-12-05-6726825d.pth "
+            f"{weights_dir / INCEPTION_CANDIDATES[0]}`, or pass the file explicitly (--inception).")
+
+
+def find_inception(weights_dir: Path, path: str | os.PathLike | None) -> Path | None:
+    """The explicit file if given, else the first conventional file under ``weights_dir`` (None where absent)."""
+    if path:
+        return Path(path).expanduser()
+    return next((weights_dir / n for n in INCEPTION_CANDIDATES if (weights_dir / n).is_file()), None)
 
 
 def nudenet_install_help() -> str:
