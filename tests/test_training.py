@@ -270,3 +270,15 @@ def test_others_is_empty_when_every_category_is_trained(sd15, tmp_path):
 def test_bad_preservation_settings_are_named(bad, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(**bad)
+
+
+def test_neutral_preservation_prompts_are_not_the_evaluation_prompts(sd15, data):
+    """On a real (non-world) model 'neutral' is the pack's neutral-train set, disjoint from the neutral prompts
+    that evaluation uses; 'auto' adds the other categories' safe prompts."""
+    from safetydpo_core.eval.prompt_sets import load_prompt_set
+    from safetydpo_core.training.preservation import preservation_set
+
+    neutral = [i.prompt for i in preservation_set("neutral", data, sd15)]
+    assert len(neutral) >= 100 and not set(neutral) & set(load_prompt_set("neutral"))
+    auto = preservation_set("auto", data, sd15)
+    assert len(auto) == len(neutral) + len(preservation_set("others", data, sd15))
