@@ -127,11 +127,12 @@ class ExpertTrainer:
 
     # -- pieces of a step ---------------------------------------------------------------------------
     def _encode(self, prompts: Sequence[str], size: tuple[int, int]) -> Conditioning:
-        missing = [p for p in dict.fromkeys(prompts) if (p, size) not in self._cond_cache]
-        if missing:
-            enc = self.denoiser.encode_prompts(missing, size=size)
-            for i, p in enumerate(missing):
-                self._cond_cache[(p, size)] = enc.index(slice(i, i + 1))
+        # One prompt per text-encoder call: a batch's padding and size change the kernels' reduction order, so
+        # a prompt's embedding would depend on which prompts were cached before it (the process's history),
+        # and data-parallel or resumed runs would drift from one uninterrupted process.
+        for p in dict.fromkeys(prompts):
+            if (p, size) not in self._cond_cache:
+                self._cond_cache[(p, size)] = self.denoiser.encode_prompts([p], size=size)
                 while len(self._cond_cache) > 512:
                     self._cond_cache.popitem(last=False)
         for p in prompts:
