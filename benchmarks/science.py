@@ -27,6 +27,7 @@ add seeds.
 
     python benchmarks/science.py                       # 3 seeds
     python benchmarks/science.py --seeds 0 --quick     # a smoke run (fewer pairs, steps and prompts)
+    python benchmarks/science.py --parts rank          # the main table and the output-rank sweep only
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ ABLATIONS = {"condition=safe": {"condition": "safe"}, "condition=both": {"condit
 PRESERVE_SWEEP = (0.0, 1.0, 10.0, 100.0)   # the recipe's own weight is added if it is not among these
 RANK_SWEEP = (4, 8, 16, "auto")
 DATA_SCALING = (6, 12, 24, 48)             # pairs per concept; the recipe's own count is its dataset
+PARTS = ("scaling", "ablations", "preserve", "rank", "data")  # the optional experiments (--parts)
 
 
 def log(msg: str) -> None:
@@ -126,20 +128,21 @@ def run_seed(seed: int, out: Path, a) -> dict:
                                      d / "all_single.safetensors", say=log, label=f"seed {seed} All-single")
     for m in MERGES:
         loras[f"merge:{m}"] = merge("recipe", recipe, m)
-    for m in SCALING_METHODS:
+    parts = set(a.parts)
+    for m in SCALING_METHODS if "scaling" in parts else ():
         loras[f"scaling3:{m}"] = merge("recipe3", {c: recipe[c] for c in cats[:3]}, m)
-    for name, over in ABLATIONS.items():
+    for name, over in ABLATIONS.items() if "ablations" in parts else ():
         if expert_config(s, cats[0], **over) == expert_config(s, cats[0]):
             continue  # the recipe itself
         ab = experts(f"ablations/{name.replace('=', '_').replace(' ', '_')}", concepts=ABLATION_CONCEPTS, **over)
         loras.update({f"{name}:{c}": p for c, p in ab.items()})
     default = s.merge_method
-    for w in sorted({*PRESERVE_SWEEP, s.preserve_weight}):
+    for w in sorted({*PRESERVE_SWEEP, s.preserve_weight}) if "preserve" in parts else ():
         ex = recipe if w == s.preserve_weight else experts(f"preserve_{w:g}", preserve_weight=w)
         loras[f"preserve={w:g}"] = loras[f"merge:{default}"] if w == s.preserve_weight else merge(f"preserve_{w:g}", ex, default)
-    for r in RANK_SWEEP:
+    for r in RANK_SWEEP if "rank" in parts else ():
         loras[f"rank={r}"] = merge("recipe", recipe, default, r)
-    for n, data in datasets.items():
+    for n, data in datasets.items() if "data" in parts else ():
         ex = recipe if n == s.pairs_per_concept else experts(f"data_{n}", data=data)
         loras[f"data={n}"] = loras[f"merge:{default}"] if n == s.pairs_per_concept else merge(f"data_{n}", ex, default,
                                                                                                 data=data)
@@ -407,13 +410,16 @@ def main(argv=None) -> int:
     p.add_argument("--baselines", action="store_true", help="add the erasure baselines (ESD-u, ESD-x, UCE)")
     p.add_argument("--attacks", action="store_true", help="add attack success rates (benchmarks/science_attacks.py)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--parts", nargs="*", choices=PARTS, default=list(PARTS),
+                   help="which experiments besides the base model, experts, All-single and the merges (default: all)")
     p.add_argument("--report-only", action="store_true", help="only aggregate seeds already done")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     per_seed = {}
     t0 = time.process_time()
-    suffix = "".join(("_baselines" if a.baselines else "", "_attacks" if a.attacks else ""))
+    suffix = "".join(("_baselines" if a.baselines else "", "_attacks" if a.attacks else "",
+                      "" if set(a.parts) == set(PARTS) else "_" + "-".join(sorted(a.parts)) if a.parts else "_main"))
     for seed in a.seeds:
         res_file = out / f"seed_{seed}" / f"results{suffix}.json"
         if res_file.exists():
