@@ -44,8 +44,8 @@ class CoMerge(Node):
                                        "Co-Merge on full updates then SVD to 'rank'; concat: exact, rank = sum; linear, "
                                        "ties, dare, dare-ties, magnitude: standard merges then SVD to 'rank'.",
                             default="comerge"),
-            "rank": INT(0, 0, 1024, "Output rank for the SVD methods (0 = the experts' largest rank). Must be 0 for "
-                                    "comerge and concat."),
+            "rank": INT(0, 0, 1024, "Output rank for the SVD methods (0 = auto: the sum of the experts' ranks, at "
+                                    "most 64). Must be 0 for comerge and concat."),
             "calibration_inputs": INT(32, 1, 100000, "How many calibration inputs to run through the model "
                                                      "(Co-Merge methods only)."),
             "calibration_size": INT(0, 0, 4096, "Calibration image size in pixels (0 = the model's native size; "
@@ -82,7 +82,7 @@ class CoMerge(Node):
             s.metadata.setdefault("safetydpo_source", what)
         sets = merge.align_experts(sets, "ldm", names, den.weight_shapes(), "the connected model")
         weights = [w for _, _, w in given]
-        opts = merge.MergeOptions(rank=int(rank) or None, weights=weights, seed=int(seed))
+        opts = merge.MergeOptions(rank=int(rank) or merge.AUTO_RANK, weights=weights, seed=int(seed))
         opts.validate(method, len(sets))
         stats = None
         if merge.needs_calibration(method):

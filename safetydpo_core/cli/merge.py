@@ -33,9 +33,9 @@ def register(sub) -> None:
     p.add_argument("--experts", nargs="+", required=True, metavar="LORA",
                    help="expert LoRA files (.safetensors; kohya, ComfyUI or diffusers/peft keys)")
     p.add_argument("--method", default="comerge", choices=list(METHODS), help=_METHOD_HELP)
-    p.add_argument("--rank", default=None,
-                   help="output rank of the SVD methods: a number, or auto (the sum of the experts' ranks, at most 64); "
-                        "default: the experts' largest rank. comerge and concat fix their rank themselves")
+    p.add_argument("--rank", default="auto",
+                   help="output rank of the SVD methods: auto (default: the sum of the experts' ranks, at most 64, "
+                        "the best on the world's benchmark) or a number. comerge and concat fix their rank themselves")
     p.add_argument("--weights", nargs="+", type=float, default=None, metavar="W",
                    help="one weight per expert, multiplying its update (default 1 each)")
     p.add_argument("--out", required=True, help="merged LoRA file (.safetensors)")
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     for e in args.experts:
         if Path(e).resolve() == out.resolve():
             raise SafetyDPOError(f"--out {out} is also one of the experts; write the merge to another file.")
-    opts = MergeOptions(rank=parse_rank(args.rank) if args.rank is not None else None, weights=args.weights, aggregate=args.aggregate, normalize=args.normalize,
+    opts = MergeOptions(rank=parse_rank(args.rank), weights=args.weights, aggregate=args.aggregate, normalize=args.normalize,
                         factor_balance=args.factor_balance, density=args.density, majority_sign=args.majority_sign,
                         svd=args.svd, seed=args.seed, threads=args.threads)
     opts.validate(args.method, len(args.experts))

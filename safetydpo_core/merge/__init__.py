@@ -14,7 +14,7 @@ Typical use (what the ComfyUI nodes do)::
     result.lora, result.report.summary()
 """
 
-from .api import (CALIBRATED, DESCRIPTIONS, METHODS, MergeFilesResult, MergeOptions, MergeResult, merge_experts,
+from .api import (AUTO_RANK, CALIBRATED, DESCRIPTIONS, METHODS, MergeFilesResult, MergeOptions, MergeResult, merge_experts,
                   merge_files, needs_calibration)
 from .calibration import (CalibrationOptions, CalibrationStats, LayerStats, calibrate, calibration_prompts,
                           dataset_inputs, read_pairs_jsonl)
@@ -22,7 +22,7 @@ from .experts import align_experts, expert_categories, expert_label, layer_union
 from .report import LayerReport, MergeReport
 
 __all__ = [
-    "CALIBRATED", "DESCRIPTIONS", "METHODS", "CalibrationOptions", "CalibrationStats", "LayerReport", "LayerStats",
+    "AUTO_RANK", "CALIBRATED", "DESCRIPTIONS", "METHODS", "CalibrationOptions", "CalibrationStats", "LayerReport", "LayerStats",
     "MergeFilesResult", "MergeOptions", "MergeReport", "MergeResult", "align_experts", "calibrate",
     "calibration_prompts", "dataset_inputs", "expert_categories", "expert_label", "layer_union", "load_experts",
     "merge_experts", "merge_files", "needs_calibration", "read_pairs_jsonl",

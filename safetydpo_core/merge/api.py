@@ -59,8 +59,9 @@ def needs_calibration(method: str) -> bool:
 class MergeOptions:
     """Options of every merge method (each method reads the ones that apply to it).
 
-    ``rank``: output rank of the SVD methods: a number, ``"auto"`` (the sum of the experts' ranks, at most
-    :data:`AUTO_RANK_CAP`: room for every expert's update) or ``None`` (the experts' largest rank); a number
+    ``rank``: output rank of the SVD methods: ``"auto"`` (the default: the sum of the experts' ranks, at most
+    :data:`AUTO_RANK_CAP`: room for every expert's update; the best rank on the world, docs/benchmarks.md), a
+    number, or ``None`` (the experts' largest rank); a number
     is refused for ``concat`` (rank = sum) and ``comerge`` (rank = the experts' rank), which fix their rank
     themselves and take ``"auto"`` as that. ``weights``: one per expert (default 1).
     ``aggregate``/``normalize``/``factor_balance``: Co-Merge (see :mod:`.comerge`). ``density`` and
@@ -68,7 +69,7 @@ class MergeOptions:
     torch CPU threads while merging (default 1, see :func:`~.lowrank.cpu_threads`; ``None``: unchanged).
     """
 
-    rank: int | str | None = None
+    rank: int | str | None = AUTO_RANK
     weights: Sequence[float] | None = None
     aggregate: str = "mean"
     normalize: str = "none"

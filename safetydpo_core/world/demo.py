@@ -38,7 +38,7 @@ from ..errors import ConfigError
 from ..utils.atomic import atomic_write_text
 from .spec import WORLD
 
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 LogFn = Callable[[str], None]
 
 
@@ -60,10 +60,10 @@ class DemoSettings:
     beta: float = 500.0
     rank: int = 4
     batch_size: int = 4
-    sft_weight: float = 0.0              # SFT term on the safe image
-    preserve_weight: float = 0.0         # output preservation on the other categories' safe prompts + plain shapes
+    sft_weight: float = 1.0              # SFT term on the safe image (draws the twin, not a blob)
+    preserve_weight: float = 10.0        # output preservation on the other categories' safe prompts + plain shapes
     merge_method: str = "comerge-delta"
-    merge_rank: int | str | None = None  # output rank of the merge (None: the method's default; "auto")
+    merge_rank: int | str | None = "auto"  # output rank of the merge ("auto": the sum of the experts' ranks)
     calibration: str = "dataset"         # Co-Merge calibration inputs: the dataset's latents, or "prompts" (noise)
     calibration_inputs: int = 32
     threads: int = 0                     # torch CPU threads (0: torch's default)
