@@ -43,7 +43,7 @@ class CoMerge(Node):
             "method": COMBO(methods(), "comerge: Co-Merge factor reading (rank = the experts' rank); comerge-delta: "
                                        "Co-Merge on full updates then SVD to 'rank'; concat: exact, rank = sum; linear, "
                                        "ties, dare, dare-ties, magnitude: standard merges then SVD to 'rank'.",
-                            default="comerge"),
+                            default="comerge-delta"),
             "rank": INT(0, 0, 1024, "Output rank for the SVD methods (0 = auto: the sum of the experts' ranks, at "
                                     "most 64). Must be 0 for comerge and concat."),
             "calibration_inputs": INT(32, 1, 100000, "How many calibration inputs to run through the model "

@@ -247,7 +247,7 @@ def test_3_and_6_train_seven_experts_and_co_merge_them_into_a_saved_lora(name, d
     (merge,) = nodes_of(wf, "SafetyDPO_CoMerge")
     fed = {source(wf, merge, f"expert_{i}")[0]["id"] for i in range(1, 8)}
     assert fed == {t["id"] for t in trains} and all(source(wf, merge, f"expert_{i}")[1] == 0 for i in range(1, 8))
-    assert widget(merge, "method", definitions) == "comerge"
+    assert widget(merge, "method", definitions) == "comerge-delta"
     assert source(wf, merge, "pairs")[0]["type"] == "SafetyDPO_BuiltinPairs"
     (pairs,) = nodes_of(wf, "SafetyDPO_BuiltinPairs")
     assert widget(pairs, "categories", definitions) == "all"

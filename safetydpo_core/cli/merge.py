@@ -32,7 +32,8 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("--experts", nargs="+", required=True, metavar="LORA",
                    help="expert LoRA files (.safetensors; kohya, ComfyUI or diffusers/peft keys)")
-    p.add_argument("--method", default="comerge", choices=list(METHODS), help=_METHOD_HELP)
+    p.add_argument("--method", default="comerge-delta", choices=list(METHODS),
+                   help=_METHOD_HELP + " Default: comerge-delta (the best merge on the world, docs/benchmarks.md).")
     p.add_argument("--rank", default="auto",
                    help="output rank of the SVD methods: auto (default: the sum of the experts' ranks, at most 64, "
                         "the best on the world's benchmark) or a number. comerge and concat fix their rank themselves")
