@@ -249,7 +249,7 @@ class ComfyLoraAdapter:
             if self._names_provider is None:
                 raise LoraError("This adapter uses ldm layer names; convert the LoRA first.")
             names = self._names_provider()
-            lora = lora.renamed(names.mapping(lora.naming, "ldm"), "ldm")
+            lora = names.convert_lora(lora, "ldm")
         extra = set(lora.layers) - set(self.layers)
         if extra:
             raise LoraError(f"LoRA layer {sorted(extra)[0]!r} is not among the adapted layers of this model.")

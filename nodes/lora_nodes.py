@@ -98,7 +98,7 @@ class LoadLoRA(Node):
         names = den.names()
         lora = core("lora.io").load_lora(path, names=names)
         if lora.naming != "ldm":
-            lora = lora.renamed(names.mapping(lora.naming, "ldm"), "ldm")
+            lora = names.convert_lora(lora, "ldm")
         try:
             lora.check_fits(den.weight_shapes(), "the connected model")
         except errors().SafetyDPOError as err:

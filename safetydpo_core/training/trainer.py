@@ -5,7 +5,9 @@ Read top to bottom, one optimiser step is:
 1. draw ``batch_size`` pairs (a deterministic order derived from the seed);
 2. pick the conditioning prompt of each pair (``condition``: the unsafe prompt, the safe one, or either)
    and drop it to "" with probability ``prompt_dropout``;
-3. draw one noise and one timestep per pair, shared by its safe and unsafe latents;
+3. draw one noise and one timestep per pair, shared by its safe and unsafe latents (the timesteps come
+   from the denoiser: uniform for discrete schedules, the family's shifted logit-normal for flow matching,
+   and the target it predicts is its own: epsilon, v or the flow velocity);
 4. reference prediction with the adapters switched off (no copy of the network), then the policy
    prediction with them on;
 5. the objective on ``[safe..., unsafe...]`` (safe preferred), backward, clip, optimiser step.
@@ -42,7 +44,7 @@ import torch
 
 from .. import __version__
 from ..data.preference_dataset import PreferenceDataset
-from ..denoiser.protocol import Conditioning
+from ..denoiser.protocol import Conditioning, draw_timesteps
 from ..errors import ConfigError, DatasetError, Interrupted, TrainingDiverged
 from ..lora.lora_set import LoraLayer, LoraSet
 from . import objectives
@@ -163,8 +165,7 @@ class ExpertTrainer:
             prompts.append(prompt)
         w, l = torch.stack(safes), torch.stack(unsafes)
         noise = torch.randn(w.shape, generator=g)
-        lo, hi = cfg.timestep_range or (0, self.denoiser.num_train_timesteps)
-        t = torch.randint(lo, min(hi, self.denoiser.num_train_timesteps), (len(idx),), generator=g)
+        t = draw_timesteps(self.denoiser, len(idx), g, tuple(w.shape[1:]), cfg.timestep_range)
         rec = ds.records[idx[0]]
         size = (rec.height or w.shape[-2] * getattr(self.denoiser, "vae_scale_factor", 8),
                 rec.width or w.shape[-1] * getattr(self.denoiser, "vae_scale_factor", 8))
@@ -473,6 +474,8 @@ class ExpertTrainer:
             meta["safetydpo_preserve_prompts"] = Path(cfg.preserve_prompts).name  # never a full path
         if self.group.world_size > 1:
             meta["safetydpo_processes"] = str(self.group.world_size)
+        if getattr(self.denoiser, "guidance", None) is not None:
+            meta["safetydpo_guidance"] = f"{self.denoiser.guidance:g}"
         if final:
             meta["safetydpo_final_metrics"] = ",".join(f"{k}={final[k]:.4g}" for k in ("loss", "implicit_acc", "margin")
                                                        if k in final)
