@@ -79,6 +79,14 @@ def step_generator(seed: int, step: int, micro: int, domain: int = 0) -> torch.G
     return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
 
 
+def _family(base_model_version: str) -> str | None:
+    """The latent space a kohya ``ss_base_model_version`` implies (SD1/SD2 share one), None when unknown."""
+    for prefix, fam in (("sdxl", "sdxl"), ("sd_v", "sd"), ("sd3", "sd3"), ("flux", "flux")):
+        if base_model_version.startswith(prefix):
+            return fam
+    return None
+
+
 class PairOrder:
     """Sample ``k`` overall is position ``k mod n`` of epoch ``k // n``'s seeded permutation."""
 
@@ -124,6 +132,12 @@ class ExpertTrainer:
             if bad:
                 raise DatasetError(f"Pair {bad[0].id!r} has latents of shape {bad[0].latent_shape}, but the model "
                                    f"expects {want} latent channels; the dataset was made for another model family.")
+        made_for = str(getattr(self.dataset, "header", {}).get("settings", {}).get("model_base") or "")
+        mine = str(getattr(self.denoiser, "base_model_version", "") or "")
+        if made_for and mine and _family(made_for) and _family(mine) and _family(made_for) != _family(mine):
+            raise DatasetError(f"The dataset {getattr(self.dataset, 'root', '')} was rendered with a {made_for} model, but "
+                               f"this model is {mine}: latents of another architecture cannot train it (not even with "
+                               f"a model mismatch allowed). Render the pairs with this model.")
         if len(shapes) > 1 and self.cfg.batch_size > 1:
             raise ConfigError(f"The dataset mixes latent sizes {sorted(shapes)[:3]}; use batch_size 1 for mixed sizes.")
 
