@@ -393,6 +393,9 @@ class ComfyDenoiser:
             orig = block.forward
 
             def run(*args, _orig=orig, **kwargs):  # recomputed in backward: lend the parameters again
+                if self.arch == "flux":  # Flux's blocks add into their inputs, which checkpointing keeps
+                    args = tuple(_copy_float(a) for a in args)
+                    kwargs = {k: _copy_float(v) for k, v in kwargs.items()}
                 with self._grad_safe():
                     return _orig(*args, **kwargs)
 
@@ -639,6 +642,10 @@ class ComfyDenoiser:
                                       self._conditioning(cond), self._conditioning(uncond), latent,
                                       denoise=1.0, callback=on_step, disable_pbar=True, seed=int(seed))
         return self.patcher.model.process_latent_in(samples.float().cpu()).clone()
+
+
+def _copy_float(x):
+    return x.clone() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 
 def _tensors_in(obj, depth: int = 0) -> Iterator[torch.Tensor]:

@@ -279,7 +279,7 @@ def rope_with_grad() -> Iterator[None]:
         return
 
     def apply_rope(xq, xk, freqs_cis):
-        if torch.is_grad_enabled() and (xq.requires_grad or xk.requires_grad):
+        if torch.is_grad_enabled():
             return _RopeWithGrad.apply(op, xq, xk, freqs_cis)
         return op(xq, xk, freqs_cis)
 
@@ -309,7 +309,7 @@ class InplaceGuard:
                 orig = module.forward
 
                 def forward(x, *args, _orig=orig, **kwargs):
-                    if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
+                    if torch.is_grad_enabled() and isinstance(x, torch.Tensor):
                         x = x.clone()
                     return _orig(x, *args, **kwargs)
 

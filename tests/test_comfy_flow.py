@@ -138,7 +138,8 @@ def test_model_facts_and_conditioning(models, cd, kind):
     c = cond.tensors
     if kind == "sd3":
         assert c["c_crossattn"].shape == (2, 77, 4096) and c["y"].shape == (2, 32) and "guidance" not in c
-        assert long.tensors["c_crossattn"].shape == (2, 231, 4096)  # 3 CLIP windows; the short one padded
+        n = long.tensors["c_crossattn"].shape[1]
+        assert n > 77 and n % 77 == 0  # several CLIP windows; the short prompt padded with empty windows
         torch.testing.assert_close(long.tensors["c_crossattn"][0, :77], c["c_crossattn"][0])
     else:
         assert c["c_crossattn"].shape == (2, 256, 32) and c["y"].shape == (2, 16)
