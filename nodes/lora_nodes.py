@@ -51,7 +51,11 @@ def resolve_lora(name: str) -> Path:
 
 
 def guess_base_model(lora_set) -> str:
-    """kohya's ``ss_base_model_version`` from the cross-attention width of an ldm-named LoRA."""
+    """kohya's ``ss_base_model_version`` from an ldm-named LoRA: SD3 / Flux.1 from their block names, the UNets
+    from the cross-attention width."""
+    family = core("lora.transformer_names").family_of_names(lora_set.layers)
+    if family is not None:
+        return core("lora.transformer_names").BASE_MODEL_VERSIONS[family]
     for name, layer in lora_set.items():
         if name.endswith("attn2.to_k"):
             width = layer.in_features
