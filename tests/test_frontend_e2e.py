@@ -216,7 +216,10 @@ def test_the_kept_core_node_list_equals_the_live_object_info(server):
             drift.append(f"{name}: kept {json.dumps(kept)[:600]}\n  live {json.dumps(got)[:600]}")
         for inp in files:
             part = "required" if inp in live[name]["input"].get("required", {}) else "optional"
-            assert isinstance(live[name]["input"][part][inp][0], list), f"{name}.{inp} is no longer a file list"
+            entry = live[name]["input"][part][inp]
+            typ, opts = entry[0], (entry[1] if len(entry) > 1 else {})
+            assert isinstance(typ, list) or typ == "COMBO" and isinstance(opts.get("options"), list), \
+                f"{name}.{inp} is no longer a file list"
     assert not drift, ("the kept core node list differs from this ComfyUI; review and refresh it with "
                        "`python tests/test_workflows.py --refresh-core-nodes <url>`:\n" + "\n".join(drift))
     assert not set(data["frontend_only"]) & set(live), "a frontend-only node type is now a server node"

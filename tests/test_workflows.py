@@ -78,8 +78,10 @@ def core_interface(live_node: dict, file_lists: dict) -> dict:
     def strip(entry, name):
         typ = entry[0]
         opts = {k: v for k, v in (entry[1] if len(entry) > 1 else {}).items() if k != "tooltip"}
-        if name in file_lists:
+        if name in file_lists:  # V1 lists the files as the type, V3 (TripleCLIPLoader) as COMBO options
             typ = []
+            if "options" in opts:
+                opts["options"] = []
         return [typ, opts]
 
     inputs = {part: {k: strip(v, k) for k, v in live_node["input"].get(part, {}).items()}
