@@ -10,6 +10,7 @@ diffusers (``load_lora_adapter`` on the same weights converted with ComfyUI's ma
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -428,3 +429,37 @@ def test_core_renders_trains_calibrates_and_merges_on_the_comfy_flux_model(model
         assert torch.isfinite(lat).all()
     assert_same_state(before, mp)
     assert _graph_facts(mp) == facts
+
+
+def test_training_batches_prompts_of_different_lengths_with_preservation(models, cd, tmp_path):
+    """The trainer encodes one prompt per text-encoder call; a batch mixing a short prompt with one longer than a
+    CLIP window (more tokens than SD3's 77) still trains (the denoiser pads them together), the preservation term
+    draws continuous noise levels and starts at zero, and the graph is left untouched."""
+    from safetydpo_core.data import PreferenceDatasetWriter
+    from safetydpo_core.data.preference_dataset import PreferenceDataset
+    from safetydpo_core.training.config import TrainConfig
+    from safetydpo_core.training.trainer import ExpertTrainer
+
+    mp = models("sd3")[0]
+    before = diffusion_state(mp)
+    long = " ".join(["a red house by the sea"] * 30)
+    with torch.inference_mode():
+        d = cd.ComfyDenoiser(*models("sd3"))
+        g = torch.Generator().manual_seed(5)
+        root = tmp_path / "ds"
+        with PreferenceDatasetWriter(root, model_fingerprint=d.fingerprint(), previews=False,
+                                     settings={"model_base": d.base_model_version}) as w:
+            for i, (cat, unsafe) in enumerate([("violence", "a dog"), ("violence", long), ("hate", "a cat"),
+                                               ("hate", long + " at night")]):
+                lat = torch.randn(16, 8, 8, generator=g)
+                w.add(id=f"p{i}", category=[cat], concept="c", unsafe=unsafe, safe=f"a bird {i}",
+                      safe_latent=lat, unsafe_latent=-lat, seed=i, height=64, width=64)
+        ds = PreferenceDataset(root, categories="violence", expect_fingerprint=d.fingerprint())
+        with d.session():
+            result = ExpertTrainer(d, ds, TrainConfig(steps=2, rank=2, beta=500.0, lr=1e-3, batch_size=2,
+                                                      preserve_weight=1.0, preserve_prompts="auto",
+                                                      category="violence")).run()
+    h = result.history
+    assert h[0]["loss"] == pytest.approx(0.6931, abs=1e-3) and h[0]["preserve"] == pytest.approx(0.0, abs=1e-9)
+    assert all(math.isfinite(r["loss"]) for r in h) and result.lora.metadata["safetydpo_preserve_weight"] == "1"
+    assert_same_state(before, mp)

@@ -153,7 +153,12 @@ class ExpertTrainer:
                     self._cond_cache.popitem(last=False)
         for p in prompts:
             self._cond_cache.move_to_end((p, size))
-        return Conditioning.cat([self._cond_cache[(p, size)] for p in prompts])
+        parts = [self._cond_cache[(p, size)] for p in prompts]
+        if len({tuple((k, tuple(v.shape[1:])) for k, v in sorted(c.tensors.items())) for c in parts}) > 1:
+            # Prompts of different token lengths (a long prompt spans more CLIP windows or T5 tokens) do not
+            # stack; the denoiser pads them to one length its own way. Still a function of the batch alone.
+            return self.denoiser.encode_prompts(list(prompts), size=size)
+        return Conditioning.cat(parts)
 
     @property
     def micro_steps(self) -> int:
