@@ -1,28 +1,39 @@
 """The ComfyUI backend of the Denoiser protocol: the ``MODEL`` (+ ``CLIP``, + ``VAE``) a graph loaded.
 
 :class:`ComfyDenoiser` lets the core trainer, renderer and merger work on a ComfyUI ``ModelPatcher``
-exactly as they work on a diffusers UNet (:mod:`safetydpo_core.denoiser.diffusers_backend`):
+exactly as they work on a diffusers model (:mod:`safetydpo_core.denoiser.diffusers_backend`,
+:mod:`safetydpo_core.denoiser.diffusers_flow`):
 
 * it trains on the loaded weights, following ComfyUI's own recipe (``TrainLoraNode``): a clone of the
   patcher, weight wrappers on every weight and bias (:mod:`.comfy_lora_adapter`), work under
   ``torch.inference_mode(False)``, the patcher loaded with ``load_models_gpu(..., force_full_load=True)``,
   bf16 autocast where ComfyUI says the device supports it; the reference pass switches the adapters off;
-* layer names are "ldm" (``input_blocks.1.1.transformer_blocks.0.attn1.to_q``: the module path inside
-  ``diffusion_model``), :meth:`ComfyDenoiser.names` converts to diffusers names;
-* timesteps are integers ``t`` in ``[0, num_train_timesteps)``; ``x_t`` is the *variance-preserving*
-  noisy latent ``sqrt(a_t) x0 + sqrt(1 - a_t) eps``, as in the diffusers backend, and :meth:`predict`
-  feeds ComfyUI ``x_t / sqrt(a_t)`` at ``sigma_t = sqrt((1 - a_t) / a_t)``. ``apply_model`` returns the
-  denoised ``x0``; the prediction returned is epsilon, ``(x - x0) / sigma``, which is exact for EPS and
-  V-prediction models alike, so ``prediction_type`` is always ``"epsilon"`` and :meth:`target` is the noise;
-* conditioning goes through the graph's ``CLIP``: ``c_crossattn`` (and for SDXL ``y``, from the pooled
-  output and size conditioning), batched in a :class:`Conditioning`;
+* layer names are "ldm" (the module path inside ``diffusion_model``: ``input_blocks.1.1.transformer_blocks.0.attn1.to_q``,
+  ``joint_blocks.0.x_block.attn.qkv``, ``double_blocks.0.img_attn.qkv``); :meth:`ComfyDenoiser.names` converts
+  to diffusers names;
+* the MODEL's own ``model_sampling`` decides the schedule (:func:`.comfy_transformers.sampling_kind`), not the
+  model's name:
+
+  - discrete EPS / V-prediction: timesteps are integers ``t`` in ``[0, num_train_timesteps)``; ``x_t`` is the
+    *variance-preserving* noisy latent ``sqrt(a_t) x0 + sqrt(1 - a_t) eps``, as in the diffusers backend, and
+    :meth:`predict` feeds ComfyUI ``x_t / sqrt(a_t)`` at ``sigma_t = sqrt((1 - a_t) / a_t)``. ``apply_model``
+    returns the denoised ``x0``; the prediction returned is epsilon, ``(x - x0) / sigma``, exact for EPS and
+    V-prediction models alike, so ``prediction_type`` is ``"epsilon"`` and :meth:`target` is the noise;
+  - flow matching (``CONST``, SD3 / Flux): ``t = sigma * 1000`` (continuous), ``x_t = (1 - sigma) x0 + sigma
+    noise`` is what ComfyUI's ``noise_scaling`` gives, and the velocity ``(x_t - x0) / sigma = noise - x0`` is
+    returned (``prediction_type`` ``"flow"``); training noise levels from :func:`.comfy_transformers.flow_schedule`;
+
+* conditioning goes through the graph's ``CLIP``: for UNets ``c_crossattn`` (and for SDXL ``y``, from the
+  pooled output and size conditioning); for SD3 / Flux the model's own ``extra_conds`` (``c_crossattn``, ``y``
+  and Flux.1-dev's distilled ``guidance``), batched in a :class:`Conditioning`;
 * rendering uses ComfyUI's samplers (``comfy.sample.sample``) and the graph's ``VAE``.
 
 The graph's ``MODEL`` is never changed: everything happens on a clone, and :meth:`ComfyDenoiser.release`
 (the end of :meth:`ComfyDenoiser.session`) unloads the clone, takes every wrapper off the shared modules
-and frees memory. Supported: ComfyUI's LDM UNets (SD1.x, SD2.x, SDXL and its refiner, and their
-distilled variants) with a discrete EPS or V-prediction schedule; anything else raises a
-:class:`ModelError` saying it is not supported yet.
+and frees memory. Parameters that ComfyUI's weight wrappers do not reach (the transformers' RMS-norm scales)
+are lent out as normal tensors only while a trainable forward runs
+(:meth:`.comfy_lora_adapter.ComfyLoraAdapter.grad_safe`). Supported: see
+:data:`.comfy_transformers.SUPPORTED`; anything else raises a :class:`ModelError` saying what is.
 
 ComfyUI is imported inside functions only, so this module imports without it.
 """
@@ -37,18 +48,23 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 import torch.utils.checkpoint
 
+from . import comfy_transformers as ct
 from .comfy_lora_adapter import ComfyLoraAdapter, lora_from_comfy, lora_to_comfy
 
 try:  # inside the pack, as ComfyUI imports it
-    from ..safetydpo_core.denoiser.protocol import Conditioning
+    from ..safetydpo_core.denoiser import flow
+    from ..safetydpo_core.denoiser.protocol import Conditioning, check_guidance, uniform_timesteps
     from ..safetydpo_core.errors import ConfigError, LoraError, ModelError
     from ..safetydpo_core.lora.targets import select_layers
+    from ..safetydpo_core.lora.transformer_names import BASE_MODEL_VERSIONS, presets
     from ..safetydpo_core.lora.unet_names import UNetNames, weight_modules
     from ..safetydpo_core.utils.fingerprint import module_fingerprint, tensor_digest
 except ImportError:  # nodes/ imported on its own (tests, tools) with safetydpo_core installed
-    from safetydpo_core.denoiser.protocol import Conditioning
+    from safetydpo_core.denoiser import flow
+    from safetydpo_core.denoiser.protocol import Conditioning, check_guidance, uniform_timesteps
     from safetydpo_core.errors import ConfigError, LoraError, ModelError
     from safetydpo_core.lora.targets import select_layers
+    from safetydpo_core.lora.transformer_names import BASE_MODEL_VERSIONS, presets
     from safetydpo_core.lora.unet_names import UNetNames, weight_modules
     from safetydpo_core.utils.fingerprint import module_fingerprint, tensor_digest
 
@@ -62,7 +78,7 @@ _VERSIONS = {
     "KOALA_700M": "sdxl_base_v1-0", "KOALA_1B": "sdxl_base_v1-0", "SDXL_instructpix2pix": "sdxl_base_v1-0",
     "SDXLRefiner": "sdxl_refiner_v1-0",
 }
-_MODEL_KWARGS = ("c_crossattn", "y")  # what predict() hands to apply_model
+_MODEL_KWARGS = ("c_crossattn", "y", "guidance")  # what predict() hands to apply_model
 _SDXL_SIZE_KEYS = ("height", "width", "crop_h", "crop_w", "target_height", "target_width")
 
 
@@ -149,11 +165,10 @@ class ComfyDenoiser:
     """A ComfyUI ``MODEL`` (with its ``CLIP`` and ``VAE``) seen through the Denoiser protocol."""
 
     naming = "ldm"
-    prediction_type = "epsilon"
 
     def __init__(self, model, clip=None, vae=None, compute_dtype: str | torch.dtype = "auto",
-                 default_size: tuple[int, int] | None = None):
-        comfy, UNetModel = _comfy()
+                 default_size: tuple[int, int] | None = None, guidance: float | None = None):
+        comfy, _ = _comfy()
         base = getattr(model, "model", None)
         if base is None or not hasattr(model, "clone") or not hasattr(model, "add_weight_wrapper"):
             raise ModelError(f"Expected a ComfyUI MODEL (a ModelPatcher); got {type(model).__name__}.")
@@ -162,37 +177,35 @@ class ComfyDenoiser:
         self.vae = vae
         arch = type(getattr(base, "model_config", None)).__name__
         what = f"{type(base).__name__} ({arch})"
-        if not isinstance(getattr(base, "diffusion_model", None), UNetModel):
-            raise ModelError(f"The model {what} is not supported yet: SafetyDPO trains ComfyUI's UNet models "
-                             f"(SD1.x, SD2.x, SDXL) only.")
-        mb = comfy.model_base
-        if type(base) is not mb.BaseModel and not isinstance(base, (mb.SDXL, mb.SDXLRefiner)):
-            raise ModelError(f"The model {what} is not supported yet: it needs conditioning beyond text "
-                             f"(SD1.x, SD2.x and SDXL text-to-image UNets are supported).")
-        if getattr(base, "concat_keys", ()):
-            raise ModelError(f"The model {what} is an inpainting/instruct model (extra input channels); "
-                             f"it is not supported yet.")
+        self.arch = ct.architecture(base)
         ms = model.get_model_object("model_sampling")
-        sampling = comfy.model_sampling
-        kind = None
-        if (isinstance(ms, sampling.ModelSamplingDiscrete) and type(ms).sigma is sampling.ModelSamplingDiscrete.sigma
-                and type(ms).timestep is sampling.ModelSamplingDiscrete.timestep
-                and type(ms).noise_scaling is sampling.EPS.noise_scaling
-                and type(ms).calculate_input is sampling.EPS.calculate_input):
-            if type(ms).calculate_denoised is sampling.EPS.calculate_denoised:
-                kind = "epsilon"
-            elif type(ms).calculate_denoised is sampling.V_PREDICTION.calculate_denoised:
-                kind = "v_prediction"
-        if kind is None or float(getattr(ms, "sigma_data", 1.0)) != 1.0:
+        kind = ct.sampling_kind(ms)
+        if kind is None:
             raise ModelError(f"The model {what} with the sampling {type(ms).__name__} is not supported yet: only "
-                             f"discrete-schedule EPS and V-prediction models (SD1.x, SD2.x, SDXL) can be trained.")
+                             f"discrete-schedule EPS and V-prediction sampling and flow-matching (CONST) sampling can "
+                             f"be trained. Supported: {ct.SUPPORTED}.")
         self.model_prediction_type = kind
-        self._sigmas = ms.sigmas.detach().float().cpu().clone()
-        self.num_train_timesteps = int(self._sigmas.shape[0])
-        self.base_model_version = _VERSIONS.get(arch) or (
-            "sdxl_base_v1-0" if isinstance(base, mb.SDXL) else
-            "sd_v2" if base.model_config.unet_config.get("context_dim") == 1024 else "sd_v1")
+        mb = comfy.model_base
+        if kind == "flow":
+            self.schedule, self.prediction_type = "flow", "flow"
+            self.flow = ct.flow_schedule(ms, patched="model_sampling" in model.object_patches)
+            self._sigmas = None
+            self.num_train_timesteps = self.flow.num_train_timesteps
+        else:
+            self.schedule, self.prediction_type = "discrete", "epsilon"
+            self.flow = None
+            self._sigmas = ms.sigmas.detach().float().cpu().clone()
+            self.num_train_timesteps = int(self._sigmas.shape[0])
+        if self.arch == "unet":
+            self.base_model_version = _VERSIONS.get(arch) or (
+                "sdxl_base_v1-0" if isinstance(base, mb.SDXL) else
+                "sd_v2" if base.model_config.unet_config.get("context_dim") == 1024 else "sd_v1")
+        else:
+            self.base_model_version = BASE_MODEL_VERSIONS[self.arch]
         self.is_sdxl = isinstance(base, (mb.SDXL, mb.SDXLRefiner))
+        self.guidance_input = self.arch == "flux" and bool(base.diffusion_model.params.guidance_embed)
+        self.guidance = check_guidance(guidance, self.guidance_input, f"the model {what}")
+        self.default_cfg = {"unet": 7.5, "sd3": 4.5, "flux": 1.0}[self.arch]
         self.device = torch.device(model.load_device)
         if compute_dtype == "auto":
             use_bf16 = comfy.model_management.should_use_bf16(self.device)
@@ -200,12 +213,13 @@ class ComfyDenoiser:
         if compute_dtype not in (torch.float32, torch.bfloat16):
             raise ConfigError(f"Training dtype must be float32 or bfloat16; got {compute_dtype}.")
         self.compute_dtype = compute_dtype
-        self.default_size = default_size or ((1024, 1024) if self.is_sdxl else (512, 512))
+        self.default_size = default_size or ((1024, 1024) if (self.is_sdxl or self.arch != "unet") else (512, 512))
         self._mp = None
         self._adapter: ComfyLoraAdapter | None = None
-        self._names: UNetNames | None = None
+        self._names = None
         self._fingerprint: str | None = None
         self._checkpointed: list[torch.nn.Module] = []
+        self._inplace_guard = ct.InplaceGuard()
 
     # -- the working clone --------------------------------------------------------------------------
     def _working(self):
@@ -240,6 +254,7 @@ class ComfyDenoiser:
         """
         mm = _comfy()[0].model_management
         self.set_gradient_checkpointing(False)
+        self._inplace_guard.remove()
         if self.adapter is not None:
             self.adapter.restore_base()
         mp = self._mp
@@ -301,16 +316,25 @@ class ComfyDenoiser:
         return int(self.default_size[0])
 
     def layers(self, targets: str | Sequence[str] | None = None) -> dict[str, torch.nn.Module]:
-        return select_layers(dict(self.module.named_modules()), targets)
+        if self.arch == "unet":
+            return select_layers(dict(self.module.named_modules()), targets)
+        return select_layers(dict(self.module.named_modules()), targets, presets=presets(self.arch, "ldm"))
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         return weight_modules(self.module)
 
     def diffusers_config(self) -> dict:
-        return diffusers_unet_config(self.patcher.model.model_config.unet_config)
+        """The diffusers config of the network: ``UNet2DConditionModel``'s, or the SD3 / Flux transformer's."""
+        unet_config = self.patcher.model.model_config.unet_config
+        if self.arch != "unet":
+            return ct.diffusers_transformer_config(self.arch, unet_config)
+        return diffusers_unet_config(unet_config)
 
-    def names(self) -> UNetNames:
-        """Layer names in both namings, from ComfyUI's own diffusers<->LDM map (checked against ours)."""
+    def names(self):
+        """Layer names in both namings, from ComfyUI's own diffusers<->LDM map (checked against ours): a
+        :class:`UNetNames`, or for SD3 / Flux a :class:`~safetydpo_core.lora.transformer_names.TransformerNames`."""
+        if self._names is None and self.arch != "unet":
+            self._names = ct.transformer_names(self.arch, self.module, self.patcher.model.model_config.unet_config)
         if self._names is None:
             import comfy.utils
 
@@ -342,6 +366,8 @@ class ComfyDenoiser:
         if self._adapter is not None and self._adapter.layers:
             raise ConfigError("A LoRA adapter is already attached to this model; remove() it first.")
         names = list(self.layers(targets))
+        if self.arch == "flux":
+            self._inplace_guard.install(self.module)
         self._adapter = ComfyLoraAdapter(
             self._working(), names, rank=rank, alpha=alpha, init=init, device=self.device,
             metadata={"ss_base_model_version": self.base_model_version}, names_provider=self.names)
@@ -363,18 +389,34 @@ class ComfyDenoiser:
             return
         if self._checkpointed:
             return
-        dm = self.module
-        for blocks in (dm.input_blocks, [dm.middle_block], dm.output_blocks):
-            for block in blocks:
-                orig = block.forward
+        for block in ct.block_lists(self.module):
+            orig = block.forward
 
-                def forward(*args, _orig=orig, **kwargs):
-                    if torch.is_grad_enabled():
-                        return torch.utils.checkpoint.checkpoint(_orig, *args, use_reentrant=False, **kwargs)
+            def run(*args, _orig=orig, **kwargs):  # recomputed in backward: lend the parameters again
+                if self.arch == "flux":  # Flux's blocks add into their inputs, which checkpointing keeps
+                    args = tuple(_copy_float(a) for a in args)
+                    kwargs = {k: _copy_float(v) for k, v in kwargs.items()}
+                with self._grad_safe():
                     return _orig(*args, **kwargs)
 
-                block.forward = forward
-                self._checkpointed.append(block)
+            def forward(*args, _orig=orig, _run=run, **kwargs):
+                if torch.is_grad_enabled():
+                    return torch.utils.checkpoint.checkpoint(_run, *args, use_reentrant=False, **kwargs)
+                return _orig(*args, **kwargs)
+
+            block.forward = forward
+            self._checkpointed.append(block)
+
+    def _grad_safe(self):
+        """While a trainable forward runs: the parameters the weight wrappers do not reach, as normal tensors."""
+        adapter = self.adapter
+        if adapter is None or not torch.is_grad_enabled():
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(adapter.grad_safe())
+        if self.arch == "flux":
+            stack.enter_context(ct.rope_with_grad())
+        return stack
 
     def fingerprint(self) -> str:
         """Digest of the diffusion model's base weights (as the diffusers backend computes it on the same
@@ -403,7 +445,9 @@ class ComfyDenoiser:
     def encode_prompts(self, prompts: Sequence[str], size: tuple[int, int] | None = None) -> Conditioning:
         """Encode prompts with the graph's CLIP: ``c_crossattn`` ``[B, 77k, D]``; for SDXL also ``y``
         ``[B, adm]`` (pooled output plus size conditioning for ``size`` = (height, width) in pixels,
-        default :attr:`default_size`), ``pooled_output`` and ``size`` (kept for sampling)."""
+        default :attr:`default_size`), ``pooled_output`` and ``size`` (kept for sampling). For SD3 / Flux:
+        ``c_crossattn``, ``y`` (the pooled output) and for Flux.1-dev ``guidance`` ``[B]``, from the model's
+        ``extra_conds``."""
         import comfy.conds
 
         prompts = list(prompts)
@@ -411,6 +455,12 @@ class ComfyDenoiser:
             raise ConfigError("No prompts to encode.")
         if self.clip is None:
             raise ConfigError("This model has no CLIP attached; connect the CLIP of the checkpoint to encode prompts.")
+        if self.arch != "unet":
+            h, w = size or self.default_size
+            f = self.vae_scale_factor
+            with torch.inference_mode(False), torch.no_grad():
+                return Conditioning(ct.transformer_conditioning(self.patcher.model, self.clip, prompts, self.guidance,
+                                                                (max(1, h // f), max(1, w // f))))
         with torch.inference_mode(False), torch.no_grad():  # normal tensors out, usable in training
             conds, pooled = [], []
             for p in prompts:
@@ -434,7 +484,20 @@ class ComfyDenoiser:
         return Conditioning(tensors)
 
     # -- the forward process ------------------------------------------------------------------------
+    def sample_timesteps(self, n: int, generator: torch.Generator, latent_shape: Sequence[int] | None = None,
+                         t_range: tuple[float, float] | None = None) -> torch.Tensor:
+        """Uniform integers for discrete sampling; the flow schedule's shifted logit-normal draws otherwise."""
+        if self.flow is not None:
+            return self.flow.sample_timesteps(n, generator, latent_shape, t_range)
+        return uniform_timesteps(self.num_train_timesteps, n, generator, t_range)
+
     def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if self.flow is not None:
+            t = t.reshape(-1).detach().double().cpu()
+            if t.numel() and (float(t.min()) <= 0 or float(t.max()) > self.num_train_timesteps):
+                raise ConfigError(f"Flow timesteps must lie in (0, {self.num_train_timesteps}]; got "
+                                  f"{float(t.min()):g}..{float(t.max()):g}.")
+            return (t / self.num_train_timesteps).float().to(like.device)
         t = t.reshape(-1).long().cpu()
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_train_timesteps):
             raise ConfigError(f"Timesteps must lie in [0, {self.num_train_timesteps}); got {int(t.min())}..{int(t.max())}.")
@@ -447,20 +510,29 @@ class ComfyDenoiser:
         return a.sqrt().reshape(shape).to(like.dtype), (1 - a).sqrt().reshape(shape).to(like.dtype)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.flow is not None:
+            return flow.add_noise(self.flow, x0, noise, t)
         sa, sb = self._coeffs(t, x0)
         return sa * x0 + sb * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return noise
+        return flow.velocity(x0, noise) if self.flow is not None else noise
+
+    def unit_marginal(self, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return flow.unit_marginal(self.flow, noise, t) if self.flow is not None else noise
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Epsilon predicted for the variance-preserving ``x_t`` at integer timesteps ``t`` (fp32, on the device)."""
+        """Epsilon (discrete sampling) or the flow velocity (flow sampling) predicted for ``x_t`` at timesteps
+        ``t`` (fp32, on the device)."""
         b = x_t.shape[0]
         if len(cond) != b:
             raise ConfigError(f"Conditioning batch {len(cond)} does not match the latent batch {b}.")
         t = t.reshape(-1)
         if t.numel() == 1 and b > 1:
             t = t.expand(b)
+        if self.guidance_input and "guidance" not in cond.tensors:
+            raise ConfigError("This Flux model has a guidance input; encode the prompts with this denoiser (its "
+                              "conditioning carries the guidance).")
         # ComfyUI runs nodes in inference mode, where nothing trains. Leaving it re-enables autograd
         # whatever the caller said, so the caller's grad mode is taken first (no_grad for the reference).
         want_grad = torch.is_grad_enabled() and self.adapter is not None
@@ -469,7 +541,9 @@ class ComfyDenoiser:
             dev = self.device
             sigma = self._sigma(t, x_t).to(dev)
             view = (-1,) + (1,) * (x_t.dim() - 1)
-            x = x_t.to(dev, torch.float32) * (1.0 + sigma * sigma).sqrt().view(view)
+            x = x_t.to(dev, torch.float32)
+            if self.flow is None:  # ComfyUI's EPS input: x0 + sigma * eps = x_t / sqrt(a_t)
+                x = x * (1.0 + sigma * sigma).sqrt().view(view)
             kwargs = {k: v.to(dev) for k, v in cond.tensors.items() if k in _MODEL_KWARGS}
             options = dict(mp.model_options.get("transformer_options", {}))
             options.update({"sigmas": sigma, "cond_or_uncond": [0]})
@@ -477,11 +551,14 @@ class ComfyDenoiser:
             # any) is left as it is (autocast(enabled=False) would switch it off).
             autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if self.compute_dtype == torch.bfloat16
                         else contextlib.nullcontext())
-            with autocast:
+            with autocast, self._grad_safe():
                 denoised = mp.model.apply_model(x, sigma, transformer_options=options, **kwargs)
             return (x - denoised.float()) / sigma.view(view)
 
     def eps_from_prediction(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.flow is not None:
+            s = self._sigma(t, x_t).reshape((-1,) + (1,) * (x_t.dim() - 1)).to(x_t.dtype)
+            return x_t + (1 - s) * pred
         return pred
 
     # -- images -------------------------------------------------------------------------------------
@@ -492,8 +569,9 @@ class ComfyDenoiser:
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor
-        if height <= 0 or width <= 0 or height % f or width % f:
-            raise ConfigError(f"Image size {width}x{height} must be a positive multiple of {f} for this model.")
+        m = f * (1 if self.arch == "unet" else 2)  # the transformers take 2x2 latent patches
+        if height <= 0 or width <= 0 or height % m or width % m:
+            raise ConfigError(f"Image size {width}x{height} must be a positive multiple of {m} for this model.")
         return (self.latent_channels, height // f, width // f)
 
     @torch.no_grad()
@@ -517,7 +595,11 @@ class ComfyDenoiser:
     def _conditioning(self, cond: Conditioning) -> list:
         c = cond.tensors
         extras = {}
-        if self.is_sdxl:
+        if self.arch != "unet":
+            extras = {"pooled_output": c["y"].float()}
+            if "guidance" in c:
+                extras["guidance"] = float(c["guidance"].reshape(-1)[0])
+        elif self.is_sdxl:
             if "pooled_output" not in c or "size" not in c:
                 raise ConfigError("SDXL conditioning for sampling needs the pooled output and size from encode_prompts().")
             size = c["size"][0].tolist()
@@ -560,6 +642,10 @@ class ComfyDenoiser:
                                       self._conditioning(cond), self._conditioning(uncond), latent,
                                       denoise=1.0, callback=on_step, disable_pbar=True, seed=int(seed))
         return self.patcher.model.process_latent_in(samples.float().cpu()).clone()
+
+
+def _copy_float(x):
+    return x.clone() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 
 def _tensors_in(obj, depth: int = 0) -> Iterator[torch.Tensor]:

@@ -10,7 +10,10 @@ weight (``comfy.ops.cast_bias_weight``), so:
   it is disabled: the DPO reference is the very same network with the LoRA switched off, no copy made;
 * every other weight and bias gets a parameter-free :class:`IdentityWrapper`. Without it backward fails
   with "Inference tensors cannot be saved for backward": ComfyUI's executor builds the checkpoint's
-  parameters under ``torch.inference_mode()``, and only the wrapped path works on copies of them.
+  parameters under ``torch.inference_mode()``, and only the wrapped path works on copies of them;
+* parameters outside ComfyUI's ops, which no wrapper reaches (the RMS-norm scales of the SD3.5 and Flux
+  transformers), are lent out as normal-tensor copies, bit for bit equal, only while a trainable forward
+  runs (:meth:`ComfyLoraAdapter.grad_safe`), and put back right after it.
 
 The loaded model itself is never written to: ``remove()`` takes the wrappers off the clone and off the
 shared modules and restores the parameters' ``requires_grad`` flags, so other nodes see exactly the
@@ -134,12 +137,14 @@ class ComfyLoraAdapter:
         self.layers: dict[str, LoraWrapper] = {}
         self._keys: list[str] = []
         self._grad_flags: list[tuple[torch.nn.Parameter, bool]] = []
+        self._lent: dict[int, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
+        self._lending = 0
         dm = patcher.model.diffusion_model
         modules = dict(dm.named_modules())
         missing = [n for n in target_names if n not in modules]
         if missing:
             raise ConfigError(f"Layer {missing[0]!r} does not exist in this model's diffusion model.")
-        self._check_coverage(dm)
+        self.unreached = self._check_coverage(dm)
         device = torch.device(device) if device is not None else patcher.load_device
         with torch.inference_mode(False):
             for name in target_names:
@@ -167,16 +172,53 @@ class ComfyLoraAdapter:
 
     # -- construction helpers -------------------------------------------------------------------
     @staticmethod
-    def _check_coverage(dm: torch.nn.Module) -> None:
-        """Every parameter must sit in a ComfyUI op (which calls weight wrappers), or backward fails."""
+    def _check_coverage(dm: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+        """The parameters outside ComfyUI's ops (lent out by :meth:`grad_safe`); an op holding other parameters
+        than its weight and bias cannot be trained."""
+        unreached = []
         for name, module in dm.named_modules():
             own = [n for n, _ in module.named_parameters(recurse=False)]
             if not own:
                 continue
-            if not hasattr(module, "weight_function") or any(n not in ("weight", "bias") for n in own):
+            if not hasattr(module, "weight_function"):
+                unreached.extend((module, n) for n in own)
+            elif any(n not in ("weight", "bias") for n in own):
                 raise ModelError(
                     f"Training on this model is not supported yet: its layer {name or '<root>'!r} "
                     f"({type(module).__name__}) holds parameters that ComfyUI's weight wrappers do not reach.")
+        return unreached
+
+    @contextlib.contextmanager
+    def grad_safe(self) -> Iterator[None]:
+        """Within this block every parameter outside ComfyUI's ops that is an inference tensor is replaced by an
+        equal normal tensor (made once, kept until :meth:`remove`), so that autograd may save it; the model's own
+        parameter objects are back in place when the block ends. Nested blocks are fine."""
+        if not self.unreached or self._lending:
+            self._lending += 1
+            try:
+                yield
+            finally:
+                self._lending -= 1
+            return
+        self._lending += 1
+        swapped = []
+        try:
+            with torch.inference_mode(False):
+                for module, pname in self.unreached:
+                    p = module._parameters.get(pname)
+                    if p is None or not p.is_inference():
+                        continue
+                    hit = self._lent.get(id(p))
+                    if hit is None or hit[0] is not p:
+                        hit = (p, torch.nn.Parameter(p.detach().clone(), requires_grad=False))
+                        self._lent[id(p)] = hit
+                    module._parameters[pname] = hit[1]
+                    swapped.append((module, pname, p))
+            yield
+        finally:
+            for module, pname, p in swapped:
+                module._parameters[pname] = p
+            self._lending -= 1
 
     def _add(self, key: str, fn) -> None:
         self.patcher.add_weight_wrapper(key, fn)
@@ -249,7 +291,7 @@ class ComfyLoraAdapter:
             if self._names_provider is None:
                 raise LoraError("This adapter uses ldm layer names; convert the LoRA first.")
             names = self._names_provider()
-            lora = lora.renamed(names.mapping(lora.naming, "ldm"), "ldm")
+            lora = names.convert_lora(lora, "ldm")
         extra = set(lora.layers) - set(self.layers)
         if extra:
             raise LoraError(f"LoRA layer {sorted(extra)[0]!r} is not among the adapted layers of this model.")
@@ -282,6 +324,7 @@ class ComfyLoraAdapter:
                 if fns:
                     module.__dict__[attr] = [f for f in fns if id(f) not in ours]
         self.restore_base()
+        self._lent = {}
         self.layers = {}
 
 

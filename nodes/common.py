@@ -168,7 +168,14 @@ def comfy_progress(total: int):
     return make(max(1, int(total)))
 
 
-def denoiser(model, clip=None, vae=None):
+def denoiser(model, clip=None, vae=None, guidance=None):
     from .comfy_denoiser import ComfyDenoiser
 
-    return ComfyDenoiser(model, clip, vae)
+    return ComfyDenoiser(model, clip, vae, guidance=guidance)
+
+
+def GUIDANCE() -> tuple:
+    """The optional ``guidance`` socket of the nodes that encode prompts themselves (a FLOAT input, not a widget)."""
+    return FLOAT(3.5, 0.0, 100.0, "Distilled guidance for guidance-distilled models (Flux.1-dev: 3.5 when unconnected, "
+                                  "as ComfyUI's Flux conditioning defaults to; 0 = that default). Connect a float only "
+                                  "for such a model: any other model refuses it.", step=0.1, forceInput=True)

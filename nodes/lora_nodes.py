@@ -51,7 +51,11 @@ def resolve_lora(name: str) -> Path:
 
 
 def guess_base_model(lora_set) -> str:
-    """kohya's ``ss_base_model_version`` from the cross-attention width of an ldm-named LoRA."""
+    """kohya's ``ss_base_model_version`` from an ldm-named LoRA: SD3 / Flux.1 from their block names, the UNets
+    from the cross-attention width."""
+    family = core("lora.transformer_names").family_of_names(lora_set.layers)
+    if family is not None:
+        return core("lora.transformer_names").BASE_MODEL_VERSIONS[family]
     for name, layer in lora_set.items():
         if name.endswith("attn2.to_k"):
             width = layer.in_features
@@ -98,7 +102,7 @@ class LoadLoRA(Node):
         names = den.names()
         lora = core("lora.io").load_lora(path, names=names)
         if lora.naming != "ldm":
-            lora = lora.renamed(names.mapping(lora.naming, "ldm"), "ldm")
+            lora = names.convert_lora(lora, "ldm")
         try:
             lora.check_fits(den.weight_shapes(), "the connected model")
         except errors().SafetyDPOError as err:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from . import live_view
 from ._core import core, errors
-from .common import (COMBO, INT, SEED, SOCKET, Node, comfy_progress, comfy_stop, denoiser, lora_model_from_set,
-                     lora_set_from_input)
+from .common import (COMBO, GUIDANCE, INT, SEED, SOCKET, Node, comfy_progress, comfy_stop, denoiser,
+                     lora_model_from_set, lora_set_from_input)
 from .types import DATASET, EXPERTS, LORA_MODEL, PAIRS
 
 SLOTS = 7
@@ -59,10 +59,11 @@ class CoMerge(Node):
             "dataset": SOCKET(DATASET, "Calibration on a preference dataset's latents instead of prompts with noise."),
             "experts": SOCKET(EXPERTS, "More experts, with weights, from the expert-list node."),
             **slots,
+            "guidance": GUIDANCE(),
         }}
 
     def merge(self, model, clip, method, rank, calibration_inputs, calibration_size, prompt_field, seed, pairs=None,
-              dataset=None, experts=None, **slots):
+              dataset=None, experts=None, guidance=None, **slots):
         e = errors()
         merge = core("merge")
         if method not in merge.METHODS:
@@ -75,7 +76,7 @@ class CoMerge(Node):
         given += [(f"experts[{j}]", lora, w) for j, (lora, w) in enumerate(experts or [])]
         if not given:
             raise e.ConfigError("No experts connected: connect LORA_MODELs to expert_1... or an expert list.")
-        den = denoiser(model, clip)
+        den = denoiser(model, clip, guidance=guidance)
         names = den.names()
         sets = [lora_set_from_input(lora, what) for what, lora, _ in given]
         for (what, _, _), s in zip(given, sets):

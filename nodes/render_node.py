@@ -14,7 +14,8 @@ from pathlib import Path
 
 from . import paths
 from ._core import core, errors
-from .common import COMBO, FLOAT, INT, SEED, SOCKET, STRING, Node, comfy_progress, comfy_stop, denoiser, pil_to_image
+from .common import (COMBO, FLOAT, GUIDANCE, INT, SEED, SOCKET, STRING, Node, comfy_progress, comfy_stop, denoiser,
+                     pil_to_image)
 from .types import DATASET, PAIRS
 
 IF_EXISTS = ("resume", "overwrite", "new folder")
@@ -119,10 +120,12 @@ class RenderPairs(Node):
             "batch_pairs": INT(2, 1, 64, "Pairs rendered together (4 images per 2 pairs); lower it if memory is short."),
             "if_exists": COMBO(IF_EXISTS, "When the dataset folder exists: 'resume' skips pairs already rendered and adds "
                                           "the rest; 'overwrite' replaces it; 'new folder' adds a counter to the name."),
+        }, "optional": {
+            "guidance": GUIDANCE(),
         }}
 
     def render(self, model, clip, vae, pairs, dataset_name, width, height, steps, cfg, sampler_name, scheduler, seed,
-               negative, batch_pairs, if_exists):
+               negative, batch_pairs, if_exists, guidance=None):
         e = errors()
         if not pairs:
             raise e.DatasetError("pairs is empty; nothing to render.")
@@ -137,13 +140,13 @@ class RenderPairs(Node):
             while (root / f"{name}_{i:04d}").exists():
                 i += 1
             out = paths.inside(root, f"{name}_{i:04d}", "dataset_name")
-        den = denoiser(model, clip, vae)
+        den = denoiser(model, clip, vae, guidance=guidance)
         settings = render.RenderSettings(height=int(height) or None, width=int(width) or None, steps=int(steps),
                                          cfg=float(cfg), sampler=sampler_name, scheduler=scheduler, seed=int(seed),
                                          negative=negative, batch_pairs=int(batch_pairs))
         out.mkdir(parents=True, exist_ok=True)
         config = {"command": "render", "source": "ComfyUI SafetyDPO_RenderPairs", "model": den.fingerprint(),
-                  "pairs": f"{len(pairs)} pairs from the graph", "if_exists": if_exists,
+                  "pairs": f"{len(pairs)} pairs from the graph", "if_exists": if_exists, "guidance": den.guidance,
                   **vars(settings)}
         core("utils.atomic").atomic_write_text(out / "config.json", json.dumps(config, indent=1, default=str) + "\n",
                                                "configuration file")

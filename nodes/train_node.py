@@ -19,8 +19,8 @@ from pathlib import Path
 
 from . import live_view, paths
 from ._core import core, errors
-from .common import (BOOL, COMBO, FLOAT, INT, SEED, SOCKET, Node, apply_lora, category_choices, comfy_progress,
-                     comfy_stop, denoiser, lora_model_from_set)
+from .common import (BOOL, COMBO, FLOAT, GUIDANCE, INT, SEED, SOCKET, Node, apply_lora, category_choices,
+                     comfy_progress, comfy_stop, denoiser, lora_model_from_set)
 from .types import DATASET, LORA_MODEL, METRICS
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ class TrainExpert(Node):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": SOCKET("MODEL", "The loaded model to align (SD1.x, SD2.x or SDXL UNet). It is not changed."),
+            "model": SOCKET("MODEL", "The loaded model to align (SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux.1). It is "
+                                     "not changed."),
             "clip": SOCKET("CLIP", "The checkpoint's text encoder, to encode the pairs' prompts."),
             "dataset": SOCKET(DATASET, "A preference dataset rendered with this model (render or load-dataset node)."),
             "category": COMBO(category_choices(), "Train on this category's pairs ('all': every pair, one expert)."),
@@ -76,11 +77,12 @@ class TrainExpert(Node):
                                      step=0.1),
             "preserve_prompts": COMBO(core("training.preservation").PRESERVE_SETS, "Preservation prompts: auto (the safe prompts of the dataset's "
                                                      "other categories plus everyday prompts), others, or neutral."),
+            "guidance": GUIDANCE(),
         }}
 
     def train(self, model, clip, dataset, category, steps, learning_rate, rank, beta, condition, seed,
               gradient_checkpointing, save_every, resume, allow_model_mismatch=False, preserve_weight=0.0,
-              preserve_prompts="auto"):
+              preserve_prompts="auto", guidance=None):
         e = errors()
         if not isinstance(dataset, dict) or "path" not in dataset:
             raise e.DatasetError("dataset: expected a SAFETYDPO_DATASET from the render or load-dataset node.")
@@ -91,13 +93,15 @@ class TrainExpert(Node):
                              beta=float(beta), condition=condition, lr=float(learning_rate), seed=int(seed),
                              gradient_checkpointing=bool(gradient_checkpointing), checkpoint_every=int(save_every),
                              preserve_weight=float(preserve_weight), preserve_prompts=str(preserve_prompts))
-        den = denoiser(model, clip)
+        den = denoiser(model, clip, guidance=guidance)
         model_fp = den.fingerprint()
         from .render_node import open_dataset
 
         ds = open_dataset(dataset["path"], categories=cfg.category, expect_fingerprint=model_fp,
                           on_mismatch="warn" if allow_model_mismatch else "error")
         keep = {k: v for k, v in cfg.to_dict().items() if k not in _FREE_KEYS}
+        if den.guidance is not None:
+            keep["guidance"] = den.guidance
         ckpt = checkpoint_dir(category, keep, ds.fingerprint(), model_fp)
         old = core("training.checkpoint").list_checkpoints(ckpt)
         if resume and old and old[-1][0] > cfg.steps:

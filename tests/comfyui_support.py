@@ -9,6 +9,11 @@
   ComfyUI classes (``comfy.supported_models.SD15`` / ``SDXL``, ``comfy.sd.CLIP`` with ComfyUI's CLIP-L /
   CLIP-G code, ``comfy.sd.VAE``), built inside ``torch.inference_mode()`` as ComfyUI's executor builds
   the models of a graph, so that the inference-tensor trap is reproduced.
+* :func:`tiny_sd3` / :func:`tiny_flux`: the same for the flow-matching transformers, from
+  ``comfy.supported_models.SD3`` (an SD3.5-style MMDiT: RMS q/k norm, a dual-attention block) and
+  ``comfy.supported_models.Flux`` / ``FluxSchnell`` (double and single blocks, with or without the guidance
+  input), with ComfyUI's SD3 text encoder (CLIP-L + CLIP-G, no T5) and Flux text encoder (CLIP-L + a small
+  T5 on ComfyUI's T5 tokenizer) and a 16-channel VAE.
 * :func:`backend_module`: imports ``nodes/comfy_*.py`` of this pack. ComfyUI has a top-level module
   ``nodes`` too, so the pack's ``nodes`` folder is loaded under a package name of its own.
 * :func:`comfyui_server`: ComfyUI's ``main.py`` in a subprocess on a free port (the server, browser and install
@@ -140,22 +145,43 @@ def _model_patcher(comfy, config_cls, unet: dict, seed: int, v_prediction: bool)
                                             offload_device=comfy.model_management.unet_offload_device())
 
 
+# The tiny transformers. ComfyUI's SD3 text encoder pads CLIP's output to 4096 (T5-XXL's width), so the tiny MMDiT
+# keeps SD3's context width; hidden size = 64 x depth as in every SD3 checkpoint (ComfyUI derives the heads from it).
+TINY_SD3_MMDIT = {
+    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None, "num_patches": 256,
+    "pos_embed_max_size": 16, "pos_embed_scaling_factor": None, "adm_in_channels": 32, "qk_norm": "rms",
+    "x_block_self_attn_layers": [0],
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+}
+TINY_FLUX = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 16, "context_in_dim": 32,
+    "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 2, "axes_dim": [8, 12, 12],
+    "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True, "txt_ids_dims": [],
+}
+TINY_SD3_CLIP_L = dict(_CLIP_SMALL, hidden_size=16, projection_dim=16)
+TINY_SD3_CLIP_G = dict(_CLIP_SMALL, hidden_size=16, projection_dim=16)
+TINY_T5 = {"d_model": 32, "d_ff": 64, "num_layers": 2, "num_heads": 2, "d_kv": 16, "relative_attention_num_buckets": 8}
+TINY_VAE16 = {"embed_dim": 16, "ddconfig": {**TINY_VAE["ddconfig"], "z_channels": 16}}
+
+
 def _clip(comfy, target, model_options: dict, seed: int):
     clip = comfy.sd.CLIP(target, model_options=model_options)
     _init_random(clip.cond_stage_model, seed, std=0.1)
     return clip
 
 
-def _vae(comfy, seed: int):
+def _vae(comfy, seed: int, config: dict = TINY_VAE):
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in AutoencoderKL(**TINY_VAE).state_dict().items()}
+        shapes = {k: v.shape for k, v in AutoencoderKL(**config).state_dict().items()}
     g = torch.Generator().manual_seed(seed)
     sd = {k: (torch.ones(s) + torch.randn(s, generator=g) * 0.01 if (len(s) == 1 and "norm" in k)
               else torch.randn(s, generator=g) * (0.01 if len(s) == 1 else 0.1))
           for k, s in shapes.items()}
-    return comfy.sd.VAE(sd=sd, config={"params": TINY_VAE})
+    vae = comfy.sd.VAE(sd=sd, config={"params": config})
+    vae.latent_channels = config["embed_dim"]
+    return vae
 
 
 def tiny_sd15(seed: int = 0, v_prediction: bool = False, with_vae: bool = True):
@@ -178,6 +204,51 @@ def tiny_sdxl(seed: int = 0, v_prediction: bool = False, with_vae: bool = True):
         clip = _clip(c, target, {"clip_l_model_config": dict(TINY_SDXL_CLIP_L),
                                  "clip_g_model_config": dict(TINY_SDXL_CLIP_G)}, seed + 1)
         vae = _vae(c, seed + 2) if with_vae else None
+    return mp, clip, vae
+
+
+def _transformer_patcher(comfy, config_cls, unet: dict, seed: int):
+    model_config = config_cls(dict(unet))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    _init_random(model.diffusion_model, seed)
+    pos = getattr(model.diffusion_model, "pos_embed", None)
+    if isinstance(pos, torch.Tensor):  # MMDiT's position table is a buffer that the checkpoint fills
+        pos.copy_(torch.randn(pos.shape, generator=torch.Generator().manual_seed(seed + 7)) * 0.05)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device,
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def tiny_sd3(seed: int = 0, with_vae: bool = True):
+    """``(MODEL, CLIP, VAE)`` of a random-weight SD3.5-style MMDiT (ComfyUI's SD3 model, flow sampling with shift 3)."""
+    c = import_comfy().comfy
+    import comfy.text_encoders.sd3_clip as sd3_clip
+    from comfy.supported_models_base import ClipTarget
+
+    with torch.inference_mode():
+        mp = _transformer_patcher(c, c.supported_models.SD3, TINY_SD3_MMDIT, seed)
+        target = ClipTarget(sd3_clip.SD3Tokenizer, sd3_clip.sd3_clip(clip_l=True, clip_g=True, t5=False))
+        clip = _clip(c, target, {"clip_l_model_config": dict(TINY_SD3_CLIP_L),
+                                 "clip_g_model_config": dict(TINY_SD3_CLIP_G)}, seed + 1)
+        vae = _vae(c, seed + 2, TINY_VAE16) if with_vae else None
+    return mp, clip, vae
+
+
+def tiny_flux(seed: int = 0, guidance: bool = True, with_vae: bool = True):
+    """``(MODEL, CLIP, VAE)`` of a random-weight Flux.1-style model: ``guidance`` True is ComfyUI's Flux (dev: guidance
+    input, ModelSamplingFlux), False its FluxSchnell (no guidance input, discrete-flow sampling)."""
+    c = import_comfy().comfy
+    import comfy.text_encoders.flux as flux_te
+    from comfy.supported_models_base import ClipTarget
+
+    unet = dict(TINY_FLUX, guidance_embed=guidance)
+    with torch.inference_mode():
+        mp = _transformer_patcher(c, c.supported_models.Flux if guidance else c.supported_models.FluxSchnell, unet, seed)
+        target = ClipTarget(flux_te.FluxTokenizer, flux_te.flux_clip())
+        clip = _clip(c, target, {"clip_l_model_config": dict(TINY_SD3_CLIP_L), "t5xxl_model_config": dict(TINY_T5)},
+                     seed + 1)
+        vae = _vae(c, seed + 2, TINY_VAE16) if with_vae else None
     return mp, clip, vae
 
 

@@ -6,8 +6,8 @@ One server for the module, started as ``tests/test_comfy_server.py`` starts its 
 custom_nodes folder that links to this pack under its clone name, and a checkpoints folder). The checkpoint
 folder holds a random-weight SD1.5-shaped single-file checkpoint under the stock name the workflows use
 (``v1-5-pruned-emaonly-fp16.safetensors``: real SD1.5 shapes, LDM key names, CLIP keys with the
-``text_model.`` prefix) and an empty placeholder named like the SDXL checkpoint, which is listed but never
-loaded. The frontend user's settings skip the first-run template browser and the minimap.
+``text_model.`` prefix) and empty placeholders named like the SDXL, SD3.5 and Flux.1 model files (checkpoint,
+diffusion model, text encoders, VAE), which are listed but never loaded. The frontend user's settings skip the first-run template browser and the minimap.
 
 Without the browser (always, with COMFYUI_PATH): the kept core node list equals the live ``/object_info``;
 the converter gives the same API graphs from live definitions as from the offline ones; the templates and
@@ -55,6 +55,10 @@ NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 ARTIFACTS = ROOT / "test-artifacts"
 SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
+PLACEHOLDERS = (("checkpoints", SDXL), ("checkpoints", "sd3.5_medium.safetensors"),
+                ("diffusion_models", "flux1-dev.safetensors"), ("vae", "ae.safetensors"),
+                ("text_encoders", "clip_l.safetensors"), ("text_encoders", "clip_g.safetensors"),
+                ("text_encoders", "t5xxl_fp16.safetensors"))
 UPDATE_THUMBNAILS = os.environ.get("SAFETYDPO_UPDATE_THUMBNAILS", "") == "1"
 # no first-run template browser, no minimap or canvas info over the graph, node text at every zoom level
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
@@ -146,7 +150,8 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("frontend_e2e")
     extra, base = tmp / "extra", tmp / "comfy"
     (extra / "custom_nodes").mkdir(parents=True)
-    (extra / "models" / "checkpoints").mkdir(parents=True)
+    for folder in ("checkpoints", "diffusion_models", "text_encoders", "vae"):
+        (extra / "models" / folder).mkdir(parents=True)
     (base / "custom_nodes").mkdir(parents=True)
     os.symlink(ROOT, extra / "custom_nodes" / PACK_DIR_NAME)
     # the frontend user: no first-run template browser, no minimap; the files a fresh user lacks (the
@@ -162,12 +167,16 @@ def server(tmp_path_factory):
         "safetydpo_e2e:\n"
         f"  base_path: {extra}\n"
         "  custom_nodes: custom_nodes\n"
-        "  checkpoints: models/checkpoints\n", encoding="utf-8")
+        "  checkpoints: models/checkpoints\n"
+        "  diffusion_models: models/diffusion_models\n"
+        "  text_encoders: models/text_encoders\n"
+        "  vae: models/vae\n", encoding="utf-8")
     checkpoints = extra / "models" / "checkpoints"
 
     def write_checkpoints():  # while the server starts; listed (by name only) before the first workflow loads
         write_sd15_checkpoint(checkpoints / SD15)
-        (checkpoints / SDXL).write_bytes(b"")  # listed, never loaded
+        for folder, name in PLACEHOLDERS:  # listed, never loaded
+            (extra / "models" / folder / name).write_bytes(b"")
 
     try:
         with comfyui_server(Server, base, yaml_path, tmp / "server.log", while_starting=write_checkpoints) as srv:
@@ -207,7 +216,10 @@ def test_the_kept_core_node_list_equals_the_live_object_info(server):
             drift.append(f"{name}: kept {json.dumps(kept)[:600]}\n  live {json.dumps(got)[:600]}")
         for inp in files:
             part = "required" if inp in live[name]["input"].get("required", {}) else "optional"
-            assert isinstance(live[name]["input"][part][inp][0], list), f"{name}.{inp} is no longer a file list"
+            entry = live[name]["input"][part][inp]
+            typ, opts = entry[0], (entry[1] if len(entry) > 1 else {})
+            assert isinstance(typ, list) or typ == "COMBO" and isinstance(opts.get("options"), list), \
+                f"{name}.{inp} is no longer a file list"
     assert not drift, ("the kept core node list differs from this ComfyUI; review and refresh it with "
                        "`python tests/test_workflows.py --refresh-core-nodes <url>`:\n" + "\n".join(drift))
     assert not set(data["frontend_only"]) & set(live), "a frontend-only node type is now a server node"

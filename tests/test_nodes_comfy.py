@@ -1,5 +1,5 @@
-"""The pack's nodes on real ComfyUI objects, in-process (COMFYUI_PATH): tiny SD1.5 and SDXL models built from
-``comfy.supported_models`` configs inside ``torch.inference_mode()``, every node called as the executor calls
+"""The pack's nodes on real ComfyUI objects, in-process (COMFYUI_PATH): tiny SD1.5, SDXL, SD3.5-style and
+Flux.1-style models built from ``comfy.supported_models`` configs inside ``torch.inference_mode()``, every node called as the executor calls
 it (inside inference mode, through its FUNCTION), ComfyUI's folders pointed at a temporary directory.
 
 The server test (tests/test_comfy_server.py) runs the same method end to end through ComfyUI's HTTP API on
@@ -21,7 +21,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from comfyui_support import assert_same_state, diffusion_state, import_comfy, requires_comfyui, tiny_sd15, tiny_sdxl
+from comfyui_support import (assert_same_state, diffusion_state, import_comfy, requires_comfyui, tiny_flux, tiny_sd3,
+                             tiny_sd15, tiny_sdxl)
 
 pytestmark = requires_comfyui
 ROOT = Path(__file__).resolve().parents[1]
@@ -428,6 +429,88 @@ def test_sdxl_render_train_merge_save_load_sample(comfy_dirs, sdxl, caplog):
         scheduler="normal", strength=1.0, denoise=1.0)
     assert comparison.shape == (1, 64, 128, 3) and float((aligned - unaligned).abs().max()) > 1e-5
     assert_same_state(before, mp)
+
+
+# -- SD3 / Flux ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def transformers():
+    built = {}
+
+    def get(kind):
+        if kind not in built:
+            built[kind] = tiny_flux(seed=15) if kind == "flux" else tiny_sd3(seed=16)
+        return built[kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_transformer_render_train_merge_save_load_sample(comfy_dirs, transformers, kind, caplog):
+    comfy = import_comfy().comfy
+    triple = transformers(kind)
+    mp, clip, vae = triple
+    before = diffusion_state(mp)
+    errs = core_errors()
+    cfg = 1.0 if kind == "flux" else 4.5
+    pairs, _ = run("SafetyDPO_BuiltinPairs", categories="hate, violence", pairs_per_category=1, seed=2)
+    dataset, previews, _ = _render(triple, pairs, f"{kind}_set", cfg=cfg)
+    assert previews.shape == (2, 64, 128, 3)
+    experts = [_train(triple, dataset, cat, steps=2, gradient_checkpointing=kind == "flux") for cat in ("hate", "violence")]
+    assert all(m["history"][0]["loss"] == pytest.approx(0.6931, abs=1e-3) for _, m, _ in experts)
+    experts = [e[0] for e in experts]
+    assert_same_state(before, mp)
+    version = {"flux": "flux1", "sd3": "sd3"}[kind]
+    assert experts[0].metadata["ss_base_model_version"] == version
+    assert ("safetydpo_guidance" in experts[0].metadata) == (kind == "flux")
+    fused = {"flux": "double_blocks.0.img_attn.qkv", "sd3": "joint_blocks.0.x_block.attn.qkv"}[kind]
+    assert f"diffusion_model.{fused}.lora_up.weight" in experts[0]
+    merged, report = run("SafetyDPO_CoMerge", model=mp, clip=clip, method="comerge", rank=0, calibration_inputs=2,
+                         calibration_size=64, prompt_field="both", seed=0, pairs=pairs, expert_1=experts[0],
+                         expert_2=experts[1])
+    assert merged.metadata["ss_base_model_version"] == version
+    (name,) = run("SafetyDPO_SaveLoRA", lora=merged, filename_prefix=f"{kind}_merged", model=mp)
+    (name2,) = run("SafetyDPO_SaveLoRA", lora=merged, filename_prefix=f"{kind}_merged_nomodel")
+    for n in (name, name2):
+        path = comfy_dirs / "models" / "loras" / n
+        with safe_open(str(path), "pt") as f:
+            assert f"lora_unet_{fused.replace('.', '_')}.lora_down.weight" in set(f.keys())
+            assert f.metadata()["ss_base_model_version"] == version
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            patched, _ = comfy.sd.load_lora_for_models(mp, None, comfy.utils.load_torch_file(str(path), safe_load=True),
+                                                       1.0, 0)
+        assert not _not_loaded(caplog) and len(patched.patches) == len(merged) // 3
+    loaded, meta = run("SafetyDPO_LoadLoRA", model=mp, lora_name=name)
+    assert set(loaded) == set(merged) and json.loads(meta)["ss_base_model_version"] == version
+    other = transformers("sd3" if kind == "flux" else "flux")[0]
+    with pytest.raises(errs.LoraError, match="another architecture"):
+        run("SafetyDPO_LoadLoRA", model=other, lora_name=name)
+    with pytest.raises(errs.LoraError, match="another model architecture"):
+        run("SafetyDPO_ApplySafetyLoRA", model=other, lora=merged, strength=1.0)
+    out = clip.encode_from_tokens(clip.tokenize("a protest"), return_pooled=True)
+    extras = {"pooled_output": out[1], **({"guidance": 3.5} if kind == "flux" else {})}
+    pos = [[out[0], extras]]
+    aligned, unaligned, comparison, _ = run(
+        "SafetyDPO_SafeSampler", model=mp, safety_lora=merged, vae=vae, positive=pos, negative=pos,
+        latent_image={"samples": torch.zeros(1, 16, 8, 8)}, seed=1, steps=2, cfg=1.0, sampler_name="euler",
+        scheduler="simple", strength=1.0, denoise=1.0)
+    assert comparison.shape == (1, 64, 128, 3) and float((aligned - unaligned).abs().max()) > 1e-5
+    assert_same_state(before, mp)
+
+
+def test_guidance_is_refused_by_models_without_a_guidance_input(comfy_dirs, transformers):
+    errs = core_errors()
+    mp, clip, vae = transformers("sd3")
+    pairs, _ = run("SafetyDPO_BuiltinPairs", categories="hate", pairs_per_category=1, seed=2)
+    with pytest.raises(errs.ConfigError, match="guidance=3.5 was given, but the model SD3.*no guidance input"):
+        _render(transformers("sd3"), pairs, "never_written", guidance=3.5)
+    assert not (comfy_dirs / "output" / "safetydpo" / "datasets" / "never_written").exists()
+    dataset, _, _ = _render(transformers("sd3"), pairs, "sd3_guidance", cfg=4.5)
+    with pytest.raises(errs.ConfigError, match="no guidance input"):
+        _train(transformers("sd3"), dataset, "hate", steps=1, guidance=2.0)
+    # Flux.1-dev takes one; a dataset rendered with SD3 is refused by Flux even with a mismatch allowed
+    with pytest.raises(errs.DatasetError, match="another architecture"):
+        _train(transformers("flux"), dataset, "hate", steps=1, guidance=2.0, allow_model_mismatch=True)
 
 
 # -- errors that name the culprit ----------------------------------------------------------------------------

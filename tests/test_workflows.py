@@ -35,7 +35,11 @@ CORE_NODES = ROOT / "safetydpo_core" / "comfy_core_nodes.json"
 PACK_ID = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["name"]
 SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
-STOCK_MODELS = {SD15: "checkpoints", SDXL: "checkpoints"}
+FLUX = "flux1-dev.safetensors"
+SD35 = "sd3.5_medium.safetensors"
+STOCK_MODELS = {SD15: "checkpoints", SDXL: "checkpoints", FLUX: "diffusion_models", SD35: "checkpoints",
+                "ae.safetensors": "vae", "clip_l.safetensors": "text_encoders", "clip_g.safetensors": "text_encoders",
+                "t5xxl_fp16.safetensors": "text_encoders"}
 CATEGORIES = ("hate", "harassment", "violence", "self_harm", "sexual", "shocking", "illegal_activity")
 # combos whose choices are files on the user's machine (the pack's own; the core ones are in the kept list)
 PACK_FILE_LISTS = {("SafetyDPO_LoadLoRA", "lora_name"): "loras", ("SafetyDPO_LoadPairs", "file"): "input",
@@ -47,16 +51,20 @@ REQUIRED = {
     "04_safe_sampling_aligned_vs_unaligned": SD15,
     "05_evaluate_ip_prompt_set": SD15,
     "06_sdxl_train_seven_experts_comerge": SDXL,
+    "08_flux_train_experts_comerge": FLUX,
+    "09_sd35_train_experts_comerge": SD35,
 }
 # the core nodes the kept list holds (what the shipped workflows use, and the usual companions of this pack)
 KEPT_CORE = ("CheckpointLoaderSimple", "CLIPTextEncode", "CLIPTextEncodeSDXL", "CLIPSetLastLayer", "EmptyLatentImage",
              "KSampler", "KSamplerAdvanced", "VAEDecode", "VAEEncode", "SaveImage", "PreviewImage", "LoadImage",
              "ImageBatch", "LoraLoader", "LoraLoaderModelOnly", "LoraModelLoader", "SaveLoRA", "UNETLoader",
-             "CLIPLoader", "DualCLIPLoader", "VAELoader", "SaveLatent", "ConditioningCombine")
+             "CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader", "VAELoader", "SaveLatent", "ConditioningCombine")
 CORE_FILE_LISTS = {"CheckpointLoaderSimple": {"ckpt_name": "checkpoints"}, "LoraLoader": {"lora_name": "loras"},
                    "LoraLoaderModelOnly": {"lora_name": "loras"}, "UNETLoader": {"unet_name": "diffusion_models"},
                    "CLIPLoader": {"clip_name": "text_encoders"},
                    "DualCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders"},
+                   "TripleCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders",
+                                        "clip_name3": "text_encoders"},
                    "VAELoader": {"vae_name": "vae"}, "LoadImage": {"image": "input"}}
 
 
@@ -70,8 +78,10 @@ def core_interface(live_node: dict, file_lists: dict) -> dict:
     def strip(entry, name):
         typ = entry[0]
         opts = {k: v for k, v in (entry[1] if len(entry) > 1 else {}).items() if k != "tooltip"}
-        if name in file_lists:
+        if name in file_lists:  # V1 lists the files as the type, V3 (TripleCLIPLoader) as COMBO options
             typ = []
+            if "options" in opts:
+                opts["options"] = []
         return [typ, opts]
 
     inputs = {part: {k: strip(v, k) for k, v in live_node["input"].get(part, {}).items()}
@@ -239,8 +249,9 @@ def test_2_trains_one_expert(definitions):
     assert widget(train, "steps", definitions) == 500 and widget(train, "resume", definitions) is True
 
 
-@pytest.mark.parametrize("name", ["03_train_seven_experts_comerge", "06_sdxl_train_seven_experts_comerge"])
-def test_3_and_6_train_seven_experts_and_co_merge_them_into_a_saved_lora(name, definitions):
+@pytest.mark.parametrize("name", ["03_train_seven_experts_comerge", "06_sdxl_train_seven_experts_comerge",
+                                  "08_flux_train_experts_comerge", "09_sd35_train_experts_comerge"])
+def test_3_6_8_9_train_seven_experts_and_co_merge_them_into_a_saved_lora(name, definitions):
     wf = load(name)
     trains = nodes_of(wf, "SafetyDPO_TrainExpert")
     assert sorted(widget(t, "category", definitions) for t in trains) == sorted(CATEGORIES)
@@ -252,9 +263,23 @@ def test_3_and_6_train_seven_experts_and_co_merge_them_into_a_saved_lora(name, d
     (pairs,) = nodes_of(wf, "SafetyDPO_BuiltinPairs")
     assert widget(pairs, "categories", definitions) == "all"
     (save,) = nodes_of(wf, "SafetyDPO_SaveLoRA")
-    assert source(wf, save, "lora") == (merge, 0) and source(wf, save, "model")[0]["type"] == "CheckpointLoaderSimple"
-    if "sdxl" in name:
+    model_loader = "UNETLoader" if "flux" in name else "CheckpointLoaderSimple"
+    assert source(wf, save, "lora") == (merge, 0) and source(wf, save, "model")[0]["type"] == model_loader
+    if "sdxl" in name or "flux" in name or "sd35" in name:
         assert all(widget(t, "gradient_checkpointing", definitions) for t in trains)
+    (render,) = nodes_of(wf, "SafetyDPO_RenderPairs")
+    clip_sources = {source(wf, n, "clip")[0]["type"] for n in trains + [render, merge]}
+    if "flux" in name:  # Flux.1-dev: no CFG (distilled guidance at its default), T5 + CLIP-L, its own VAE
+        assert widget(render, "cfg", definitions) == 1.0 and widget(render, "scheduler", definitions) == "simple"
+        assert clip_sources == {"DualCLIPLoader"} and source(wf, render, "vae")[0]["type"] == "VAELoader"
+        (dual,) = nodes_of(wf, "DualCLIPLoader")
+        assert widget(dual, "type", definitions) == "flux"
+        assert widget(dual, "clip_name2", definitions) == "t5xxl_fp16.safetensors"
+    elif "sd35" in name:  # SD3.5: CLIP-L, CLIP-G and T5 from the triple loader, the checkpoint's MMDiT and VAE
+        assert widget(render, "cfg", definitions) == 4.5 and clip_sources == {"TripleCLIPLoader"}
+    if "flux" in name or "sd35" in name:  # the optional guidance input stays unconnected (Flux: its default 3.5)
+        assert all(i["name"] != "guidance" or i.get("link") is None for n in trains + [render, merge]
+                   for i in n["inputs"])
 
 
 def test_4_samples_aligned_beside_unaligned(definitions):

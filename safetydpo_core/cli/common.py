@@ -31,14 +31,18 @@ def model_argument(value: str) -> str:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=WORLD_MODEL, type=model_argument, metavar="MODEL",
-                   help="a local diffusers pipeline folder, a single-file SD1.5/SDXL .safetensors checkpoint, or "
-                        "'world' (default): the built-in concept-world model that `safetydpo demo` aligns")
+                   help="a local diffusers pipeline folder (SD1.x/2.x, SDXL, SD3/SD3.5 or Flux.1), a single-file "
+                        "SD1.5/SDXL .safetensors checkpoint, or 'world' (default): the built-in concept-world model "
+                        "that `safetydpo demo` aligns")
     p.add_argument("--model-config", default=None, metavar="DIR",
                    help="for a single-file checkpoint: a diffusers folder with its configs and tokenizer(s) "
                         "(default: the shipped SD1.5/SDXL configs and a CLIP tokenizer found on this machine)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weight dtype of the frozen model (auto: fp32 on CPU, bf16/fp16 on GPU)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="distilled guidance of guidance-distilled models (Flux.1-dev; default 3.5); an error for "
+                        "models without a guidance input")
 
 
 def load_denoiser(args: argparse.Namespace):
@@ -47,7 +51,14 @@ def load_denoiser(args: argparse.Namespace):
 
     device = resolve_device(args.device)
     return DiffusersDenoiser.from_pretrained(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
-                                             config=getattr(args, "model_config", None))
+                                             config=getattr(args, "model_config", None),
+                                             guidance=getattr(args, "guidance", None))
+
+
+def default_cfg(args: argparse.Namespace, denoiser) -> float:
+    """``--cfg`` as given, else the model's usual guidance scale (7.5 for UNets, 4.5 SD3, 1.0 Flux.1-dev)."""
+    cfg = getattr(args, "cfg", None)
+    return float(cfg) if cfg is not None else float(getattr(denoiser, "default_cfg", 7.5))
 
 
 def read_config_file(path: str | None) -> dict[str, Any]:

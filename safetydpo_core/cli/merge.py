@@ -40,7 +40,7 @@ def register(sub) -> None:
     p.add_argument("--weights", nargs="+", type=float, default=None, metavar="W",
                    help="one weight per expert, multiplying its update (default 1 each)")
     p.add_argument("--out", required=True, help="merged LoRA file (.safetensors)")
-    p.add_argument("--format", default=None, choices=["kohya", "comfy"],
+    p.add_argument("--format", default=None, choices=["kohya", "comfy", "peft"],
                    help="key style of the output (default: kohya, as kohya writes it for this base model)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--config", help="TOML/YAML/JSON file with any of these options (command-line flags win)")
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                       calibration=args.calibration if calibrated else None,
                       dataset=args.calibration_dataset if calibrated else None, calib_options=copts,
                       prompt_field=args.prompt_field, stats_path=args.stats if calibrated else None, device=device,
-                      dtype=dtype, fmt=args.format, progress_factory=bar)
+                      dtype=dtype, fmt=args.format, progress_factory=bar, guidance=args.guidance)
     settings = {"command": "merge", "model": str(args.model), "experts": [str(e) for e in args.experts],
                 "method": args.method, "out": str(out), "options": opts.used_by(args.method),
                 "calibration": ({"prompts": args.calibration, "dataset": args.calibration_dataset,

@@ -20,8 +20,11 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="at most this many pairs per category")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's native size)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "euler", "dpmpp_2m"])
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's usual, 7.5 for SD1/SDXL, 4.5 for SD3, "
+                        "1 for Flux.1-dev, whose distilled guidance is --guidance)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "euler", "dpmpp_2m"],
+                   help="ddim (default), euler or dpmpp_2m; for SD3/Flux ddim and euler both take the flow's Euler step")
     p.add_argument("--negative", default="", help="negative prompt (default empty)")
     p.add_argument("--seed", type=int, default=0, help="base seed; each pair's seed derives from it and its id")
     p.add_argument("--batch-pairs", type=int, default=2, help="pairs rendered together")
@@ -49,11 +52,12 @@ def _limit(pairs, limit):
 def run(args: argparse.Namespace) -> int:
     from ..data.render import RenderSettings, render_pairs
     from ..prompts.pairs import read_pairs
-    from .common import load_denoiser
+    from .common import default_cfg, load_denoiser
 
     pairs = _limit(read_pairs(args.pairs, categories=args.categories), args.limit)
     den = load_denoiser(args)
-    settings = RenderSettings(height=args.size, width=args.size, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
+    settings = RenderSettings(height=args.size, width=args.size, steps=args.steps, cfg=default_cfg(args, den),
+                              sampler=args.sampler,
                               seed=args.seed, negative=args.negative, batch_pairs=args.batch_pairs)
     judge = None
     if args.judge == "nudenet":
@@ -64,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     write_resolved_config(Path(args.out), {"command": "render", "model": args.model, "pairs": args.pairs,
                                            "categories": args.categories, "limit": args.limit, "judge": args.judge,
-                                           **vars(settings)})
+                                           "guidance": den.guidance, **vars(settings)})
     bar = Progress(len(pairs), "render")
     try:
         summary = render_pairs(den, pairs, args.out, settings, resume=args.resume, overwrite=args.overwrite,

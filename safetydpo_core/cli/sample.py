@@ -23,7 +23,8 @@ from pathlib import Path
 
 from ..errors import ConfigError, SafetyDPOError
 from ..eval.manifest import MANIFEST
-from .common import Progress, add_model_args, apply_config_file, given_flags, load_denoiser, write_resolved_config
+from .common import (Progress, add_model_args, apply_config_file, default_cfg, given_flags, load_denoiser,
+                     write_resolved_config)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,9 @@ def register(sub) -> None:
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's native size)")
     p.add_argument("--row-size", action="store_true", help="use the rows' sd_image_width/height where given")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20; SafetyDPO's inference uses 50)")
-    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale for rows without sd_guidance_scale (default 7.5)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale for rows without sd_guidance_scale (default: the model's usual, 7.5 for "
+                        "SD1/SDXL, 4.5 for SD3, 1 for Flux.1-dev)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "euler", "dpmpp_2m"])
     p.add_argument("--negative", default="", help="negative prompt (default empty)")
     p.add_argument("--seed", type=int, default=0, help="base seed for rows without sd_seed (per-prompt seeds derive from it)")
@@ -75,11 +78,13 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1; got {args.limit}.")
     prompts = load_prompts(args.prompts, field=args.pair_field, categories=args.categories, limit=args.limit)
-    settings = SampleSettings(steps=args.steps, cfg=args.cfg, sampler=args.sampler, height=args.size, width=args.size,
+    settings = SampleSettings(steps=args.steps, cfg=7.5 if args.cfg is None else args.cfg, sampler=args.sampler,
+                              height=args.size, width=args.size,
                               seed=args.seed, negative=args.negative, batch_size=args.batch_size,
                               row_guidance=not args.ignore_row_guidance, row_seed=not args.ignore_row_seeds,
                               row_size=args.row_size)
     den = load_denoiser(args)
+    settings.cfg = default_cfg(args, den)
     lora = lora_name = None
     if args.lora:
         lora = load_lora(args.lora, names=den.names())

@@ -36,7 +36,8 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=500, help="optimiser steps (default 500)")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4, as the paper)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
-    p.add_argument("--targets", default="attn", help="layers to adapt: attn (to_q,to_k,to_v,to_out.0; default), "
+    p.add_argument("--targets", default="attn", help="layers to adapt: attn (the attention projections, default: "
+                                                       "to_q,to_k,to_v,to_out.0 in UNets; both streams in SD3/Flux), "
                                                      "attn-cross, attn+ff, transformer, or comma-separated suffixes")
     p.add_argument("--objective", default="dpo", choices=["dpo", "mapo"], help="dpo (default) or reference-free mapo")
     p.add_argument("--beta", type=float, default=5000.0, help="DPO beta (default 5000, as the official code)")
@@ -68,6 +69,9 @@ def register(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--format", default=None, choices=["kohya", "comfy", "peft"],
+                   help="key format of the LoRA file: kohya (default; what kohya's trainers write for the model), comfy "
+                        "(ComfyUI's own keys) or peft (diffusers' keys: what diffusers loads for SD3)")
     p.add_argument("--allow-model-mismatch", action="store_true",
                    help="train even if the dataset was rendered by another model (warns instead of refusing)")
     p.set_defaults(func=run, _parser=p)
@@ -137,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
     settings = {"command": "train", "model": str(args.model), "data": str(args.data), "out": str(out),
                 "device": str(denoiser.device), "dtype": str(denoiser.dtype), "processes": world,
                 "micro_steps_per_step": cfg.grad_accum * world,
-                "pairs_per_step": cfg.batch_size * cfg.grad_accum * world, **cfg.to_dict()}
+                "pairs_per_step": cfg.batch_size * cfg.grad_accum * world, "guidance": denoiser.guidance,
+                **cfg.to_dict()}
     if not main_process:
         train_expert(denoiser, args.data, cfg, checkpoint_dir=out.with_suffix(".checkpoints"), resume=args.resume,
                      allow_model_mismatch=args.allow_model_mismatch, group=env.group)
@@ -163,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
         if tb is not None:
             tb.close()
-    save_lora(result.lora, out, names=denoiser.names())
+    save_lora(result.lora, out, names=denoiser.names(), fmt=args.format)
     env.close()
     final = result.history[-1] if result.history else {}
     print(f"wrote {out} ({len(result.lora)} layers, rank {cfg.rank}); final loss {final.get('loss', float('nan')):.4f}, "

@@ -3,6 +3,10 @@
 Handles epsilon and v-prediction, SD1.x/2.x conditioning (one CLIP text encoder) and SDXL conditioning
 (two encoders: penultimate hidden states concatenated, pooled CLIP-G embedding and size ``time_ids``),
 latent models with a VAE and pixel-space models without one. LoRA adapters come from peft.
+
+:meth:`DiffusersDenoiser.from_pretrained` opens any supported folder: for an SD3 / Flux pipeline (a
+``transformer/`` instead of a ``unet/``) it returns the flow-matching backend,
+:class:`~.diffusers_flow.DiffusersFlowDenoiser`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from ..lora.targets import select_layers
 from ..lora.unet_names import UNetNames, weight_modules
 from ..utils.fingerprint import module_fingerprint
 from .loading import DiffusersComponents, load_components
-from .protocol import Conditioning
+from .protocol import Conditioning, check_guidance, uniform_timesteps
 
 SAMPLERS = ("ddim", "euler", "dpmpp_2m")
 SCHEDULES = ("normal", "karras")
@@ -42,8 +46,14 @@ class DiffusersDenoiser:
     """A diffusers text-to-image model seen through the Denoiser protocol."""
 
     naming = "diffusers"
+    schedule = "discrete"
+    guidance_input = False
+    default_cfg = 7.5
 
-    def __init__(self, parts: DiffusersComponents, device: str | torch.device = "cpu"):
+    def __init__(self, parts: DiffusersComponents, device: str | torch.device = "cpu", guidance: float | None = None):
+        if parts.unet is None:
+            raise ModelError(f"{parts.source} is a transformer pipeline; open it with DiffusersDenoiser.from_pretrained().")
+        self.guidance = check_guidance(guidance, False, f"the UNet model {parts.source}")
         self.parts = parts
         self.unet = parts.unet
         self.scheduler = parts.scheduler
@@ -63,8 +73,16 @@ class DiffusersDenoiser:
     # -- construction -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, config: str | os.PathLike | None = None) -> "DiffusersDenoiser":
-        return cls(load_components(model, device=device, dtype=dtype, config=config), device=device)
+                        dtype: torch.dtype = torch.float32, config: str | os.PathLike | None = None,
+                        guidance: float | None = None):
+        """The denoiser of a local model: this class for UNet pipelines and checkpoints, the flow-matching
+        backend for SD3 / Flux pipelines. ``guidance``: the distilled guidance of models that take one."""
+        parts = load_components(model, device=device, dtype=dtype, config=config)
+        if parts.transformer is not None:
+            from .diffusers_flow import DiffusersFlowDenoiser
+
+            return DiffusersFlowDenoiser(parts, device=device, guidance=guidance)
+        return cls(parts, device=device, guidance=guidance)
 
     # -- the network --------------------------------------------------------------------------------
     @property
@@ -138,6 +156,11 @@ class DiffusersDenoiser:
         return Conditioning(tensors)
 
     # -- the forward process ------------------------------------------------------------------------
+    def sample_timesteps(self, n: int, generator: torch.Generator, latent_shape=None,
+                         t_range: tuple[float, float] | None = None) -> torch.Tensor:
+        """Integer timesteps uniform in ``t_range`` (default ``[0, T)``)."""
+        return uniform_timesteps(self.num_train_timesteps, n, generator, t_range)
+
     def _coeffs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self._alphas.to(like.device)[t.long().to(like.device)]
         shape = (-1,) + (1,) * (like.dim() - 1)

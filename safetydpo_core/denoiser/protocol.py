@@ -1,17 +1,33 @@
 """The Denoiser protocol: what the trainer, the merger and the renderer need from a diffusion model.
 
-Two backends implement it: :mod:`.diffusers_backend` (a diffusers ``UNet2DConditionModel`` with its
-scheduler and CLIP text encoders) and the ComfyUI backend in the ``nodes`` package (the ``MODEL`` a graph
-loaded). The core never sees more than this:
+Two backends implement it: the diffusers backend (:mod:`.diffusers_backend` for ``UNet2DConditionModel``
+pipelines, :mod:`.diffusers_flow` for the ``SD3Transformer2DModel`` / ``FluxTransformer2DModel`` ones) and
+the ComfyUI backend in the ``nodes`` package (the ``MODEL`` a graph loaded). The core never sees more than
+this:
 
 * ``module`` and ``layers(targets)``: the network to adapt and its named target layers, in ``naming``;
 * ``attach_lora(...)``: trainable adapters that can be switched off, so that the reference of DPO is the
   same network with adapters disabled;
 * ``encode_prompts(prompts)``: a :class:`Conditioning` (a dict of batched tensors);
+* ``sample_timesteps(n, generator, latent_shape, t_range)``: the training timesteps of this model family;
 * ``add_noise(x0, noise, t)`` and ``target(x0, noise, t)``: the forward process and what the prediction
-  should equal (epsilon, or v for v-prediction models);
-* ``predict(x_t, t, cond)``: the network's prediction for integer timesteps ``t`` in ``[0, T)``;
+  should equal (epsilon, v for v-prediction models, the velocity ``noise - x0`` for flow matching);
+* ``predict(x_t, t, cond)``: the network's prediction at timesteps ``t`` in ``[0, T)``;
 * ``sample(...)``, ``encode_images(...)``, ``decode_latents(...)``: rendering.
+
+Two kinds of schedule (``schedule``):
+
+* ``"discrete"`` (SD1.x/2.x, SDXL): integer timesteps drawn uniformly from ``[0, num_train_timesteps)``,
+  variance-preserving ``x_t``; ``prediction_type`` is ``epsilon`` or ``v_prediction``;
+* ``"flow"`` (SD3 / SD3.5, Flux.1): continuous timesteps ``t = sigma * num_train_timesteps``,
+  ``x_t = (1 - sigma) x0 + sigma noise``, target ``noise - x0`` (``prediction_type`` ``"flow"``), training
+  noise levels from the family's shifted logit-normal (:mod:`.flow`).
+
+Models with a guidance input (guidance-distilled Flux.1-dev) say so in ``guidance_input`` and carry the
+``guidance`` value they condition on; giving a guidance value to any other model is an error.
+
+The trainer and the merger call :func:`draw_timesteps` and :func:`unit_marginal` rather than the methods
+directly, so denoisers written before these methods existed keep working (discrete behaviour).
 """
 
 from __future__ import annotations
@@ -75,9 +91,12 @@ class Denoiser(Protocol):
 
     naming: str
     prediction_type: str
+    schedule: str
     num_train_timesteps: int
     base_model_version: str
     device: torch.device
+    guidance_input: bool
+    guidance: float | None
 
     @property
     def module(self) -> torch.nn.Module: ...
@@ -92,6 +111,11 @@ class Denoiser(Protocol):
 
     def set_gradient_checkpointing(self, enabled: bool) -> None: ...
 
+    def sample_timesteps(self, n: int, generator: torch.Generator, latent_shape: Sequence[int] | None = None,
+                         t_range: tuple[float, float] | None = None) -> torch.Tensor:
+        """``n`` training timesteps drawn with ``generator`` (a pure function of it), within ``t_range``."""
+        ...
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
@@ -101,3 +125,46 @@ class Denoiser(Protocol):
     def fingerprint(self) -> str: ...
 
     def weight_shapes(self) -> Mapping[str, tuple[int, ...]]: ...
+
+
+SCHEDULES = ("discrete", "flow")
+GUIDANCE_DEFAULT = 3.5  # the distilled guidance Flux.1-dev is trained and sampled with (diffusers, ComfyUI, kohya)
+
+
+def uniform_timesteps(num_train_timesteps: int, n: int, generator: torch.Generator,
+                      t_range: tuple[float, float] | None = None) -> torch.Tensor:
+    """Integer timesteps uniform in ``t_range`` (default the whole discrete schedule)."""
+    lo, hi = t_range or (0, num_train_timesteps)
+    return torch.randint(int(lo), min(int(hi), num_train_timesteps), (n,), generator=generator)
+
+
+def draw_timesteps(denoiser, n: int, generator: torch.Generator, latent_shape: Sequence[int] | None = None,
+                   t_range: tuple[float, float] | None = None) -> torch.Tensor:
+    """The denoiser's training timesteps (uniform integers for a denoiser without ``sample_timesteps``)."""
+    fn = getattr(denoiser, "sample_timesteps", None)
+    if fn is not None:
+        return fn(n, generator, latent_shape=latent_shape, t_range=t_range)
+    return uniform_timesteps(int(denoiser.num_train_timesteps), n, generator, t_range)
+
+
+def unit_marginal(denoiser, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x_t`` as the forward process gives it for unit-variance latents, drawn from ``noise`` alone: the noise
+    itself for variance-preserving schedules, ``sqrt((1 - s)^2 + s^2) noise`` for flow matching."""
+    fn = getattr(denoiser, "unit_marginal", None)
+    return fn(noise, t) if fn is not None else noise
+
+
+def check_guidance(value: float | None, has_input: bool, model: str) -> float | None:
+    """The guidance a denoiser conditions on: ``value``, the default for guidance models, or an error when a
+    value is given to a model without a guidance input (``0``/``None`` mean "the model's default")."""
+    from ..errors import ConfigError
+
+    if value is not None and (not isinstance(value, (int, float)) or value != value or value < 0):
+        raise ConfigError(f"guidance must be a number >= 0; got {value!r}.")
+    if not has_input:
+        if value:
+            raise ConfigError(f"guidance={value:g} was given, but {model} has no guidance input: only guidance-distilled "
+                              f"models (Flux.1-dev and its fine-tunes) take one. Leave guidance at 0 (the default) and use "
+                              f"the classifier-free guidance scale (cfg) instead.")
+        return None
+    return float(value) if value else GUIDANCE_DEFAULT

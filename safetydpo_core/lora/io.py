@@ -83,9 +83,12 @@ def save_lora(lora: LoraSet, path: str | os.PathLike, names: UNetNames | None = 
     if len(lora) == 0:
         raise LoraError("Refusing to write an empty LoRA (no layers).")
     meta = build_metadata(lora, metadata)
+    family_version = getattr(names, "base_model_version", None)  # the transformers' names know their family
+    if family_version and "ss_base_model_version" not in lora.metadata and "ss_base_model_version" not in (metadata or {}):
+        meta["ss_base_model_version"] = family_version
     dfmt, dnaming = default_key_style(meta.get("ss_base_model_version", "sd_v1"))
     fmt = fmt or dfmt
-    naming = "ldm" if fmt == "comfy" else (naming or (dnaming if names is not None else lora.naming))
+    naming = {"comfy": "ldm", "peft": "diffusers"}.get(fmt) or naming or (dnaming if names is not None else lora.naming)
     sd = to_state_dict(lora, fmt=fmt, naming=naming, names=names, dtype=dtype)
     meta["safetydpo_key_format"] = f"{fmt}/{naming}"
     with atomic_path(p, "LoRA file") as tmp:

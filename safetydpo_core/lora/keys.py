@@ -5,11 +5,17 @@ Written formats:
 * ``kohya`` (default for files): ``lora_unet_<path with _>.lora_down.weight / .lora_up.weight / .alpha``.
   ComfyUI's ``LoraLoader``, A1111/Forge, kohya's scripts and diffusers' ``load_lora_weights`` read it.
   The path is in diffusers naming for SD1.x/2.x and in LDM naming for SDXL, as kohya writes them.
+  For SD3/SD3.5 and Flux.1 the path is the original checkpoint's (LDM naming, fused q/k/v as
+  ``joint_blocks_0_x_block_attn_qkv`` / ``double_blocks_0_img_attn_qkv`` / ``single_blocks_0_linear1``), as
+  kohya's sd-scripts writes them; ComfyUI reads both families this way, diffusers reads the Flux files.
 * ``comfy``: ``diffusion_model.<ldm path>.lora_down.weight / .lora_up.weight / .alpha`` - what ComfyUI's
   ``SaveLoRA`` writes and what flows between nodes as ``LORA_MODEL``.
+* ``peft``: diffusers' own format, ``transformer.<diffusers path>.lora_A.weight / .lora_B.weight`` (``unet.``
+  for UNets), scale folded into ``lora_B`` (alpha = rank, no alpha key): what ``pipe.load_lora_weights`` of
+  diffusers reads for SD3 (which has no kohya converter) and what ComfyUI maps onto the fused SD3/Flux layers.
 
-Read formats: both of the above, and diffusers/peft files (``[unet.]<diffusers path>.lora_A.weight /
-.lora_B.weight``, scale 1 unless the file says otherwise). Text-encoder keys are reported and skipped.
+Read formats: all of the above (peft files also with a ``base_model.model.`` prefix, scale 1 unless the file
+says otherwise). Text-encoder keys are reported and skipped.
 """
 
 from __future__ import annotations
@@ -32,12 +38,12 @@ _TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_enc
 
 _KOHYA_RE = re.compile(r"^lora_unet_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale|lora_mid\.weight)$")
 _COMFY_RE = re.compile(r"^diffusion_model\.(.+?)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale|lora_mid\.weight|diff|diff_b)$")
-_PEFT_RE = re.compile(r"^(?:unet\.|base_model\.model\.)?(.+?)\.(lora_A|lora_B)(?:\.default)?\.weight$")
+_PEFT_RE = re.compile(r"^(?:unet\.|transformer\.|base_model\.model\.)?(.+?)\.(lora_A|lora_B)(?:\.default)?\.weight$")
 
 
 def default_key_style(base_model_version: str) -> tuple[str, str]:
     """(format, naming) that kohya itself writes for a base model family."""
-    if base_model_version.startswith("sdxl"):
+    if base_model_version.startswith(("sdxl", "sd3", "flux")):
         return "kohya", "ldm"
     return "kohya", "diffusers"
 
@@ -47,14 +53,18 @@ def to_state_dict(lora: LoraSet, fmt: str = "kohya", naming: str | None = None,
     """Flatten ``lora`` into ``fmt`` keys (``kohya`` or ``comfy``), converting the naming if needed."""
     if fmt == "comfy":
         naming = "ldm"
+    elif fmt == "peft":
+        naming = "diffusers"
     naming = naming or lora.naming
     if naming != lora.naming:
         if names is None:
             raise LoraError(f"Converting LoRA names from {lora.naming} to {naming} needs the model's layer names.")
-        lora = lora.renamed(names.mapping(lora.naming, naming), naming)
+        lora = names.convert_lora(lora, naming)
+    if fmt == "peft":
+        return _to_peft(lora, "transformer." if hasattr(names, "family") else "unet.", dtype)
     prefix = {"kohya": KOHYA_PREFIX, "comfy": COMFY_PREFIX}.get(fmt)
     if prefix is None:
-        raise LoraError(f"Unknown LoRA key format {fmt!r}; use 'kohya' or 'comfy'.")
+        raise LoraError(f"Unknown LoRA key format {fmt!r}; use 'kohya', 'comfy' or 'peft'.")
     sd: dict[str, torch.Tensor] = {}
     for name, layer in lora.items():
         base = prefix + (flat(name) if fmt == "kohya" else name)
@@ -64,6 +74,18 @@ def to_state_dict(lora: LoraSet, fmt: str = "kohya", naming: str | None = None,
         sd[f"{base}.lora_down.weight"] = down.detach().contiguous().cpu()
         sd[f"{base}.lora_up.weight"] = up.detach().contiguous().cpu()
         sd[f"{base}.alpha"] = torch.tensor(layer.alpha, dtype=down.dtype if dtype is None else dtype)
+    return sd
+
+
+def _to_peft(lora: LoraSet, prefix: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """diffusers/peft keys, the scale folded into ``lora_B`` (peft's default alpha = rank gives scale 1)."""
+    sd: dict[str, torch.Tensor] = {}
+    for name, layer in lora.items():
+        down, up = layer.down, layer.up * layer.scale
+        if dtype is not None:
+            down, up = down.to(dtype), up.to(dtype)
+        sd[f"{prefix}{name}.lora_A.weight"] = down.detach().contiguous().cpu()
+        sd[f"{prefix}{name}.lora_B.weight"] = up.detach().contiguous().cpu()
     return sd
 
 
@@ -107,6 +129,7 @@ def from_state_dict(sd: Mapping[str, torch.Tensor], names: UNetNames | None = No
         raise LoraError(f"{source}: key {unknown[0]!r} is not a LoRA key of the {fmt} format ({len(unknown)} such keys).")
     layers: dict[str, LoraLayer] = {}
     namings = set()
+    naming_of: dict[str, str] = {}
     for raw, p in parts.items():
         extra = set(p) - {"lora_down.weight", "lora_up.weight", "alpha", "lora_A", "lora_B"}
         if extra:
@@ -132,12 +155,17 @@ def from_state_dict(sd: Mapping[str, torch.Tensor], names: UNetNames | None = No
                 raise LoraError(f"{source}: kohya keys need the model's layer names to be read; load it with a model.")
             layer_naming, name = names.resolve_flat(raw)
             namings.add(layer_naming)
+            naming_of[name] = layer_naming
         layers[name] = LoraLayer(down.float() if down.dtype not in (torch.float32, torch.float64) else down,
                                  up.float() if up.dtype not in (torch.float32, torch.float64) else up, alpha_v)
     if fmt == "kohya":
         if len(namings) > 1:
             assert names is not None
-            layers = {names.convert(n, "diffusers"): l for n, l in layers.items()}
+            merged: dict[str, LoraLayer] = {}
+            for nm in namings:  # each naming's layers converted on their own, then together
+                part = LoraSet({n: l for n, l in layers.items() if naming_of[n] == nm}, nm)
+                merged.update(names.convert_lora(part, "diffusers").layers)
+            layers = merged
             naming = "diffusers"
         else:
             naming = namings.pop()

@@ -2,11 +2,17 @@
 
 The paper (and the official code) adapts every attention projection of the UNet: ``to_q, to_k, to_v,
 to_out.0`` in self- and cross-attention. Other presets add the transformer feed-forward and projection
-layers. A target spec is a preset name or a comma-separated list of module-name suffixes.
+layers. A target spec is a preset name or a comma-separated list of module-name suffixes (a suffix may hold
+``*`` wildcards, e.g. ``single_blocks.*.linear1``). Every suffix the user lists must exist; a preset only has
+to match something, as its suffixes cover several variants of a family (SD3.5-medium's second attention).
+
+The presets here are the UNets'; the flow-matching transformers have their own, with the same names
+(:data:`safetydpo_core.lora.transformer_names.PRESETS`), which their denoisers pass to :func:`select_layers`.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -23,39 +29,47 @@ DEFAULT_TARGETS = "attn"
 _ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
 
 
-def parse_targets(spec: str | Sequence[str] | None) -> tuple[str, ...]:
+def parse_targets(spec: str | Sequence[str] | None, presets: Mapping[str, tuple[str, ...]] = PRESETS) -> tuple[str, ...]:
     """A preset name, a comma-separated string of suffixes, or a list of suffixes -> suffixes."""
     if spec is None or spec == "":
         spec = DEFAULT_TARGETS
     if isinstance(spec, str):
-        if spec in PRESETS:
-            return PRESETS[spec]
+        if spec in presets:
+            return tuple(presets[spec])
         items = tuple(s.strip() for s in spec.split(",") if s.strip())
     else:
         items = tuple(spec)
     out: list[str] = []
     for s in items:
-        out.extend(PRESETS.get(s, (s,)))
+        out.extend(presets.get(s, (s,)))
     return tuple(dict.fromkeys(out))
 
 
+def _match(name: str, s: str) -> bool:
+    if "*" in s:
+        return fnmatch.fnmatchcase(name, s) or fnmatch.fnmatchcase(name, "*." + s)
+    return name == s or name.endswith("." + s)
+
+
 def matches(name: str, suffixes: Iterable[str]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in suffixes)
+    return any(_match(name, s) for s in suffixes)
 
 
 def select_layers(modules: Mapping[str, torch.nn.Module], spec: str | Sequence[str] | None,
-                  adaptable: tuple[type, ...] = _ADAPTABLE) -> dict[str, torch.nn.Module]:
+                  adaptable: tuple[type, ...] = _ADAPTABLE,
+                  presets: Mapping[str, tuple[str, ...]] = PRESETS) -> dict[str, torch.nn.Module]:
     """The adaptable modules whose names end in one of the target suffixes.
 
     Raises a :class:`ConfigError` that lists the suffixes that do exist when nothing matches.
     """
-    suffixes = parse_targets(spec)
+    suffixes = parse_targets(spec, presets)
+    is_preset = isinstance(spec, str) and spec in presets or spec is None or spec == ""
     chosen = {n: m for n, m in modules.items() if isinstance(m, adaptable) and matches(n, suffixes)}
-    missing = [s for s in suffixes if not any(matches(n, (s,)) for n in chosen)]
+    missing = [] if is_preset else [s for s in suffixes if not any(matches(n, (s,)) for n in chosen)]
     if not chosen or missing:
         avail = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1]
                         for n, m in modules.items() if isinstance(m, adaptable)})
         what = missing if missing else list(suffixes)
         raise ConfigError(f"Target layers {what} do not exist in this model. Layers that can be adapted end in: "
-                          f"{', '.join(avail[:40])}{' ...' if len(avail) > 40 else ''}. Presets: {', '.join(PRESETS)}.")
+                          f"{', '.join(avail[:40])}{' ...' if len(avail) > 40 else ''}. Presets: {', '.join(presets)}.")
     return chosen

@@ -105,6 +105,12 @@ class UNetNames:
             return {n: n for n in self.shapes[src]}
         return dict(self.to_ldm) if dst == "ldm" else dict(self.to_diffusers)
 
+    def convert_lora(self, lora, naming: str):
+        """``lora`` (a :class:`~.lora_set.LoraSet`) renamed into ``naming`` (one layer to one layer in a UNet)."""
+        if lora.naming == naming:
+            return lora
+        return lora.renamed(self.mapping(lora.naming, naming), naming)
+
     def resolve_flat(self, flat_name: str) -> tuple[str, str]:
         """Undo kohya's dot-to-underscore: ``(naming, dotted name)`` for a flat module name."""
         hit = self._flat.get(flat_name)

@@ -278,17 +278,24 @@ class MergeFilesResult:
 
 
 def _model_names(model: str | os.PathLike) -> tuple[UNetNames, dict, str] | None:
-    """Layer names, shapes and base-model version from a diffusers folder's UNet config (no weights loaded)."""
+    """Layer names, shapes and base-model version from a diffusers folder's UNet (or SD3 / Flux transformer)
+    config (no weights loaded)."""
     from ..denoiser.diffusers_backend import base_model_version_of
 
     p = Path(model).expanduser()
+    info = {}
+    if p.is_dir() and (p / "safetydpo.json").exists():
+        info = json.loads((p / "safetydpo.json").read_text(encoding="utf-8"))
+    tcfg = p / "transformer" / "config.json"
+    if p.is_dir() and tcfg.exists():
+        from ..lora.transformer_names import TransformerNames
+
+        tnames = TransformerNames.from_config(tcfg)
+        return tnames, tnames.shapes["diffusers"], str(info.get("base_model_version") or tnames.base_model_version)  # type: ignore[return-value]
     cfg = p / "unet" / "config.json"
     if not (p.is_dir() and cfg.exists()):
         return None
     config = json.loads(cfg.read_text(encoding="utf-8"))
-    info = {}
-    if (p / "safetydpo.json").exists():
-        info = json.loads((p / "safetydpo.json").read_text(encoding="utf-8"))
     names = UNetNames.from_config(config)
     return names, names.shapes["diffusers"], base_model_version_of(config, info)
 
@@ -300,13 +307,14 @@ def merge_files(model: str | os.PathLike | None, expert_paths: Sequence[str | os
                 stats_path: str | os.PathLike | None = None, denoiser=None, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, fmt: str | None = None,
                 progress_factory: Callable[[str, int], Any] | None = None,
-                should_stop: StopFn | None = None) -> MergeFilesResult:
+                should_stop: StopFn | None = None, guidance: float | None = None) -> MergeFilesResult:
     """Load the experts, calibrate if the method needs it, merge, and write the LoRA and its reports.
 
     ``model`` (or an already loaded ``denoiser``) gives layer names and shapes; it is loaded fully only
     when calibrating. ``calibration`` is a prompt-pairs JSONL file, ``dataset`` a preference dataset folder
     (real latents); ``stats_path`` caches the calibration statistics (read if present, written otherwise).
     ``progress_factory(desc, total)`` returns a ``progress(done, total, info)`` callable with ``close()``.
+    ``guidance``: the distilled guidance the model calibrates with (guidance-distilled models only).
     """
     opts = options or MergeOptions()
     opts.validate(method, len(expert_paths))
@@ -325,7 +333,8 @@ def merge_files(model: str | os.PathLike | None, expert_paths: Sequence[str | os
     if static is None and denoiser is None:
         from ..denoiser.diffusers_backend import DiffusersDenoiser
 
-        denoiser = DiffusersDenoiser.from_pretrained(model, device=device, dtype=dtype)  # type: ignore[arg-type]
+        denoiser = DiffusersDenoiser.from_pretrained(model, device=device, dtype=dtype,  # type: ignore[arg-type]
+                                                     guidance=guidance)
     if denoiser is not None:
         names_fn = getattr(denoiser, "names", None)
         names = names_fn() if names_fn is not None else None

@@ -21,7 +21,10 @@ per token: each hook reduces its input at once to
 Calibration inputs. The Denoiser protocol has no image for a prompt, so by default (``x0="noise"``) the
 noisy latent is drawn as ``x_t ~ N(0, I)`` at timesteps sampled from the top 30 % of the schedule: latents are
 scaled to unit variance and ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` has ``abar_t <= 0.08`` there for
-the SD schedules, so ``N(0, I)`` is the true marginal of ``x_t`` to within a few percent. These are the steps
+the SD schedules, so ``N(0, I)`` is the true marginal of ``x_t`` to within a few percent. For flow-matching
+models (``x_t = (1 - s) x_0 + s eps``) the same assumption, unit-variance ``x_0`` independent of the noise,
+gives ``x_t ~ N(0, ((1 - s)^2 + s^2) I)`` (the protocol's ``unit_marginal``); the timesteps are the model's
+own training draws restricted to the top 30 % of the noise levels. These are the steps
 where layout and content, and hence the unsafe concept, are decided. When a preference dataset is given
 (``inputs`` with latents), ``x_t`` is the forward process applied to real ``x_0`` at timesteps drawn from the
 whole schedule, as in training. The prompts are the experts' unsafe prompts (what DPO conditions on), drawn
@@ -47,6 +50,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..categories import normalize_categories
+from ..denoiser.protocol import draw_timesteps, unit_marginal
 from ..errors import ConfigError, DatasetError, Interrupted, LoraError, ModelError
 from ..lora.lora_set import LoraSet
 from ..utils.atomic import atomic_path
@@ -463,7 +467,6 @@ def calibrate(denoiser, prompts: Sequence[str] | None = None, *, experts: Sequen
     lo, hi = int(lo_f * T), max(int(lo_f * T) + 1, int(round(hi_f * T)))
     hi = min(hi, T)
     gen = torch.Generator(device="cpu").manual_seed(int(opts.seed))
-    timesteps = torch.randint(lo, hi, (n_total,), generator=gen)
     size = None
     if inputs is None:
         size = opts.size or int(getattr(denoiser, "sample_size", 0) or 512)
@@ -474,6 +477,7 @@ def calibrate(denoiser, prompts: Sequence[str] | None = None, *, experts: Sequen
             raise DatasetError("The calibration dataset yields no inputs.")
         plist = [inputs[i % len(inputs)][0] for i in range(n_total)]
         latent_shape = tuple(inputs[0][1].shape)
+    timesteps = draw_timesteps(denoiser, n_total, gen, latent_shape, (lo, hi))
 
     collectors: dict[str, _Collector] = {}
     handles = []
@@ -497,7 +501,7 @@ def calibrate(denoiser, prompts: Sequence[str] | None = None, *, experts: Sequen
             t = timesteps[done:done + b]
             noise = torch.randn((b, *latent_shape), generator=gen)
             if inputs is None:
-                x_t = noise
+                x_t = unit_marginal(denoiser, noise, t)
             else:
                 x0 = torch.stack([inputs[(done + i) % len(inputs)][1].float() for i in range(b)])
                 if tuple(x0.shape[1:]) != latent_shape:
@@ -511,7 +515,7 @@ def calibrate(denoiser, prompts: Sequence[str] | None = None, *, experts: Sequen
             denoiser.predict(x_t.to(device), t.to(device), cond)
             done += b
             if progress is not None:
-                progress(done, n_total, {"t": int(t[0])})
+                progress(done, n_total, {"t": round(float(t[0]), 1)})
     finally:
         for h in handles:
             h.remove()

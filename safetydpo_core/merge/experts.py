@@ -113,7 +113,7 @@ def align_experts(experts: Sequence[LoraSet], naming: str | None = None, names: 
                 raise LoraError(f"{_describe(lora, i)} uses {lora.naming} layer names but the merge works in {naming} "
                                 f"naming; give the model so that names can be converted.")
             try:
-                lora = lora.renamed(names.mapping(lora.naming, naming), naming)
+                lora = names.convert_lora(lora, naming)
             except LoraError as e:
                 raise LoraError(f"{_describe(experts[i], i)}: {e}") from e
         if weight_shapes is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..data.preference_dataset import PreferenceDataset
+from ..denoiser.protocol import draw_timesteps
 from ..lora.lora_set import LoraSet
 from .objectives import diffusion_dpo
 from .trainer import step_generator
@@ -35,7 +36,7 @@ def preference_stats(denoiser, dataset: PreferenceDataset, lora: LoraSet | None,
             for k in range(draws):
                 g = step_generator(seed, i, k, domain=7)
                 noise = torch.randn(s.shape, generator=g).unsqueeze(0)
-                t = torch.randint(lo, hi, (1,), generator=g)
+                t = draw_timesteps(denoiser, 1, g, tuple(s.shape), (lo, hi))
                 x0 = torch.stack([s, u]).to(denoiser.device)
                 n2 = torch.cat([noise, noise]).to(denoiser.device)
                 t2 = torch.cat([t, t]).to(denoiser.device)

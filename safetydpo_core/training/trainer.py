@@ -5,7 +5,9 @@ Read top to bottom, one optimiser step is:
 1. draw ``batch_size`` pairs (a deterministic order derived from the seed);
 2. pick the conditioning prompt of each pair (``condition``: the unsafe prompt, the safe one, or either)
    and drop it to "" with probability ``prompt_dropout``;
-3. draw one noise and one timestep per pair, shared by its safe and unsafe latents;
+3. draw one noise and one timestep per pair, shared by its safe and unsafe latents (the timesteps come
+   from the denoiser: uniform for discrete schedules, the family's shifted logit-normal for flow matching,
+   and the target it predicts is its own: epsilon, v or the flow velocity);
 4. reference prediction with the adapters switched off (no copy of the network), then the policy
    prediction with them on;
 5. the objective on ``[safe..., unsafe...]`` (safe preferred), backward, clip, optimiser step.
@@ -42,7 +44,7 @@ import torch
 
 from .. import __version__
 from ..data.preference_dataset import PreferenceDataset
-from ..denoiser.protocol import Conditioning
+from ..denoiser.protocol import Conditioning, draw_timesteps
 from ..errors import ConfigError, DatasetError, Interrupted, TrainingDiverged
 from ..lora.lora_set import LoraLayer, LoraSet
 from . import objectives
@@ -75,6 +77,14 @@ def step_generator(seed: int, step: int, micro: int, domain: int = 0) -> torch.G
     """The CPU generator for one micro-step, a pure function of ``(seed, step, micro)``."""
     state = np.random.SeedSequence([seed & 0xFFFFFFFF, domain, step, micro]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+
+def _family(base_model_version: str) -> str | None:
+    """The latent space a kohya ``ss_base_model_version`` implies (SD1/SD2 share one), None when unknown."""
+    for prefix, fam in (("sdxl", "sdxl"), ("sd_v", "sd"), ("sd3", "sd3"), ("flux", "flux")):
+        if base_model_version.startswith(prefix):
+            return fam
+    return None
 
 
 class PairOrder:
@@ -122,6 +132,12 @@ class ExpertTrainer:
             if bad:
                 raise DatasetError(f"Pair {bad[0].id!r} has latents of shape {bad[0].latent_shape}, but the model "
                                    f"expects {want} latent channels; the dataset was made for another model family.")
+        made_for = str(getattr(self.dataset, "header", {}).get("settings", {}).get("model_base") or "")
+        mine = str(getattr(self.denoiser, "base_model_version", "") or "")
+        if made_for and mine and _family(made_for) and _family(mine) and _family(made_for) != _family(mine):
+            raise DatasetError(f"The dataset {getattr(self.dataset, 'root', '')} was rendered with a {made_for} model, but "
+                               f"this model is {mine}: latents of another architecture cannot train it (not even with "
+                               f"a model mismatch allowed). Render the pairs with this model.")
         if len(shapes) > 1 and self.cfg.batch_size > 1:
             raise ConfigError(f"The dataset mixes latent sizes {sorted(shapes)[:3]}; use batch_size 1 for mixed sizes.")
 
@@ -137,7 +153,12 @@ class ExpertTrainer:
                     self._cond_cache.popitem(last=False)
         for p in prompts:
             self._cond_cache.move_to_end((p, size))
-        return Conditioning.cat([self._cond_cache[(p, size)] for p in prompts])
+        parts = [self._cond_cache[(p, size)] for p in prompts]
+        if len({tuple((k, tuple(v.shape[1:])) for k, v in sorted(c.tensors.items())) for c in parts}) > 1:
+            # Prompts of different token lengths (a long prompt spans more CLIP windows or T5 tokens) do not
+            # stack; the denoiser pads them to one length its own way. Still a function of the batch alone.
+            return self.denoiser.encode_prompts(list(prompts), size=size)
+        return Conditioning.cat(parts)
 
     @property
     def micro_steps(self) -> int:
@@ -163,8 +184,7 @@ class ExpertTrainer:
             prompts.append(prompt)
         w, l = torch.stack(safes), torch.stack(unsafes)
         noise = torch.randn(w.shape, generator=g)
-        lo, hi = cfg.timestep_range or (0, self.denoiser.num_train_timesteps)
-        t = torch.randint(lo, min(hi, self.denoiser.num_train_timesteps), (len(idx),), generator=g)
+        t = draw_timesteps(self.denoiser, len(idx), g, tuple(w.shape[1:]), cfg.timestep_range)
         rec = ds.records[idx[0]]
         size = (rec.height or w.shape[-2] * getattr(self.denoiser, "vae_scale_factor", 8),
                 rec.width or w.shape[-1] * getattr(self.denoiser, "vae_scale_factor", 8))
@@ -215,8 +235,7 @@ class ExpertTrainer:
             x0.append(lat if lat is not None and lat.shape == w[b].shape else w[b])
         x0 = torch.stack(x0)
         noise = torch.randn(x0.shape, generator=g)
-        lo, hi = cfg.timestep_range or (0, d.num_train_timesteps)
-        t = torch.randint(lo, min(hi, d.num_train_timesteps), (x0.shape[0],), generator=g)
+        t = draw_timesteps(d, x0.shape[0], g, tuple(x0.shape[1:]), cfg.timestep_range)
         dev = torch.device(getattr(d, "device", "cpu"))
         x0, noise, t = x0.to(dev), noise.to(dev), t.to(dev)
         x_t = d.add_noise(x0, noise, t)
@@ -473,6 +492,8 @@ class ExpertTrainer:
             meta["safetydpo_preserve_prompts"] = Path(cfg.preserve_prompts).name  # never a full path
         if self.group.world_size > 1:
             meta["safetydpo_processes"] = str(self.group.world_size)
+        if getattr(self.denoiser, "guidance", None) is not None:
+            meta["safetydpo_guidance"] = f"{self.denoiser.guidance:g}"
         if final:
             meta["safetydpo_final_metrics"] = ",".join(f"{k}={final[k]:.4g}" for k in ("loss", "implicit_acc", "margin")
                                                        if k in final)
