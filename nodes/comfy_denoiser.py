@@ -433,6 +433,21 @@ class ComfyDenoiser:
                 tensors["size"] = torch.tensor([[sizes[k] for k in _SDXL_SIZE_KEYS]] * len(prompts), dtype=torch.float32)
         return Conditioning(tensors)
 
+    def prompt_token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Text tokens of each prompt in the CLIP's first window (ComfyUI's word ids: 0 marks start, end and
+        padding tokens); 0 for a prompt the tokenizer makes nothing of."""
+        if self.clip is None:
+            raise ConfigError("This model has no CLIP attached; connect the CLIP of the checkpoint to encode prompts.")
+        out = []
+        for p in prompts:
+            per_encoder = self.clip.tokenize(str(p), return_word_ids=True)
+            first = next(iter(per_encoder.values()))[0]
+            out.append(sum(1 for tok in first if len(tok) > 2 and tok[2] > 0))
+        return out
+
+    def cross_attention_context(self, cond: Conditioning) -> torch.Tensor:
+        return cond.tensors["c_crossattn"]
+
     # -- the forward process ------------------------------------------------------------------------
     def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         t = t.reshape(-1).long().cpu()

@@ -137,6 +137,21 @@ class DiffusersDenoiser:
             tensors["time_ids"] = time_ids
         return Conditioning(tensors)
 
+    def prompt_token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Text tokens of each prompt in the first encoder's window (0: the tokenizer makes nothing of it)."""
+        if not self.parts.tokenizers:
+            raise ModelError("This model has no tokenizer; load it from a pipeline folder with its tokenizer.")
+        tok = self.parts.tokenizers[0]
+        special = set(tok.all_special_ids)
+        out = []
+        for p in prompts:
+            ids = tok(str(p), add_special_tokens=False).input_ids[: tok.model_max_length - 2]
+            out.append(len(ids) if any(i not in special for i in ids) else 0)
+        return out
+
+    def cross_attention_context(self, cond: Conditioning) -> torch.Tensor:
+        return cond.tensors["encoder_hidden_states"]
+
     # -- the forward process ------------------------------------------------------------------------
     def _coeffs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self._alphas.to(like.device)[t.long().to(like.device)]

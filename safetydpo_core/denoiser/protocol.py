@@ -11,6 +11,11 @@ loaded). The core never sees more than this:
 * ``add_noise(x0, noise, t)`` and ``target(x0, noise, t)``: the forward process and what the prediction
   should equal (epsilon, or v for v-prediction models);
 * ``predict(x_t, t, cond)``: the network's prediction for integer timesteps ``t`` in ``[0, T)``;
+* ``eps_from_prediction(pred, x_t, t)``: the noise a prediction stands for (sampling loops of the core);
+* ``prompt_token_counts(prompts)`` and ``cross_attention_context(cond)``: the text tokens of each prompt
+  and the ``[B, L, D]`` tensor the cross-attention keys and values are computed from (concept erasure:
+  :mod:`safetydpo_core.erase`). Position 0 of the context is the start token, positions ``1..n`` the
+  ``n`` text tokens of the prompt;
 * ``sample(...)``, ``encode_images(...)``, ``decode_latents(...)``: rendering.
 """
 
@@ -97,6 +102,19 @@ class Denoiser(Protocol):
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor: ...
+
+    def eps_from_prediction(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The epsilon that ``pred`` (the output of :meth:`predict` at ``x_t``, ``t``) stands for."""
+        ...
+
+    def prompt_token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Text tokens of each prompt within the encoder's window (start, end, padding and unknown tokens not
+        counted): 0 for a prompt the tokenizer turns into nothing."""
+        ...
+
+    def cross_attention_context(self, cond: Conditioning) -> torch.Tensor:
+        """The ``[B, L, D]`` tensor of ``cond`` that the cross-attention layers attend to."""
+        ...
 
     def fingerprint(self) -> str: ...
 

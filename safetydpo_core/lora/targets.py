@@ -3,11 +3,17 @@
 The paper (and the official code) adapts every attention projection of the UNet: ``to_q, to_k, to_v,
 to_out.0`` in self- and cross-attention. Other presets add the transformer feed-forward and projection
 layers. A target spec is a preset name or a comma-separated list of module-name suffixes.
+
+The two ESD presets (Gandikota et al., ICCV 2023; see :mod:`..training.esd`) follow the official code's
+parameter choice: ``esd-x`` is every cross-attention projection (``attn2``), ``esd-u`` every linear and
+convolution layer *outside* cross-attention (self-attention, feed-forward, transformer projections,
+ResNet convolutions, time embedding, ``conv_in``/``conv_out``). ``esd-u`` is a rule over module names
+rather than a list of suffixes, so it works on diffusers and LDM (ComfyUI) names alike.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -18,6 +24,11 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "attn-cross": ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
     "attn+ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
     "transformer": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
+    "esd-x": ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
+}
+# presets chosen by a rule over module names (not suffixes)
+RULE_PRESETS: dict[str, Callable[[str], bool]] = {
+    "esd-u": lambda name: "attn2" not in name.split("."),  # every adaptable layer outside cross-attention
 }
 DEFAULT_TARGETS = "attn"
 _ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
@@ -49,6 +60,11 @@ def select_layers(modules: Mapping[str, torch.nn.Module], spec: str | Sequence[s
 
     Raises a :class:`ConfigError` that lists the suffixes that do exist when nothing matches.
     """
+    if isinstance(spec, str) and spec in RULE_PRESETS:
+        chosen = {n: m for n, m in modules.items() if n and isinstance(m, adaptable) and RULE_PRESETS[spec](n)}
+        if not chosen:
+            raise ConfigError(f"Target preset {spec!r} selects no layer of this model.")
+        return chosen
     suffixes = parse_targets(spec)
     chosen = {n: m for n, m in modules.items() if isinstance(m, adaptable) and matches(n, suffixes)}
     missing = [s for s in suffixes if not any(matches(n, (s,)) for n in chosen)]
@@ -57,5 +73,5 @@ def select_layers(modules: Mapping[str, torch.nn.Module], spec: str | Sequence[s
                         for n, m in modules.items() if isinstance(m, adaptable)})
         what = missing if missing else list(suffixes)
         raise ConfigError(f"Target layers {what} do not exist in this model. Layers that can be adapted end in: "
-                          f"{', '.join(avail[:40])}{' ...' if len(avail) > 40 else ''}. Presets: {', '.join(PRESETS)}.")
+                          f"{', '.join(avail[:40])}{' ...' if len(avail) > 40 else ''}. Presets: {', '.join([*PRESETS, *RULE_PRESETS])}.")
     return chosen
