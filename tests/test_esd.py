@@ -203,3 +203,17 @@ def test_cli_erase_esd_writes_metrics_and_resumes(tiny_sd15, tmp_path, capsys):
     assert lora.max_rank == 2 and lora.metadata["safetydpo_steps"] == "3"
     config = json.loads((tmp_path / "esd.config.json").read_text())
     assert config["method"] == "esd-x" and config["concepts"] == ["cat", "dog"]
+
+
+def test_cli_train_objective_esd(tiny_sd15, tmp_path):
+    den = DiffusersDenoiser.from_pretrained(tiny_sd15)
+    data = make_dataset(tmp_path / "ds", den, n_per_category=1)
+    out = tmp_path / "esd.safetensors"
+    assert cli(["train", "--model", str(tiny_sd15), "--data", str(data), "--objective", "esd", "--targets", "esd-x",
+                "--esd-eta", "2", "--esd-sample-steps", "3", "--steps", "1", "--rank", "2", "--out", str(out)]) == 0
+    meta = load_lora(out, names=den.names()).metadata
+    assert meta["safetydpo_esd_eta"] == "2" and meta["safetydpo_esd_sample_steps"] == "3"
+    assert sorted(json.loads(meta["safetydpo_concepts"])) == ["a photo of a cat at night", "a photo of a dog at night"]
+    assert cli(["train", "--model", str(tiny_sd15), "--data", str(data), "--objective", "esd", "--esd-eta", "-1",
+                "--out", str(tmp_path / "bad.safetensors")]) == 2
+    assert not (tmp_path / "bad.safetensors").exists()
