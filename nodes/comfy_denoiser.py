@@ -445,8 +445,13 @@ class ComfyDenoiser:
             out.append(sum(1 for tok in first if len(tok) > 2 and tok[2] > 0))
         return out
 
-    def cross_attention_context(self, cond: Conditioning) -> torch.Tensor:
-        return cond.tensors["c_crossattn"]
+    @torch.no_grad()
+    def last_token_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``c_crossattn`` of each prompt at its last text token (the start token for a prompt of no tokens)."""
+        prompts = list(prompts)
+        counts = self.prompt_token_counts(prompts)
+        ctx = self.encode_prompts(prompts).tensors["c_crossattn"]
+        return torch.stack([ctx[i, n] for i, n in enumerate(counts)])
 
     # -- the forward process ------------------------------------------------------------------------
     def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

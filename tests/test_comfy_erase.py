@@ -43,7 +43,7 @@ def _unload_after():
 
 def _last_token(d, text: str) -> torch.Tensor:
     n = d.prompt_token_counts([text])[0]
-    return d.cross_attention_context(d.encode_prompts([text]))[0, n].double()
+    return d.encode_prompts([text]).tensors["c_crossattn"][0, n].double()
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])

@@ -12,10 +12,9 @@ loaded). The core never sees more than this:
   should equal (epsilon, or v for v-prediction models);
 * ``predict(x_t, t, cond)``: the network's prediction for integer timesteps ``t`` in ``[0, T)``;
 * ``eps_from_prediction(pred, x_t, t)``: the noise a prediction stands for (sampling loops of the core);
-* ``prompt_token_counts(prompts)`` and ``cross_attention_context(cond)``: the text tokens of each prompt
-  and the ``[B, L, D]`` tensor the cross-attention keys and values are computed from (concept erasure:
-  :mod:`safetydpo_core.erase`). Position 0 of the context is the start token, positions ``1..n`` the
-  ``n`` text tokens of the prompt;
+* ``prompt_token_counts(prompts)`` and ``last_token_embeddings(prompts)``: the number of text tokens of each
+  prompt, and the cross-attention context (what the keys and values are computed from) of each prompt at its
+  last text token (concept erasure: :mod:`safetydpo_core.erase`);
 * ``sample(...)``, ``encode_images(...)``, ``decode_latents(...)``: rendering.
 """
 
@@ -112,8 +111,9 @@ class Denoiser(Protocol):
         counted): 0 for a prompt the tokenizer turns into nothing."""
         ...
 
-    def cross_attention_context(self, cond: Conditioning) -> torch.Tensor:
-        """The ``[B, L, D]`` tensor of ``cond`` that the cross-attention layers attend to."""
+    def last_token_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``[B, D]``: the context the cross-attention layers see for each prompt, at its last text token
+        (position ``n`` of the context, the start token at position 0 for a prompt of no tokens)."""
         ...
 
     def fingerprint(self) -> str: ...

@@ -23,7 +23,7 @@ Embeddings follow the current official code: the text encoder's output (the cros
 each concept prompt alone, at its *last* text token; an empty guide ("") is the start token, i.e. the
 unconditional direction (the official default guide for objects). Defaults are the official ones:
 ``lamb`` 0.5, erase and preserve scales 1. Everything goes through the Denoiser protocol
-(``encode_prompts``, ``prompt_token_counts``, ``cross_attention_context``, ``layers``), so it runs on the
+(``prompt_token_counts``, ``last_token_embeddings``, ``layers``), so it runs on the
 diffusers and the ComfyUI backends alike; the model is only read.
 
 Public API: :func:`uce_edit`, :class:`UceResult`, :data:`UCE_TARGETS`.
@@ -96,16 +96,12 @@ def _guides(guide: str | Iterable[str] | None, n: int) -> list[str]:
     return items
 
 
-def _embeddings(denoiser, texts: Sequence[str], counts: Sequence[int]) -> torch.Tensor:
+def _embeddings(denoiser, texts: Sequence[str]) -> torch.Tensor:
     """``[len(texts), D]``: the cross-attention context of each text alone at its last text token (the start
-    token for an empty text)."""
-    rows = []
-    for i in range(0, len(texts), 16):
-        chunk = list(texts[i:i + 16])
-        ctx = denoiser.cross_attention_context(denoiser.encode_prompts(chunk))
-        for j, n in enumerate(counts[i:i + 16]):
-            rows.append(ctx[j, n].detach().to("cpu", torch.float64))
-    return torch.stack(rows)
+    token for an empty text), in float64."""
+    rows = [denoiser.last_token_embeddings(list(texts[i:i + 16])).detach().to("cpu", torch.float64)
+            for i in range(0, len(texts), 16)]
+    return torch.cat(rows)
 
 
 def _truncate(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -153,13 +149,13 @@ def uce_edit(denoiser, concepts: str | Iterable[str], guide: str | Iterable[str]
         raise ConfigError(f"rank {rank} is above the size of layer {name!r} ({tuple(m.weight.shape)}); the largest "
                           f"rank every edited layer can hold is {smallest}. Use rank 0 for the exact edit.")
 
-    counts_e = check_tokens(denoiser, [c for c, _ in pairs], "concepts")
+    check_tokens(denoiser, [c for c, _ in pairs], "concepts")
     named_guides = [g for _, g in pairs if g]
-    counts_g = dict(zip(named_guides, check_tokens(denoiser, named_guides, "guide"))) if named_guides else {}
-    counts_p = check_tokens(denoiser, keep, "preserve") if keep else []
-    texts = [c for c, _ in pairs] + [g for _, g in pairs] + keep
-    counts = counts_e + [counts_g.get(g, 0) if g else 0 for _, g in pairs] + counts_p
-    emb = _embeddings(denoiser, texts, counts)
+    if named_guides:
+        check_tokens(denoiser, named_guides, "guide")
+    if keep:
+        check_tokens(denoiser, keep, "preserve")
+    emb = _embeddings(denoiser, [c for c, _ in pairs] + [g for _, g in pairs] + keep)
     n = len(pairs)
     c_e, c_g, c_p = emb[:n].T, emb[n:2 * n].T, emb[2 * n:].T  # [D, n], [D, n], [D, m]
     dim = c_e.shape[0]
