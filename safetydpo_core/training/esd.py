@@ -41,8 +41,11 @@ an affine combination of predictions whose coefficients sum to one (``1 + eta`` 
 offsets cancel and the v-space target is exactly the v of the epsilon-space target: the same fixed point.
 Only the loss's weighting differs: the squared error in v is ``1 / alpha_bar_t`` times the one in epsilon
 (larger at high noise), as v-prediction models are themselves trained. Classifier-free guidance in the
-generation is an affine combination of the same kind, so it too is the same in either space. Flow-matching
-models are not supported by the pack's backends yet.
+generation is an affine combination of the same kind, so it too is the same in either space. The same holds
+for any forward process ``x_t = a_t x0 + b_t eps`` whose predictions are affine in ``eps`` at fixed ``x_t``
+(a flow model's velocity ``eps - x0`` included), and the DDIM step here only uses the protocol's ``add_noise``
+and ``eps_from_prediction``, so a flow backend that provides those (with integer timesteps) runs ESD as it is;
+the pack's backends are epsilon and v-prediction UNets today.
 
 Public API: :class:`EsdTrainer`, :func:`train_esd`, :func:`partial_generation`, :func:`sampling_timesteps`.
 """
