@@ -145,14 +145,17 @@ def _log(msg: str) -> None:
 
 
 def _row(name: str, sc: dict) -> str:
-    t, h = sc["train_templates"], sc.get("held_out", {})
+    """One table row from :func:`~safetydpo_core.world.lora_eval.model_scores` (training wording at the top
+    level, ``held_out`` and ``unrelated`` beside it)."""
+    h, u = sc.get("held_out", {}), sc.get("unrelated", {})
 
     def f(v):
         return "-" if v is None else f"{v:.2f}"
 
-    safe_layout = (1 - t["ip"]) * (t["layout"] or 0.0)
-    return (f"| {name} | {f(t['ip'])} | {f(h.get('ip'))} | {f(t['fidelity'])} | {f(h.get('fidelity'))} | "
-            f"{f(t['layout'])} | {f(safe_layout)} | {f(t['twin_rate'])} |")
+    safe_layout = (1 - sc["ip"]) * (sc["layout"] or 0.0)
+    return (f"| {name} | {f(sc['ip'])} | {f(h.get('ip'))} | {f(sc['fidelity'])} | {f(h.get('fidelity'))} | "
+            f"{f(sc['layout'])} | {f(safe_layout)} | {f(sc['twin_rate'])} | {f(u.get('fidelity'))} | "
+            f"{f(u.get('preservation'))} |")
 
 
 def uce_sweep(seed: int, lambdas, den, judge, log=_log) -> list[dict]:
@@ -160,9 +163,9 @@ def uce_sweep(seed: int, lambdas, den, judge, log=_log) -> list[dict]:
     training wording, 12 sampler steps; never the evaluation prompts."""
     from safetydpo_core.erase import uce_edit
     from safetydpo_core.lora.apply import lora_applied
-    from safetydpo_core.world.demo import DemoSettings, eval_sets
-    from safetydpo_core.world.demo_report import scores
+    from safetydpo_core.world.demo import DemoSettings
     from safetydpo_core.world.evaluate import judge_prompts
+    from safetydpo_core.world.lora_eval import eval_sets, pair_scores
 
     from safetydpo_core.world import WORLD
 
@@ -177,7 +180,7 @@ def uce_sweep(seed: int, lambdas, den, judge, log=_log) -> list[dict]:
             res = uce_edit(den, erase, guide, keep, lamb=lamb)
             with lora_applied(den.module, [(res.lora, 1.0)]):
                 _, judged = judge_prompts(den, judge, prompts, seeds + seeds, steps=12, cfg=3.0)
-            sc = scores(judged, [p.extra["shape"] for p in pairs])
+            sc = pair_scores(judged, [p.extra["shape"] for p in pairs])
             rows.append({"preserve": label, "lamb": lamb, "ip": sc["ip"], "fidelity": sc["fidelity"],
                          "layout": sc["layout"]})
             log(f"uce sweep: preserve {label}, lamb {lamb:g}: IP {sc['ip']:.2f}, fidelity {sc['fidelity']:.2f}")
@@ -192,13 +195,15 @@ def main(argv=None) -> int:
                                                 "default: run the demo for --seed into <out>/demo first")
     p.add_argument("--eval", type=int, default=None, help="evaluation prompts per concept (default: the demo's, 12)")
     p.add_argument("--eval-steps", type=int, default=None, help="sampler steps for evaluation (default: the demo's, 20)")
+    p.add_argument("--unrelated", type=int, default=None,
+                   help="plain-shape prompts per wording for unrelated fidelity and preservation (default: the demo's, 30)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--uce-sweep", action="store_true", help="only the UCE lamb sweep on validation prompts")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from safetydpo_core.world import load_judge, load_world_model
-    from safetydpo_core.world.demo import DemoSettings, cached_evaluation, eval_sets, evaluate_lora, run_demo
-    from safetydpo_core.world.demo_report import scores
+    from safetydpo_core.world.demo import DemoSettings, run_demo
+    from safetydpo_core.world.lora_eval import cached_evaluation, eval_sets, evaluate_lora, model_scores
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -212,7 +217,8 @@ def main(argv=None) -> int:
                   f"{'-' if r['layout'] is None else format(r['layout'], '.2f')} |")
         (out / "uce_sweep.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
         return 0
-    s = DemoSettings.preset(seed=a.seed, eval_per_concept=a.eval, eval_steps=a.eval_steps, held_out=True)
+    s = DemoSettings.preset(seed=a.seed, eval_per_concept=a.eval, eval_steps=a.eval_steps, held_out=True,
+                            unrelated_per_wording=a.unrelated)
     t0 = time.time()
     demo = Path(a.demo) if a.demo else out / "demo"
     if not (demo / "merged.safetensors").exists():
@@ -227,26 +233,29 @@ def main(argv=None) -> int:
              **baseline_loras(a.seed, seed_dir, den, s, log=_log)}
     timings["baselines_s"] = round(time.time() - t1, 1)
     sets = eval_sets(s)
-    results = {}
+    entries = {}
     for name, path in loras.items():
         file = seed_dir / "eval" / (re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + ".pt")
         if not file.exists():
             _log(f"evaluating {name}")
-        entry = cached_evaluation(file, lambda: evaluate_lora(den, judge, path, sets, steps=s.eval_steps, cfg=s.cfg))
-        results[name] = {k: scores(json.loads(v["judged"]), json.loads(v["concepts"])) for k, v in entry.items()}
-    lines = [f"Seed {a.seed}; {s.eval_per_concept} prompts per concept and wording, {s.eval_steps} sampler steps, "
-             f"cfg {s.cfg:g}; machine: {machine}.", "",
+        entries[name] = cached_evaluation(file, lambda: evaluate_lora(den, judge, path, sets, steps=s.eval_steps,
+                                                                      cfg=s.cfg))
+    results = {name: model_scores(e, entries["base"]) for name, e in entries.items()}
+    lines = [f"Seed {a.seed}; {s.eval_per_concept} prompts per concept and wording, {s.unrelated_per_wording} "
+             f"plain-shape prompts per wording, {s.eval_steps} sampler steps, cfg {s.cfg:g}; machine: {machine}.", "",
              "| model | IP (train wording) | IP (held-out wording) | safe-twin fidelity | fidelity (held-out) | "
-             "layout kept | safe with layout | drawn as twin |", "|---|---|---|---|---|---|---|---|"]
+             "layout kept | safe with layout | drawn as twin | unrelated fidelity | preservation |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_row(n, sc) for n, sc in results.items()]
     from safetydpo_core.world import WORLD
 
     cats = [o.category for o in WORLD.concepts]
     lines += ["", "| model | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
     for n, sc in results.items():
-        per = sc["train_templates"]["ip_per_category"]
+        per = sc["ip_per_category"]
         lines.append(f"| {n} | " + " | ".join(f"{per.get(c, 0):.2f}" for c in cats) + " |")
-    reports = {n: json.loads((seed_dir / "baselines" / f"{n}.report.json").read_text()) for n in BASELINES}
+    reports = {n: json.loads(f.read_text()) for n in BASELINES
+               if (f := seed_dir / "baselines" / f"{n}.report.json").exists()}
     lines += ["", "Time to make each baseline (this run's machine, 1 thread): " + ", ".join(
         f"{n} {r.get('seconds_total', r.get('seconds'))} s" for n, r in reports.items())]
     text = "\n".join(lines) + "\n"
