@@ -11,7 +11,7 @@ As the paper's baselines, each method erases all seven concepts in one model:
   words of the colours, positions, backgrounds and caption templates, exact (rank 14). ``lamb`` is 5, chosen
   on a validation set (``--uce-sweep``: other seeds, never the evaluation prompts): with the official 0.5 and
   only the shapes' and twins' words preserved, the edit breaks the world's 64-wide text space (safe-prompt
-  fidelity 0.14 on the validation prompts), see docs/benchmarks.md.
+  fidelity 0.19 on the validation prompts), see docs/benchmarks.md.
 
 Held-out words (synonyms such as "rifle") are in no method's input, so the held-out IP measures
 generalisation for every method alike.

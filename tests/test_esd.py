@@ -185,6 +185,8 @@ def test_esd_settings_are_checked(den):
         _cfg(esd_eta=0)
     with pytest.raises(ConfigError, match="^esd_guidance must be a number >= 1"):
         _cfg(esd_guidance=0.5)
+    with pytest.raises(ConfigError, match="^preserve_weight does not apply to objective esd"):
+        _cfg(preserve_weight=1.0)
     with pytest.raises(ConfigError, match="^esd_sample_steps must be between 1 and the model's 1000"):
         train_esd(den, CONCEPTS, _cfg(esd_sample_steps=5000))
     with pytest.raises(ConfigError, match="^concepts: the list of concepts is empty"):
