@@ -579,7 +579,7 @@ def test_cli_to_api_and_check(tmp_path, definitions):
     next(n for n in wf["nodes"] if n["type"] == "SafetyDPO_TrainExpert")["widgets_values"].remove("fixed")
     bad.write_text(json.dumps(wf), encoding="utf-8")
     r = run_cli("check", str(bad), "--object-info", str(CORE_NODES))
-    assert r.returncode == 1 and "13 widgets_values for 14 widget slots" in r.stdout
+    assert r.returncode == 1 and "15 widgets_values for 16 widget slots" in r.stdout
 
 
 if __name__ == "__main__":  # python tests/test_workflows.py --refresh-core-nodes http://127.0.0.1:8188
