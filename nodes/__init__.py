@@ -4,7 +4,8 @@
 
 * :mod:`.pairs_nodes`: built-in pairs, LLM pairs, load pairs, save pairs;
 * :mod:`.render_node`: render pairs into a preference dataset, load a dataset;
-* :mod:`.train_node`: train an expert with Diffusion-DPO on the loaded MODEL;
+* :mod:`.train_node`: train an expert with Diffusion-DPO (or the ESD baseline) on the loaded MODEL;
+* :mod:`.erase_node`: erase concepts with UCE (closed form), as a LORA_MODEL;
 * :mod:`.lora_nodes`: load / save / apply a LoRA, expert list;
 * :mod:`.merge_node`: Co-Merge;
 * :mod:`.sampling_nodes`: the safe sampler (aligned beside unaligned, same seed);
@@ -16,6 +17,7 @@ Support modules: :mod:`.types` (socket type names), :mod:`.paths` (safe names, C
 :mod:`.comfy_lora_adapter`.
 """
 
+from .erase_node import EraseConceptsUCE
 from .eval_node import Evaluate
 from .lora_nodes import ApplySafetyLoRA, ExpertList, LoadLoRA, SaveLoRA
 from .merge_node import CoMerge
@@ -33,6 +35,7 @@ _NODES = (
     ("SafetyDPO_RenderPairs", RenderPairs, "Render Pairs (same seed)"),
     ("SafetyDPO_LoadDataset", LoadDataset, "Load Preference Dataset"),
     ("SafetyDPO_TrainExpert", TrainExpert, "Train Safety Expert (DPO)"),
+    ("SafetyDPO_EraseConceptsUCE", EraseConceptsUCE, "Erase Concepts (UCE)"),
     ("SafetyDPO_LoadLoRA", LoadLoRA, "Load LoRA (as LORA_MODEL)"),
     ("SafetyDPO_SaveLoRA", SaveLoRA, "Save LoRA"),
     ("SafetyDPO_ApplySafetyLoRA", ApplySafetyLoRA, "Apply Safety LoRA"),

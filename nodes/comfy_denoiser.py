@@ -483,6 +483,26 @@ class ComfyDenoiser:
                 tensors["size"] = torch.tensor([[sizes[k] for k in _SDXL_SIZE_KEYS]] * len(prompts), dtype=torch.float32)
         return Conditioning(tensors)
 
+    def prompt_token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Text tokens of each prompt in the CLIP's first window (ComfyUI's word ids: 0 marks start, end and
+        padding tokens); 0 for a prompt the tokenizer makes nothing of."""
+        if self.clip is None:
+            raise ConfigError("This model has no CLIP attached; connect the CLIP of the checkpoint to encode prompts.")
+        out = []
+        for p in prompts:
+            per_encoder = self.clip.tokenize(str(p), return_word_ids=True)
+            first = next(iter(per_encoder.values()))[0]
+            out.append(sum(1 for tok in first if len(tok) > 2 and tok[2] > 0))
+        return out
+
+    @torch.no_grad()
+    def last_token_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``c_crossattn`` of each prompt at its last text token (the start token for a prompt of no tokens)."""
+        prompts = list(prompts)
+        counts = self.prompt_token_counts(prompts)
+        ctx = self.encode_prompts(prompts).tensors["c_crossattn"]
+        return torch.stack([ctx[i, n] for i, n in enumerate(counts)])
+
     # -- the forward process ------------------------------------------------------------------------
     def sample_timesteps(self, n: int, generator: torch.Generator, latent_shape: Sequence[int] | None = None,
                          t_range: tuple[float, float] | None = None) -> torch.Tensor:

@@ -149,7 +149,9 @@ class SaveLoRA(Node):
             lora_set.metadata.setdefault("ss_base_model_version", guess_base_model(lora_set))
         save_lora = core("lora.io").save_lora
         base = paths.loras_dir()
-        path = paths.write_new(base, filename_prefix, ".safetensors", lambda tmp: save_lora(lora_set, tmp, names=names))
+        diff = all(k.endswith(".diff") for k in lora)  # full-rank weight diffs (UCE's exact export) stay diffs
+        path = paths.write_new(base, filename_prefix, ".safetensors",
+                               lambda tmp: save_lora(lora_set, tmp, names=names, diff=diff))
         rel = os.path.relpath(path, os.path.realpath(base)).replace(os.sep, "/")
         return {"ui": {"text": [rel]}, "result": (rel,)}
 

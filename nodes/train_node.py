@@ -25,6 +25,8 @@ from .types import DATASET, LORA_MODEL, METRICS
 
 log = logging.getLogger(__name__)
 CONDITIONS = ("unsafe", "safe", "both")
+# objective -> (TrainConfig objective, targets); ESD erases the dataset's unsafe prompts (training/esd.py)
+OBJECTIVES = {"dpo": ("dpo", "attn"), "esd-x": ("esd", "esd-x"), "esd-u": ("esd", "esd-u")}
 # settings that may change between a run and its resume (everything else keys the checkpoint folder)
 _FREE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing")
 
@@ -77,19 +79,28 @@ class TrainExpert(Node):
                                      step=0.1),
             "preserve_prompts": COMBO(core("training.preservation").PRESERVE_SETS, "Preservation prompts: auto (the safe prompts of the dataset's "
                                                      "other categories plus everyday prompts), others, or neutral."),
+            "objective": COMBO(list(OBJECTIVES), "dpo: Diffusion-DPO on the pairs (the method). esd-x / esd-u: the ESD "
+                                                 "concept-erasure baseline on the cross-attention / all other layers, "
+                                                 "erasing the pairs' unsafe prompts (uses no images; beta and "
+                                                 "condition do not apply)."),
+            "esd_eta": FLOAT(1.0, 0.01, 100.0, "ESD's negative guidance eta (objective esd-x / esd-u).", step=0.1),
             "guidance": GUIDANCE(),
         }}
 
     def train(self, model, clip, dataset, category, steps, learning_rate, rank, beta, condition, seed,
               gradient_checkpointing, save_every, resume, allow_model_mismatch=False, preserve_weight=0.0,
-              preserve_prompts="auto", guidance=None):
+              preserve_prompts="auto", objective="dpo", esd_eta=1.0, guidance=None):
         e = errors()
         if not isinstance(dataset, dict) or "path" not in dataset:
             raise e.DatasetError("dataset: expected a SAFETYDPO_DATASET from the render or load-dataset node.")
         if category not in category_choices():
             raise e.ConfigError(f"category must be one of {', '.join(category_choices())}; got {category!r}.")
+        if objective not in OBJECTIVES:
+            raise e.ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}.")
         tr = core("training")
+        kind, targets = OBJECTIVES[objective]
         cfg = tr.TrainConfig(category=None if category == "all" else category, steps=int(steps), rank=int(rank),
+                             objective=kind, targets=targets, esd_eta=float(esd_eta),
                              beta=float(beta), condition=condition, lr=float(learning_rate), seed=int(seed),
                              gradient_checkpointing=bool(gradient_checkpointing), checkpoint_every=int(save_every),
                              preserve_weight=float(preserve_weight), preserve_prompts=str(preserve_prompts))

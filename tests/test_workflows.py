@@ -380,7 +380,7 @@ def test_workflow_2_converts_to_the_expected_literal_inputs(definitions):
     assert literals == {"category": "violence", "steps": 500, "learning_rate": 1e-4, "rank": 4, "beta": 5000.0,
                         "condition": "unsafe", "seed": 0, "gradient_checkpointing": False, "save_every": 100,
                         "resume": True, "allow_model_mismatch": False,
-                        "preserve_weight": 0.0, "preserve_prompts": "auto"}
+                        "preserve_weight": 0.0, "preserve_prompts": "auto", "objective": "dpo", "esd_eta": 1.0}
     assert sorted(k for k, v in train["inputs"].items() if isinstance(v, list)) == ["clip", "dataset", "model"]
     assert train["_meta"]["title"] == "SafetyDPO: Train Safety Expert (DPO)"
 
@@ -557,11 +557,11 @@ def test_not_a_ui_workflow_is_refused_with_a_clear_error():
 
 def test_pack_definitions_are_read_without_comfyui(definitions):
     info = wa.pack_object_info()
-    assert len(info) == 15 and all(k.startswith("SafetyDPO_") for k in info)
+    assert len(info) == 16 and all(k.startswith("SafetyDPO_") for k in info)
     train = info["SafetyDPO_TrainExpert"]
     assert [w.name for w in wa.widget_inputs(train)] == [
         "category", "steps", "learning_rate", "rank", "beta", "condition", "seed", "gradient_checkpointing",
-        "save_every", "resume", "allow_model_mismatch", "preserve_weight", "preserve_prompts"]
+        "save_every", "resume", "allow_model_mismatch", "preserve_weight", "preserve_prompts", "objective", "esd_eta"]
     assert [w.name for w in wa.widget_inputs(train) if w.control] == ["seed"]
     assert train["output"] == ["LORA_MODEL", "SAFETYDPO_METRICS", "MODEL"] and not train["output_node"]
     assert "folder_paths" not in sys.modules or sys.modules["folder_paths"] is not None
@@ -604,7 +604,7 @@ def test_cli_to_api_and_check(tmp_path, definitions):
     next(n for n in wf["nodes"] if n["type"] == "SafetyDPO_TrainExpert")["widgets_values"].remove("fixed")
     bad.write_text(json.dumps(wf), encoding="utf-8")
     r = run_cli("check", str(bad), "--object-info", str(CORE_NODES))
-    assert r.returncode == 1 and "13 widgets_values for 14 widget slots" in r.stdout
+    assert r.returncode == 1 and "15 widgets_values for 16 widget slots" in r.stdout
 
 
 if __name__ == "__main__":  # python tests/test_workflows.py --refresh-core-nodes http://127.0.0.1:8188

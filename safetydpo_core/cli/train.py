@@ -38,8 +38,14 @@ def register(sub) -> None:
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
     p.add_argument("--targets", default="attn", help="layers to adapt: attn (the attention projections, default: "
                                                        "to_q,to_k,to_v,to_out.0 in UNets; both streams in SD3/Flux), "
-                                                     "attn-cross, attn+ff, transformer, or comma-separated suffixes")
-    p.add_argument("--objective", default="dpo", choices=["dpo", "mapo"], help="dpo (default) or reference-free mapo")
+                                                     "attn-cross, attn+ff, transformer, esd-x, esd-u, or comma-separated suffixes")
+    p.add_argument("--objective", default="dpo", choices=["dpo", "mapo", "esd"],
+                   help="dpo (default), reference-free mapo, or esd: the ESD erasure baseline on the dataset's unsafe "
+                        "prompts (with --targets esd-u or esd-x; see `safetydpo erase`)")
+    p.add_argument("--esd-eta", type=float, default=1.0, help="esd: negative guidance eta (default 1)")
+    p.add_argument("--esd-sample-steps", type=int, default=50,
+                   help="esd: DDIM steps of the partial generation x_t comes from (default 50)")
+    p.add_argument("--esd-guidance", type=float, default=3.0, help="esd: its guidance scale (default 3)")
     p.add_argument("--beta", type=float, default=5000.0, help="DPO beta (default 5000, as the official code)")
     p.add_argument("--mapo-beta", type=float, default=0.1, help="MaPO beta (default 0.1)")
     p.add_argument("--sft-weight", type=float, default=0.0, help="weight of an extra SFT term on the safe image")
@@ -130,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     if mixed == "auto" and env.mixed_precision is not None:
         mixed = env.mixed_precision
     cfg = TrainConfig(category=args.category, steps=args.steps, rank=args.rank, alpha=args.alpha, targets=args.targets,
-                      objective=args.objective, beta=args.beta, mapo_beta=args.mapo_beta, sft_weight=args.sft_weight,
+                      objective=args.objective, esd_eta=args.esd_eta, esd_sample_steps=args.esd_sample_steps,
+                      esd_guidance=args.esd_guidance, beta=args.beta, mapo_beta=args.mapo_beta, sft_weight=args.sft_weight,
                       preserve_weight=args.preserve_weight, preserve_prompts=args.preserve_prompts,
                       condition=args.condition, lr=args.lr, optimizer=args.optimizer, lr_schedule=args.lr_schedule,
                       warmup_steps=args.warmup_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,

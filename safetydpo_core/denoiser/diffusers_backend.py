@@ -136,10 +136,22 @@ class DiffusersDenoiser:
         prompts = list(prompts)
         if not prompts:
             raise ConfigError("No prompts to encode.")
+        hidden, pooled = self._text_hidden(prompts)
+        tensors = {"encoder_hidden_states": hidden}
+        if self.is_sdxl:
+            h, w = size or (self.sample_size, self.sample_size)
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype, device=self.device).repeat(len(prompts), 1)
+            tensors["text_embeds"] = pooled.to(self.dtype)
+            tensors["time_ids"] = time_ids
+        return Conditioning(tensors)
+
+    def _text_hidden(self, prompts: list[str], length: int | None = None):
+        """The context ``[B, L, D]`` (every encoder's hidden states, concatenated) and the last encoder's pooled
+        output; ``length`` tokens per prompt (default: the tokenizer's window)."""
         hidden, pooled = [], None
         for i, (tok, enc) in enumerate(zip(self.parts.tokenizers, self.parts.text_encoders)):
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(self.device)
+            ids = tok(prompts, padding="max_length", max_length=min(length or tok.model_max_length, tok.model_max_length),
+                      truncation=True, return_tensors="pt").input_ids.to(self.device)
             if self.is_sdxl:
                 out = enc(ids, output_hidden_states=True)
                 hidden.append(out.hidden_states[-2])
@@ -147,13 +159,29 @@ class DiffusersDenoiser:
                     pooled = out[0]
             else:
                 hidden.append(enc(ids)[0])
-        tensors = {"encoder_hidden_states": torch.cat(hidden, dim=-1).to(self.dtype)}
-        if self.is_sdxl:
-            h, w = size or (self.sample_size, self.sample_size)
-            time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype, device=self.device).repeat(len(prompts), 1)
-            tensors["text_embeds"] = pooled.to(self.dtype)
-            tensors["time_ids"] = time_ids
-        return Conditioning(tensors)
+        return torch.cat(hidden, dim=-1).to(self.dtype), pooled
+
+    def prompt_token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Text tokens of each prompt in the first encoder's window (0: the tokenizer makes nothing of it)."""
+        if not self.parts.tokenizers:
+            raise ModelError("This model has no tokenizer; load it from a pipeline folder with its tokenizer.")
+        tok = self.parts.tokenizers[0]
+        special = set(tok.all_special_ids)
+        out = []
+        for p in prompts:
+            ids = tok(str(p), add_special_tokens=False).input_ids[: tok.model_max_length - 2]
+            out.append(len(ids) if any(i not in special for i in ids) else 0)
+        return out
+
+    @torch.no_grad()
+    def last_token_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The context at each prompt's last text token. CLIP's text encoders are causal, so the context up to
+        that token does not depend on what follows: the prompts are encoded only as long as the longest needs
+        (a few tokens for concept words instead of the full window), with the same result."""
+        prompts = list(prompts)
+        counts = self.prompt_token_counts(prompts)
+        hidden, _ = self._text_hidden(prompts, length=max(counts) + 2)
+        return torch.stack([hidden[i, n] for i, n in enumerate(counts)])
 
     # -- the forward process ------------------------------------------------------------------------
     def sample_timesteps(self, n: int, generator: torch.Generator, latent_shape=None,

@@ -13,6 +13,10 @@ this:
 * ``add_noise(x0, noise, t)`` and ``target(x0, noise, t)``: the forward process and what the prediction
   should equal (epsilon, v for v-prediction models, the velocity ``noise - x0`` for flow matching);
 * ``predict(x_t, t, cond)``: the network's prediction at timesteps ``t`` in ``[0, T)``;
+* ``eps_from_prediction(pred, x_t, t)``: the noise a prediction stands for (sampling loops of the core);
+* ``prompt_token_counts(prompts)`` and ``last_token_embeddings(prompts)``: the number of text tokens of each
+  prompt, and the cross-attention context (what the keys and values are computed from) of each prompt at its
+  last text token (concept erasure: :mod:`safetydpo_core.erase`);
 * ``sample(...)``, ``encode_images(...)``, ``decode_latents(...)``: rendering.
 
 Two kinds of schedule (``schedule``):
@@ -121,6 +125,20 @@ class Denoiser(Protocol):
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor: ...
+
+    def eps_from_prediction(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The epsilon that ``pred`` (the output of :meth:`predict` at ``x_t``, ``t``) stands for."""
+        ...
+
+    def prompt_token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Text tokens of each prompt within the encoder's window (start, end, padding and unknown tokens not
+        counted): 0 for a prompt the tokenizer turns into nothing."""
+        ...
+
+    def last_token_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``[B, D]``: the context the cross-attention layers see for each prompt, at its last text token
+        (position ``n`` of the context, the start token at position 0 for a prompt of no tokens)."""
+        ...
 
     def fingerprint(self) -> str: ...
 

@@ -72,10 +72,12 @@ def build_metadata(lora: LoraSet, extra: Mapping[str, object] | None = None) -> 
 
 def save_lora(lora: LoraSet, path: str | os.PathLike, names: UNetNames | None = None, fmt: str | None = None,
               naming: str | None = None, dtype: torch.dtype | None = None,
-              metadata: Mapping[str, object] | None = None) -> Path:
+              metadata: Mapping[str, object] | None = None, diff: bool = False) -> Path:
     """Write ``lora`` to ``path`` (``.safetensors``) atomically; returns the path.
 
     ``fmt``/``naming`` default to what kohya writes for the base model in ``ss_base_model_version``.
+    ``diff``: write each layer's update as full-rank ``.diff`` weights instead of LoRA factors
+    (:mod:`.keys`; ComfyUI and A1111 load them, diffusers' ``load_lora_weights`` does not).
     """
     p = Path(path)
     if p.suffix.lower() != ".safetensors":
@@ -89,8 +91,11 @@ def save_lora(lora: LoraSet, path: str | os.PathLike, names: UNetNames | None = 
     dfmt, dnaming = default_key_style(meta.get("ss_base_model_version", "sd_v1"))
     fmt = fmt or dfmt
     naming = {"comfy": "ldm", "peft": "diffusers"}.get(fmt) or naming or (dnaming if names is not None else lora.naming)
-    sd = to_state_dict(lora, fmt=fmt, naming=naming, names=names, dtype=dtype)
+    sd = to_state_dict(lora, fmt=fmt, naming=naming, names=names, dtype=dtype, diff=diff)
     meta["safetydpo_key_format"] = f"{fmt}/{naming}"
+    if diff:
+        meta["safetydpo_key_kind"] = "diff"
+        meta["ss_network_dim"] = "full"
     with atomic_path(p, "LoRA file") as tmp:
         save_file(sd, str(tmp), metadata=meta)
     return p

@@ -16,6 +16,12 @@ Written formats:
 
 Read formats: all of the above (peft files also with a ``base_model.model.`` prefix, scale 1 unless the file
 says otherwise). Text-encoder keys are reported and skipped.
+
+Full-rank difference weights: with ``diff=True`` a layer is written as one ``<prefix><path>.diff`` tensor of
+the weight's shape (the update ``scale * up @ down``), the key ComfyUI's LoRA loader (``comfy/lora.py``:
+``("diff", ...)`` patches) and A1111's ``network_full`` read. Reading a ``.diff`` layer gives an exact
+factorisation (one factor the update, the other an identity, rank ``min(out, in)``), so every tool of the
+pack handles such files; weight diffs of 1-D tensors (norms) and bias diffs are refused.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ KOHYA_PREFIX = "lora_unet_"
 COMFY_PREFIX = "diffusion_model."
 _TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.", "text_encoders.")
 
-_KOHYA_RE = re.compile(r"^lora_unet_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale|lora_mid\.weight)$")
+_KOHYA_RE = re.compile(r"^lora_unet_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale|lora_mid\.weight|diff|diff_b)$")
 _COMFY_RE = re.compile(r"^diffusion_model\.(.+?)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale|lora_mid\.weight|diff|diff_b)$")
 _PEFT_RE = re.compile(r"^(?:unet\.|transformer\.|base_model\.model\.)?(.+?)\.(lora_A|lora_B)(?:\.default)?\.weight$")
 
@@ -49,8 +55,10 @@ def default_key_style(base_model_version: str) -> tuple[str, str]:
 
 
 def to_state_dict(lora: LoraSet, fmt: str = "kohya", naming: str | None = None,
-                  names: UNetNames | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Flatten ``lora`` into ``fmt`` keys (``kohya`` or ``comfy``), converting the naming if needed."""
+                  names: UNetNames | None = None, dtype: torch.dtype | None = None,
+                  diff: bool = False) -> dict[str, torch.Tensor]:
+    """Flatten ``lora`` into ``fmt`` keys (``kohya`` or ``comfy``), converting the naming if needed; with
+    ``diff`` as full-rank ``.diff`` weights (see the module docstring)."""
     if fmt == "comfy":
         naming = "ldm"
     elif fmt == "peft":
@@ -61,6 +69,8 @@ def to_state_dict(lora: LoraSet, fmt: str = "kohya", naming: str | None = None,
             raise LoraError(f"Converting LoRA names from {lora.naming} to {naming} needs the model's layer names.")
         lora = names.convert_lora(lora, naming)
     if fmt == "peft":
+        if diff:
+            raise LoraError("Full-rank .diff weights have no diffusers/peft form; write them with fmt 'kohya' or 'comfy'.")
         return _to_peft(lora, "transformer." if hasattr(names, "family") else "unet.", dtype)
     prefix = {"kohya": KOHYA_PREFIX, "comfy": COMFY_PREFIX}.get(fmt)
     if prefix is None:
@@ -68,6 +78,10 @@ def to_state_dict(lora: LoraSet, fmt: str = "kohya", naming: str | None = None,
     sd: dict[str, torch.Tensor] = {}
     for name, layer in lora.items():
         base = prefix + (flat(name) if fmt == "kohya" else name)
+        if diff:
+            w = layer.delta(torch.float32).reshape(layer.weight_shape())
+            sd[f"{base}.diff"] = w.to(dtype or torch.float32).detach().contiguous().cpu()
+            continue
         down, up = layer.down, layer.up
         if dtype is not None:
             down, up = down.to(dtype), up.to(dtype)
@@ -87,6 +101,25 @@ def _to_peft(lora: LoraSet, prefix: str, dtype: torch.dtype | None) -> dict[str,
         sd[f"{prefix}{name}.lora_A.weight"] = down.detach().contiguous().cpu()
         sd[f"{prefix}{name}.lora_B.weight"] = up.detach().contiguous().cpu()
     return sd
+def exact_factors(diff: torch.Tensor, what: str = "diff") -> LoraLayer:
+    """A full weight difference ``[out, in]`` (or ``[out, in, kh, kw]``) as a LoRA layer with the same update
+    exactly: the smaller side becomes an identity factor (rank ``min(out, in*kh*kw)``, scale 1)."""
+    if diff.dim() not in (2, 4):
+        raise LoraError(f"{what}: a full difference of shape {tuple(diff.shape)} (a norm or bias) is not supported; "
+                        f"only linear and convolution weights can be read.")
+    d = diff.float() if diff.dtype not in (torch.float32, torch.float64) else diff
+    out, inner = d.shape[0], int(d[0].numel())
+    flat_d = d.reshape(out, inner)
+    if out <= inner:  # up = I (out x out), down = the difference
+        down = flat_d.reshape(d.shape) if d.dim() == 4 else flat_d
+        up = torch.eye(out, dtype=d.dtype)
+        up = up.reshape(out, out, 1, 1) if d.dim() == 4 else up
+        return LoraLayer(down.clone(), up, float(out))
+    down = torch.eye(inner, dtype=d.dtype)  # down = I (in x in), up = the difference
+    if d.dim() == 4:
+        down = down.reshape(inner, *d.shape[1:])
+        return LoraLayer(down, flat_d.reshape(out, inner, 1, 1).clone(), float(inner))
+    return LoraLayer(down, flat_d.clone(), float(inner))
 
 
 def detect_format(sd: Mapping[str, torch.Tensor]) -> str:
@@ -131,10 +164,21 @@ def from_state_dict(sd: Mapping[str, torch.Tensor], names: UNetNames | None = No
     namings = set()
     naming_of: dict[str, str] = {}
     for raw, p in parts.items():
+        if "diff" in p and set(p) == {"diff"}:
+            layer = exact_factors(p["diff"], f"{source}: layer {raw!r}")
+            name = raw
+            if fmt == "kohya":
+                if names is None:
+                    raise LoraError(f"{source}: kohya keys need the model's layer names to be read; load it with a model.")
+                layer_naming, name = names.resolve_flat(raw)
+                namings.add(layer_naming)
+                naming_of[name] = layer_naming
+            layers[name] = layer
+            continue
         extra = set(p) - {"lora_down.weight", "lora_up.weight", "alpha", "lora_A", "lora_B"}
         if extra:
             raise LoraError(f"{source}: layer {raw!r} uses {sorted(extra)}, which this pack does not support "
-                            f"(plain LoRA only: no DoRA, LoCon mid weights or full diffs).")
+                            f"(plain LoRA and full weight diffs only: no DoRA, LoCon mid weights or bias diffs).")
         if fmt == "peft":
             down, up = p.get("lora_A"), p.get("lora_B")
         else:

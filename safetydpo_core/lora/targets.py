@@ -8,12 +8,18 @@ to match something, as its suffixes cover several variants of a family (SD3.5-me
 
 The presets here are the UNets'; the flow-matching transformers have their own, with the same names
 (:data:`safetydpo_core.lora.transformer_names.PRESETS`), which their denoisers pass to :func:`select_layers`.
+
+The two ESD presets (Gandikota et al., ICCV 2023; see :mod:`..training.esd`) follow the official code's
+parameter choice: ``esd-x`` is every cross-attention projection (``attn2``), ``esd-u`` every linear and
+convolution layer *outside* cross-attention (self-attention, feed-forward, transformer projections,
+ResNet convolutions, time embedding, ``conv_in``/``conv_out``). ``esd-u`` is a rule over module names
+rather than a list of suffixes, so it works on diffusers and LDM (ComfyUI) names alike (UNets only).
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -24,6 +30,11 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "attn-cross": ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
     "attn+ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
     "transformer": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
+    "esd-x": ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
+}
+# presets chosen by a rule over module names (not suffixes)
+RULE_PRESETS: dict[str, Callable[[str], bool]] = {
+    "esd-u": lambda name: "attn2" not in name.split("."),  # every adaptable layer outside cross-attention
 }
 DEFAULT_TARGETS = "attn"
 _ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
@@ -62,6 +73,11 @@ def select_layers(modules: Mapping[str, torch.nn.Module], spec: str | Sequence[s
 
     Raises a :class:`ConfigError` that lists the suffixes that do exist when nothing matches.
     """
+    if isinstance(spec, str) and spec in RULE_PRESETS:
+        chosen = {n: m for n, m in modules.items() if n and isinstance(m, adaptable) and RULE_PRESETS[spec](n)}
+        if not chosen:
+            raise ConfigError(f"Target preset {spec!r} selects no layer of this model.")
+        return chosen
     suffixes = parse_targets(spec, presets)
     is_preset = isinstance(spec, str) and spec in presets or spec is None or spec == ""
     chosen = {n: m for n, m in modules.items() if isinstance(m, adaptable) and matches(n, suffixes)}
@@ -71,5 +87,5 @@ def select_layers(modules: Mapping[str, torch.nn.Module], spec: str | Sequence[s
                         for n, m in modules.items() if isinstance(m, adaptable)})
         what = missing if missing else list(suffixes)
         raise ConfigError(f"Target layers {what} do not exist in this model. Layers that can be adapted end in: "
-                          f"{', '.join(avail[:40])}{' ...' if len(avail) > 40 else ''}. Presets: {', '.join(presets)}.")
+                          f"{', '.join(avail[:40])}{' ...' if len(avail) > 40 else ''}. Presets: {', '.join([*presets, *RULE_PRESETS])}.")
     return chosen

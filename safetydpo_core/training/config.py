@@ -9,7 +9,7 @@ from typing import Any
 from ..categories import normalize_categories
 from ..errors import ConfigError
 
-OBJECTIVES = ("dpo", "mapo")
+OBJECTIVES = ("dpo", "mapo", "esd")
 CONDITIONS = ("unsafe", "safe", "both")
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "cosine")
@@ -49,17 +49,21 @@ class TrainConfig:
     checkpoint_every: int = 0                    # 0: only at the end / on interruption
     keep_checkpoints: int = 2
     timestep_range: tuple[int, int] | None = None
+    # ESD (objective "esd", training/esd.py): negative guidance eta, and the reference's partial generation
+    esd_eta: float = 1.0
+    esd_sample_steps: int = 50                   # DDIM steps of the generation that x_t is taken from
+    esd_guidance: float = 3.0                    # its classifier-free guidance scale
 
     def __post_init__(self) -> None:
         if self.category is not None and self.category != [] and self.category != "":
             self.category = normalize_categories(self.category)
         else:
             self.category = None
-        for name in ("steps", "rank", "batch_size", "grad_accum"):
+        for name in ("steps", "rank", "batch_size", "grad_accum", "esd_sample_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{name} must be a positive integer; got {v!r}.")
-        for name in ("lr", "beta", "mapo_beta", "mapo_snr"):
+        for name in ("lr", "beta", "mapo_beta", "mapo_snr", "esd_eta"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ConfigError(f"{name} must be a positive number; got {v!r}.")
@@ -70,6 +74,11 @@ class TrainConfig:
         if not isinstance(self.preserve_prompts, str) or not self.preserve_prompts.strip():
             raise ConfigError(f"preserve_prompts must name a preservation set (auto, others, neutral) or a prompts "
                               f"file; got {self.preserve_prompts!r}.")
+        if not (isinstance(self.esd_guidance, (int, float)) and math.isfinite(self.esd_guidance) and self.esd_guidance >= 1):
+            raise ConfigError(f"esd_guidance must be a number >= 1 (1: no classifier-free guidance); got {self.esd_guidance!r}.")
+        if self.objective == "esd" and self.preserve_weight:
+            raise ConfigError("preserve_weight does not apply to objective esd (ESD has no preference images to "
+                              "noise preservation prompts from); set it to 0.")
         if self.alpha is not None and not self.alpha > 0:
             raise ConfigError(f"alpha must be positive; got {self.alpha!r}.")
         if not 0 <= self.prompt_dropout < 1:

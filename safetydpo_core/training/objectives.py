@@ -9,6 +9,10 @@ the dispreferred (unsafe) image ``l`` of the same pairs, with the same noise and
   the official default only with this mean reduction.
 * :func:`mapo` is MaPO (Hong et al. 2024), reference-free, as in ``mapo-t2i/mapo`` ``compute_loss``.
 * An optional SFT term (mean error on the preferred image) can be added to either.
+* :func:`esd` is ESD (Gandikota et al., ICCV 2023), concept erasure without pairs: the adapted model's
+  prediction for the concept prompt is pulled to the reference's prediction guided *away* from it,
+  ``target = ref_uncond - eta * (ref_cond - ref_uncond)`` (the batch holds concept prompts only; see
+  :mod:`.esd` for where ``x_t`` comes from).
 """
 
 from __future__ import annotations
@@ -74,4 +78,30 @@ def mapo(model_pred: torch.Tensor, target: torch.Tensor, beta: float = 0.1, snr_
     with torch.no_grad():
         stats = {"implicit_acc": float((log_odds > 0).float().mean()), "margin": float((log_odds * num_train_timesteps).mean()),
                  "m_w": float(m_w.mean()), "m_l": float(m_l.mean()), "ratio": float(ratio.mean())}
+    return ObjectiveOutput(loss, stats)
+
+
+def esd_target(ref_cond: torch.Tensor, ref_uncond: torch.Tensor, eta: float) -> torch.Tensor:
+    """ESD's target ``ref_uncond - eta * (ref_cond - ref_uncond)`` (negative guidance away from the concept).
+
+    It is affine in the predictions with coefficients that sum to one (``1 + eta`` and ``-eta``), so it is the
+    same target whether the predictions are epsilon or v (see :mod:`.esd`).
+    """
+    return ref_uncond.float() - eta * (ref_cond.float() - ref_uncond.float())
+
+
+def esd(model_pred: torch.Tensor, ref_cond: torch.Tensor, ref_uncond: torch.Tensor, eta: float) -> ObjectiveOutput:
+    """ESD loss: mean squared error to :func:`esd_target` over every element (ESD's ``MSELoss``).
+
+    Stats: ``esd_gap`` (the loss itself), ``concept_shift`` (how far the adapted prediction moved from the
+    reference's for the concept) and ``guidance`` (the reference's conditional-unconditional gap, what the
+    target pushes against).
+    """
+    with torch.no_grad():
+        target = esd_target(ref_cond, ref_uncond, eta)
+    m = per_sample_mse(model_pred, target)
+    loss = m.mean()
+    with torch.no_grad():
+        stats = {"esd_gap": float(loss), "concept_shift": float(per_sample_mse(model_pred, ref_cond).mean()),
+                 "guidance": float(per_sample_mse(ref_cond, ref_uncond).mean())}
     return ObjectiveOutput(loss, stats)

@@ -246,6 +246,17 @@ class ExpertTrainer:
             pred = d.predict(x_t, t, cond)
         return objectives.per_sample_mse(pred, ref).mean()
 
+    def _micro_loss(self, adapter, order: PairOrder, step: int, micro: int) -> objectives.ObjectiveOutput:
+        """The objective of global micro-step ``micro`` of ``step``, with the output-preservation term when
+        ``preserve_weight`` is set (ESD replaces this: :mod:`.esd`)."""
+        w, l, noise, t, prompts, size = self._batch(order, step, micro)
+        out = self._loss(adapter, w, l, noise, t, self._encode(prompts, size))
+        if self.cfg.preserve_weight:
+            kept = self._preserve_loss(adapter, w, step, micro, size)
+            out.loss = out.loss + self.cfg.preserve_weight * kept
+            out.stats["preserve"] = float(kept.detach())
+        return out
+
     def _initial_lora(self, adapter) -> LoraSet:
         """Seeded initialisation (down ~ N(0, 1/r), up = 0, as the official code): the update starts at zero,
         so the policy equals the reference at step 0, and the run does not depend on global RNG state."""
@@ -399,12 +410,7 @@ class ExpertTrainer:
                 total, stats, bad_loss = 0.0, {}, None
                 for local in range(cfg.grad_accum):
                     micro = local * group.world_size + group.rank
-                    w, l, noise, t, prompts, size = self._batch(order, step, micro)
-                    out = self._loss(adapter, w, l, noise, t, self._encode(prompts, size))
-                    if cfg.preserve_weight:
-                        kept = self._preserve_loss(adapter, w, step, micro, size)
-                        out.loss = out.loss + cfg.preserve_weight * kept
-                        out.stats["preserve"] = float(kept.detach())
+                    out = self._micro_loss(adapter, order, step, micro)
                     if not torch.isfinite(out.loss):
                         bad_loss = float(out.loss.detach())
                         for k in out.stats:
@@ -507,11 +513,19 @@ def train_expert(denoiser, dataset: PreferenceDataset | str | os.PathLike, confi
                  group: ProcessGroup | None = None) -> TrainResult:
     """Train one safety expert on ``dataset`` (a folder or an open :class:`PreferenceDataset`).
 
+    With ``config.objective == "esd"`` the dataset's unsafe prompts are the concepts that ESD erases.
+
     ``group``: the processes of a data-parallel run (:mod:`.distributed`); default one process.
     """
     if not isinstance(dataset, PreferenceDataset):
         dataset = PreferenceDataset(dataset, categories=config.category, expect_fingerprint=denoiser.fingerprint(),
                                     on_mismatch="warn" if allow_model_mismatch else "error")
+    if config.objective == "esd":  # concept erasure: the dataset's unsafe prompts are the concepts (esd.py)
+        from .esd import ConceptPrompts, train_esd
+
+        return train_esd(denoiser, ConceptPrompts.from_dataset(dataset), config, checkpoint_dir=checkpoint_dir,
+                         metrics_path=metrics_path, resume=resume, progress=progress, should_stop=should_stop,
+                         init_lora=init_lora, group=group)
     trainer = ExpertTrainer(denoiser, dataset, config, checkpoint_dir=checkpoint_dir, metrics_path=metrics_path,
                             progress=progress, should_stop=should_stop, init_lora=init_lora, group=group)
     return trainer.run(resume=resume)
