@@ -414,3 +414,14 @@ def test_other_architectures_are_refused_clearly(tiny, tiny_sd15, tmp_path, flux
         train_expert(sd15, flux_data, TrainConfig(steps=1), allow_model_mismatch=True)
     with pytest.raises(ConfigError, match="not available for flow-matching"):
         flux.make_sampler("dpmpp_2m")
+
+
+@pytest.mark.parametrize("method", ["uce", "esd-x"])
+def test_erasure_baselines_refuse_flow_models_by_name(tiny, method):
+    from safetydpo_core.erase.api import EraseSettings, erase_concepts
+
+    flux = DiffusersDenoiser.from_pretrained(tiny("flux"))
+    with pytest.raises(ConfigError, match=f"{method}: the erasure baselines are defined on UNets.*SafetyDPO"):
+        erase_concepts(flux, EraseSettings(method=method, concepts="gun"))
+    with pytest.raises(ConfigError, match="no cross-attention"):
+        flux.last_token_embeddings(["a gun"])

@@ -239,6 +239,14 @@ class DiffusersFlowDenoiser:
         return x_t + (1 - s) * pred
 
     # -- images -------------------------------------------------------------------------------------
+    def prompt_token_counts(self, prompts: Sequence[str]) -> list[int]:
+        raise ConfigError("SD3 and Flux.1 have no cross-attention layers to edit (joint attention): UCE and the "
+                          "other erasure baselines run on UNets only.")
+
+    def last_token_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        raise ConfigError("SD3 and Flux.1 have no cross-attention context (joint attention): UCE and the other "
+                          "erasure baselines run on UNets only.")
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor * self.patch
         if height <= 0 or width <= 0 or height % f or width % f:

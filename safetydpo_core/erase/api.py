@@ -119,6 +119,10 @@ def erase_concepts(denoiser, settings: EraseSettings, *, checkpoint_dir: str | o
     """Run ``settings.method`` on ``denoiser``; ``progress(done, total, ...)`` and ``should_stop()`` as the
     trainer takes them (UCE reports per layer and is too short to stop)."""
     s = settings
+    if getattr(denoiser, "schedule", "discrete") == "flow":
+        raise ConfigError(f"{s.method}: the erasure baselines are defined on UNets (UCE edits cross-attention keys and "
+                          f"values, ESD guides an epsilon model); SD3 and Flux.1 have joint attention and a flow "
+                          f"schedule. Align these models with SafetyDPO (safetydpo train / the train node).")
     if s.method == "uce":
         from .uce import uce_edit
 
