@@ -82,8 +82,7 @@ class TrainExpert(Node):
               gradient_checkpointing, save_every, resume, allow_model_mismatch=False, preserve_weight=0.0,
               preserve_prompts="auto"):
         e = errors()
-        if not isinstance(dataset, dict) or "path" not in dataset:
-            raise e.DatasetError("dataset: expected a SAFETYDPO_DATASET from the render or load-dataset node.")
+        data_path = paths.dataset_folder(dataset, "dataset")
         if category not in category_choices():
             raise e.ConfigError(f"category must be one of {', '.join(category_choices())}; got {category!r}.")
         tr = core("training")
@@ -95,7 +94,7 @@ class TrainExpert(Node):
         model_fp = den.fingerprint()
         from .render_node import open_dataset
 
-        ds = open_dataset(dataset["path"], categories=cfg.category, expect_fingerprint=model_fp,
+        ds = open_dataset(data_path, categories=cfg.category, expect_fingerprint=model_fp,
                           on_mismatch="warn" if allow_model_mismatch else "error")
         keep = {k: v for k, v in cfg.to_dict().items() if k not in _FREE_KEYS}
         ckpt = checkpoint_dir(category, keep, ds.fingerprint(), model_fp)
