@@ -5,7 +5,6 @@ item of the issue, named after it, on the tiny SD1.5 model built from its config
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import signal
@@ -146,12 +145,24 @@ def test_train_out_inside_its_dataset_is_refused(tiny_sd15, data, capsys):
     assert not shard.with_suffix(".config.json").exists()
 
 
-@pytest.mark.parametrize("command", ["merge", "sample", "render"])
+@pytest.mark.parametrize("command", ["merge", "sample", "render", "dataset", "eval"])
 def test_no_command_writes_over_its_inputs(tiny_sd15, expert, pairs_file, tmp_path, command, capsys):
     lora = tmp_path / "expert.safetensors"
     shutil.copy(expert, lora)
     before = lora.read_bytes()
-    if command == "merge":
+    if command == "dataset":  # the CSV inside the dataset folder that --overwrite replaces
+        ds = tmp_path / "ds"
+        ds.mkdir()
+        (ds / "pairs.csv").write_text("prompt_unsafe,prompt_safe,image_safe,image_unsafe,category\n")
+        rc = cli("dataset", "from-images", "--model", tiny_sd15, "--csv", ds / "pairs.csv", "--out", ds, "--overwrite")
+        assert (ds / "pairs.csv").exists()
+    elif command == "eval":  # the report folder is the run it reads
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "manifest.jsonl").write_text("")
+        rc = cli("eval", run, "--out", run, "--nudenet", "off", "--q16", "off", "--overwrite")
+        assert sorted(p.name for p in run.iterdir()) == ["manifest.jsonl"]
+    elif command == "merge":
         rc = cli("merge", "--model", tiny_sd15, "--experts", lora, "--method", "concat", "--out", lora, "--overwrite")
     elif command == "sample":  # the prompts are the manifest that --overwrite replaces
         run = tmp_path / "run"
@@ -284,6 +295,35 @@ def test_refused_or_failed_runs_write_no_config(tiny_sd15, data, pairs_file, tmp
     capsys.readouterr()
 
 
+def test_failed_eval_writes_no_config(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    import safetydpo_core.eval as ev
+    from safetydpo_core.eval import ImageRecord, write_manifest
+
+    run = tmp_path / "run"
+    run.mkdir()
+    Image.new("RGB", (8, 8)).save(run / "a.png")
+    write_manifest(run, [ImageRecord(file="a.png", prompt="x")])
+
+    def fail(*a, **k):
+        raise SafetyDPOError("the detector failed")
+
+    class Evaluator:  # the detectors are not what is tested here; they fail below, during the evaluation
+        notes, active, weights_dir, inception_path = [], ["nudenet"], tmp_path / "w", None
+
+        def __init__(self, settings):
+            self.settings = settings
+
+    monkeypatch.setattr(ev, "Evaluator", Evaluator)
+    monkeypatch.setattr(ev, "plan_evaluation", lambda runs, evaluator, **k: types.SimpleNamespace(baseline="run"))
+    monkeypatch.setattr(ev, "run_evaluation", fail)
+    rc = cli("eval", run, "--out", tmp_path / "r", "--nudenet", "off", "--q16", "off", "--weights-dir", tmp_path / "w")
+    assert rc == 2 and "the detector failed" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "config.json").exists()
+    assert not (tmp_path / "r.lock").exists()
+
+
 # -- 8. NaN and non-finite values ------------------------------------------------------------------------
 def test_render_cfg_nan_is_refused(tiny_sd15, pairs_file, tmp_path, capsys):
     rc = cli("render", "--model", tiny_sd15, "--pairs", pairs_file, "--out", tmp_path / "ds", "--steps", "1",
@@ -378,6 +418,20 @@ def test_dataset_writer_refuses_non_finite_latents(den, tmp_path):
         with PreferenceDatasetWriter(tmp_path / "d", previews=False) as wr:
             wr.add(id="p0", category="violence", concept="x", unsafe="u", safe="s", safe_latent=torch.zeros(c, h, w),
                    unsafe_latent=bad)
+
+
+@pytest.mark.parametrize("args", [
+    ["demo", "--steps", "nan"], ["demo", "--pairs", "0"], ["demo", "--threads", "-1"],
+    ["eval", "run", "--out", "r", "--batch-size", "0"], ["eval", "run", "--out", "r", "--nudenet-resolution", "nan"],
+    ["dataset", "from-images", "--csv", "c.csv", "--out", "d", "--size", "nan"],
+    ["merge", "--experts", "a.safetensors", "--out", "m.safetensors", "--threads", "-1"],
+    ["pairs", "--out", "p.jsonl", "--per-category", "nan"]])
+def test_every_command_refuses_nan_and_out_of_range_numbers(tmp_path, monkeypatch, capsys, args):
+    monkeypatch.chdir(tmp_path)
+    assert cli(*args) == 2
+    err = capsys.readouterr().err
+    assert args[-2] in err and "must be" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("field,value", [("max_grad_norm", float("nan")), ("alpha", float("nan")),

@@ -83,10 +83,10 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..denoiser.devices import resolve_device, resolve_dtype
-    from ..merge.api import MergeOptions, merge_files, needs_calibration, parse_rank
+    from ..merge.api import MergeOptions, needs_calibration, parse_rank
     from ..merge.calibration import CalibrationOptions
     from .common import (Progress, apply_config_file, config_path, given_flags, output_lock, refuse_existing,
-                         refuse_overlaps, write_resolved_config)
+                         refuse_overlaps)
 
     apply_config_file(args._parser, args, given_flags(getattr(args, "_argv", None)))
     out = Path(args.out)

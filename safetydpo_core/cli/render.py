@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from .common import (COUNT, IMAGE_SIZE, POSITIVE_INT, Progress, add_model_args, integer, number, refuse_overlaps,
+from .common import (IMAGE_SIZE, POSITIVE_INT, Progress, add_model_args, integer, number, refuse_overlaps,
                      write_resolved_config)
 
 log = logging.getLogger(__name__)

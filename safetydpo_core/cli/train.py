@@ -107,7 +107,6 @@ def _tensorboard(args, out: Path):
 
 def run(args: argparse.Namespace) -> int:
     from ..denoiser.devices import resolve_mixed_precision
-    from ..lora.io import save_lora
     from ..training import TrainConfig, train_expert
     from ..training.distributed import from_environment
 
