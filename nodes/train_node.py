@@ -98,20 +98,22 @@ class TrainExpert(Node):
                           on_mismatch="warn" if allow_model_mismatch else "error")
         keep = {k: v for k, v in cfg.to_dict().items() if k not in _FREE_KEYS}
         ckpt = checkpoint_dir(category, keep, ds.fingerprint(), model_fp)
-        old = core("training.checkpoint").list_checkpoints(ckpt)
-        if resume and old and old[-1][0] > cfg.steps:
-            raise e.ConfigError(f"resume: {ckpt} already holds a checkpoint at step {old[-1][0]}, beyond steps={cfg.steps}. "
-                                f"Raise steps to continue that run, or turn resume off to train {cfg.steps} steps anew.")
-        if not resume:
-            for _, p in old:
-                p.unlink(missing_ok=True)
-            if old:
-                log.info("SafetyDPO: resume is off; removed %d old checkpoint(s) in %s", len(old), ckpt)
-        progress = live_view.train_progress(cfg.steps, category, comfy_progress(cfg.steps),
-                                            start=old[-1][0] if resume and old else 0)
-        with den.session():
-            result = tr.train_expert(den, ds, cfg, checkpoint_dir=ckpt, metrics_path=ckpt / "metrics", resume=bool(resume and old),
-                                     progress=progress, should_stop=comfy_stop)
+        # another ComfyUI (or a CLI run) training the same settings into this folder is refused, not mixed in
+        with core("utils.lock").output_lock(ckpt, what="training checkpoint folder"):
+            old = core("training.checkpoint").list_checkpoints(ckpt)
+            if resume and old and old[-1][0] > cfg.steps:
+                raise e.ConfigError(f"resume: {ckpt} already holds a checkpoint at step {old[-1][0]}, beyond steps={cfg.steps}. "
+                                    f"Raise steps to continue that run, or turn resume off to train {cfg.steps} steps anew.")
+            if not resume:
+                for _, p in old:
+                    p.unlink(missing_ok=True)
+                if old:
+                    log.info("SafetyDPO: resume is off; removed %d old checkpoint(s) in %s", len(old), ckpt)
+            progress = live_view.train_progress(cfg.steps, category, comfy_progress(cfg.steps),
+                                                start=old[-1][0] if resume and old else 0)
+            with den.session():
+                result = tr.train_expert(den, ds, cfg, checkpoint_dir=ckpt, metrics_path=ckpt / "metrics", resume=bool(resume and old),
+                                         progress=progress, should_stop=comfy_stop)
         live_view.train_done(result.steps, cfg.steps, category)
         lora = lora_model_from_set(result.lora)
         metrics = {"kind": "training", "category": category, "steps": result.steps, "history": list(result.history),

@@ -562,6 +562,27 @@ def test_evaluate_against_reference_images_preservation_and_fid(comfy_dirs):
         run("SafetyDPO_Evaluate", **{**args, "reference_images": torch.rand(3, 32, 32, 3)})
 
 
+def test_train_node_refuses_a_checkpoint_folder_another_run_is_using(comfy_dirs, sd15):
+    """Two ComfyUI servers (or a server and a script) sharing an output folder must not train the same
+    settings into one checkpoint folder at once: the second is refused, naming the lock."""
+    from safetydpo_core.utils.lock import OutputLock
+
+    pairs, _ = run("SafetyDPO_BuiltinPairs", categories="violence", pairs_per_category=2, seed=1)
+    dataset, _, _ = _render(sd15, pairs, "locked_ds", steps=1)
+    _, metrics, _ = _train(sd15, dataset, "violence", steps=1)
+    ckpt = Path(metrics["checkpoint_dir"])
+    before = sorted(p.name for p in ckpt.iterdir())
+    other = OutputLock(ckpt, "training checkpoint folder").acquire()  # held by "another run"
+    try:
+        with pytest.raises(core_errors().OutputLocked, match=r"\.lock"):
+            _train(sd15, dataset, "violence", steps=2)
+        assert sorted(p.name for p in ckpt.iterdir()) == before  # nothing was written into it
+    finally:
+        other.release()
+    _, metrics, _ = _train(sd15, dataset, "violence", steps=2)  # once it is free, the run resumes
+    assert metrics["steps"] == 2 and not Path(str(ckpt) + ".lock").exists()
+
+
 def test_evaluate_without_nudenet_says_what_to_install(comfy_dirs, monkeypatch):
     monkeypatch.setitem(sys.modules, "nudenet", None)  # as if the [eval] extra were not installed
     with pytest.raises(core_errors().SafetyDPOError, match="pip install .*nudenet"):
