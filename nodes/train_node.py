@@ -83,6 +83,10 @@ class TrainExpert(Node):
               preserve_prompts="auto"):
         e = errors()
         data_path = paths.dataset_folder(dataset, "dataset")
+        sets = core("training.preservation").PRESERVE_SETS
+        if preserve_prompts not in sets:  # a prompt sent through the API could name any file here
+            raise e.ConfigError(f"preserve_prompts must be one of {', '.join(sets)}; got {preserve_prompts!r}. "
+                                f"(A prompts file is for the command line's --preserve-prompts.)")
         if category not in category_choices():
             raise e.ConfigError(f"category must be one of {', '.join(category_choices())}; got {category!r}.")
         tr = core("training")

@@ -522,6 +522,8 @@ def test_dataset_input_outside_the_pack_output_folder_is_refused(comfy_dirs, sd1
         with pytest.raises(errs.ConfigError, match="dataset"):
             run("SafetyDPO_CoMerge", model=mp, clip=clip, method="comerge", rank=0, calibration_inputs=1,
                 calibration_size=64, prompt_field="unsafe", seed=0, dataset=value)
+    with pytest.raises(errs.ConfigError, match="preserve_prompts"):  # nor a file named as preservation prompts
+        _train(sd15, dataset, "violence", steps=1, preserve_prompts=str(outside / "manifest.jsonl"))
     lora, metrics, _ = _train(sd15, dataset, "violence", steps=1)  # the rendered dataset itself is fine
     assert metrics["steps"] == 1
 
