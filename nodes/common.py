@@ -53,9 +53,50 @@ def category_choices(with_all: bool = True) -> list[str]:
 
 
 class Node:
-    """Shared class attributes of the pack's V1 nodes."""
+    """Shared class attributes of the pack's V1 nodes.
+
+    Every subclass's FUNCTION checks its INT and FLOAT inputs first, against the range its ``INPUT_TYPES``
+    declares, with the core's one number validator (:func:`safetydpo_core.utils.numbers.check_number`):
+    ComfyUI's own min/max check lets NaN through (every comparison with NaN is false), and a prompt sent
+    through the API can carry any number.
+    """
 
     CATEGORY = CATEGORY
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        name = cls.__dict__.get("FUNCTION") or getattr(cls, "FUNCTION", None)
+        fn = cls.__dict__.get(name) if name else None
+        if fn is None or getattr(fn, "_checks_numbers", False):
+            return
+        import functools
+
+        @functools.wraps(fn)
+        def checked(self, *args, **kwargs):
+            check_numeric_inputs(type(self), kwargs)
+            return fn(self, *args, **kwargs)
+
+        checked._checks_numbers = True
+        setattr(cls, name, checked)
+
+
+def numeric_specs(cls) -> dict:
+    """``{input name: (type, options)}`` of the INT and FLOAT inputs a node declares."""
+    spec = cls.INPUT_TYPES()
+    out = {}
+    for group in ("required", "optional"):
+        for k, v in (spec.get(group) or {}).items():
+            if isinstance(v, tuple) and v and v[0] in ("INT", "FLOAT"):
+                out[k] = (v[0], v[1] if len(v) > 1 and isinstance(v[1], dict) else {})
+    return out
+
+
+def check_numeric_inputs(cls, inputs: Mapping[str, Any]) -> None:
+    """Refuse a NaN, infinite, non-numeric or out-of-range value of any INT/FLOAT input, naming the input."""
+    check = core("utils.numbers").check_number
+    for name, (typ, opts) in numeric_specs(cls).items():
+        if name in inputs and inputs[name] is not None:
+            inputs[name] = check(inputs[name], name, opts.get("min"), opts.get("max"), integer=typ == "INT")
 
 
 # -- images ---------------------------------------------------------------------------------------------
@@ -103,6 +144,7 @@ def lora_set_from_input(lora: Mapping, what: str, names=None):
         raise e.LoraError(f"{what}: expected a LORA_MODEL (a dict of tensors) with at least one layer.")
     from .comfy_lora_adapter import lora_from_comfy
 
+    core("utils.numbers").check_finite_tensors(lora, f"{what} (a LORA_MODEL)", e.LoraError)
     try:
         return lora_from_comfy(lora, names=names, metadata=metadata_of(lora), source=what)
     except e.SafetyDPOError as err:
@@ -135,6 +177,7 @@ def apply_lora(model, lora: Mapping, strength: float, what: str):
 
     if not isinstance(lora, Mapping) or not lora:
         raise errors().LoraError(f"{what}: expected a LORA_MODEL (a dict of tensors) with at least one layer.")
+    core("utils.numbers").check_finite_tensors(lora, f"{what} (a LORA_MODEL)", errors().LoraError)
     te = [k for k in lora if k.startswith(_TE_PREFIXES)]
     if te:
         logging.getLogger(__name__).warning("%s: %d text-encoder keys are not applied (UNet only); use core Load LoRA "

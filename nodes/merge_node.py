@@ -8,7 +8,7 @@ with the chosen method; the merged LoRA and the merge report come out.
 
 from __future__ import annotations
 
-from . import live_view
+from . import live_view, paths
 from ._core import core, errors
 from .common import (COMBO, GUIDANCE, INT, SEED, SOCKET, Node, comfy_progress, comfy_stop, denoiser,
                      lora_model_from_set, lora_set_from_input)
@@ -66,6 +66,7 @@ class CoMerge(Node):
               dataset=None, experts=None, guidance=None, **slots):
         e = errors()
         merge = core("merge")
+        data_path = paths.dataset_folder(dataset, "dataset") if dataset is not None else None
         if method not in merge.METHODS:
             raise e.ConfigError(f"method must be one of {', '.join(merge.METHODS)}; got {method!r}.")
         if rank and method in ("comerge", "concat"):
@@ -92,11 +93,9 @@ class CoMerge(Node):
                                              size=int(calibration_size) or None,
                                              rank_stats="none" if method == "comerge-delta" else "experts")
             inputs = prompts = None
-            if dataset is not None:
-                if not isinstance(dataset, dict) or "path" not in dataset:
-                    raise e.DatasetError("dataset: expected a SAFETYDPO_DATASET from the render or load-dataset node.")
+            if data_path is not None:
                 copts.size = None
-                inputs = merge.dataset_inputs(dataset["path"], cats, copts.num_inputs, copts.seed)
+                inputs = merge.dataset_inputs(data_path, cats, copts.num_inputs, copts.seed)
             elif pairs:
                 rows = [p.to_dict() for p in pairs]
                 prompts = merge.calibration_prompts(rows, cats, copts.num_inputs, copts.seed, prompt_field,

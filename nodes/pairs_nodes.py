@@ -110,11 +110,26 @@ def check_env_name(name: str) -> str:
     return name
 
 
+def pack_user_configs() -> list[Path]:
+    """The pack's user config file inside ComfyUI: ``<ComfyUI>/user/__safetydpo/config.json`` (a system-user
+    folder, which ComfyUI's HTTP API does not serve or write), read besides ``$SAFETYDPO_CONFIG`` /
+    ``~/.config/safetydpo/config.json``. See :mod:`safetydpo_core.prompts.endpoint_policy`."""
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    getter = getattr(folder_paths, "get_system_user_directory", None)
+    folder = getter("safetydpo") if getter else os.path.join(folder_paths.get_user_directory(), "__safetydpo")
+    return [Path(folder) / "config.json"]
+
+
 class LLMPairs(Node):
     DESCRIPTION = ("Writes unsafe/safe prompt pairs with a language model: a GGUF file or transformers folder in "
                    "ComfyUI's models/LLM, or any OpenAI-compatible endpoint (Ollama, llama.cpp server, vLLM, hosted "
                    "APIs). Every answer passes the same checks as the built-in writer; rejects are in the report. "
-                   "The API key is read from the environment variable you name, never typed into the graph.")
+                   "The API key is read from the environment variable you name, never typed into the graph; only "
+                   "variables named *_API_KEY and endpoints on this machine are used unless you allow others in "
+                   "ComfyUI/user/__safetydpo/config.json (see the README).")
     RETURN_TYPES = (PAIRS, "STRING")
     RETURN_NAMES = ("pairs", "report")
     OUTPUT_TOOLTIPS = ("The prompt pairs that passed the checks.", "Accepted and rejected answers per category.")
@@ -128,10 +143,12 @@ class LLMPairs(Node):
             "llm_model": COMBO(models, "Local model: a .gguf file (needs `pip install gguf`) or a transformers model "
                                        "folder in ComfyUI's models/LLM. Ignored for an endpoint."),
             "endpoint_url": STRING("http://127.0.0.1:11434/v1", "Endpoint: base URL of an OpenAI-compatible server "
-                                   "(/chat/completions is appended). Ignored for a local model."),
+                                   "(/chat/completions is appended). Only servers on this machine, unless you allow "
+                                   "the host in ComfyUI/user/__safetydpo/config.json. Ignored for a local model."),
             "endpoint_model": STRING("", "Endpoint: the model name the server knows (e.g. llama3.1:8b)."),
             "api_key_env": STRING("OPENAI_API_KEY", "Endpoint: the NAME of the environment variable holding the API "
-                                  "key (leave it unset in the environment for local servers). Never the key itself."),
+                                  "key (leave it unset in the environment for local servers). Never the key itself; a name ending in _API_KEY, "
+                                  "or one allowed in ComfyUI/user/__safetydpo/config.json."),
             "categories": STRING("all", _CATEGORIES_TIP),
             "pairs_per_category": INT(8, 1, 10000, "How many accepted pairs to make for each category."),
             "seed": SEED("Seed of the sampling and of the concept order."),
@@ -159,9 +176,10 @@ class LLMPairs(Node):
         if source == SOURCES[1]:
             if not re.match(r"^https?://", endpoint_url.strip(), re.IGNORECASE):
                 raise e.ConfigError(f"endpoint_url {endpoint_url!r} is not an http(s) URL.")
+            # what may be sent where is the user's decision, outside the graph (no remote switch here)
             backend = writer_mod.make_backend(endpoint_url.strip(), endpoint_model.strip() or None,
                                               api_key_env=check_env_name(api_key_env) or None,
-                                              concurrency=int(batch_size))
+                                              concurrency=int(batch_size), extra_configs=pack_user_configs())
         elif source == SOURCES[0]:
             path = resolve_llm(llm_model)
             dev = "cpu"

@@ -8,7 +8,8 @@ is meant for. Anything else is refused with an error that names the input.
 Where files go (all under ComfyUI's folders, created on first use):
 
 * prompt pairs: ``<output>/safetydpo/pairs/`` (save node); read from ``<input>/`` or that folder;
-* preference datasets: ``<output>/safetydpo/datasets/<name>/``;
+* preference datasets: ``<output>/safetydpo/datasets/<name>/`` (a ``SAFETYDPO_DATASET`` input is read only
+  from there, see :func:`dataset_folder`);
 * training checkpoints and metric logs: ``<output>/safetydpo/checkpoints/<category>-<settings hash>/``;
 * LoRA files: the first ``loras`` folder (``models/loras``), else ``<output>/loras``;
 * local LLMs: ``models/LLM`` (registered with ComfyUI's ``folder_paths`` on first use);
@@ -125,6 +126,28 @@ def loras_dir() -> Path:
         if os.access(d, os.W_OK | os.X_OK):
             return d
     raise errors().SafetyDPOError(f"No LoRA folder can be written: tried {', '.join(map(str, candidates))}.")
+
+
+def datasets_root(create: bool = True) -> Path:
+    """``<output>/safetydpo/datasets``: the only place a ``SAFETYDPO_DATASET`` may point to."""
+    return pack_output("datasets") if create else output_dir() / PACK_DIR / "datasets"
+
+
+def dataset_folder(value, what: str = "dataset") -> Path:
+    """The folder of a ``SAFETYDPO_DATASET`` input, refused unless it resolves (links followed) inside
+    ``<output>/safetydpo/datasets``, whatever made the value: the render and load nodes make such dicts, but a
+    prompt sent through ComfyUI's API can hand any literal ``{"path": ...}`` to a node."""
+    path = value.get("path") if isinstance(value, dict) else None
+    if not isinstance(path, str) or not path.strip():
+        raise _error(f"{what}: expected a SAFETYDPO_DATASET from the render or load-dataset node (a dataset folder "
+                     f"under output/{PACK_DIR}/datasets).")
+    root = output_dir() / PACK_DIR / "datasets"
+    try:
+        return inside(root, path, what)
+    except errors().ConfigError:
+        raise _error(f"{what}: the dataset path {path!r} is not inside {os.path.realpath(root)}. Datasets are read "
+                     f"only from there: render the dataset with the render node, or put it in that folder and pick it "
+                     f"with the load-dataset node.") from None
 
 
 def register_model_folder(name: str) -> list[Path]:

@@ -43,7 +43,7 @@ def schedulers() -> list[str]:
 
 
 def datasets_root(create: bool = True) -> Path:
-    return paths.pack_output("datasets") if create else paths.output_dir() / paths.PACK_DIR / "datasets"
+    return paths.datasets_root(create)
 
 
 def open_dataset(path, **kw):
@@ -144,22 +144,24 @@ class RenderPairs(Node):
         settings = render.RenderSettings(height=int(height) or None, width=int(width) or None, steps=int(steps),
                                          cfg=float(cfg), sampler=sampler_name, scheduler=scheduler, seed=int(seed),
                                          negative=negative, batch_pairs=int(batch_pairs))
-        out.mkdir(parents=True, exist_ok=True)
+        summary = render.render_pairs(den, list(pairs), out, settings, resume=if_exists == "resume",
+                                      overwrite=if_exists == "overwrite", progress=comfy_progress(len(pairs)),
+                                      should_stop=comfy_stop)
+        # the configuration is written with the result, never before (a refused or failed render leaves it)
         config = {"command": "render", "source": "ComfyUI SafetyDPO_RenderPairs", "model": den.fingerprint(),
                   "pairs": f"{len(pairs)} pairs from the graph", "if_exists": if_exists, "guidance": den.guidance,
                   **vars(settings)}
         core("utils.atomic").atomic_write_text(out / "config.json", json.dumps(config, indent=1, default=str) + "\n",
                                                "configuration file")
-        summary = render.render_pairs(den, list(pairs), out, settings, resume=if_exists == "resume",
-                                      overwrite=if_exists == "overwrite", progress=comfy_progress(len(pairs)),
-                                      should_stop=comfy_stop)
         info = dataset_info(out)
         return (info, previews(out, [p.id for p in pairs]), json.dumps(summary.to_json(), indent=1))
 
 
 def dataset_folders() -> list[str]:
     root = datasets_root(create=False)  # listing creates nothing (INPUT_TYPES runs on every /object_info)
-    return sorted(d.name for d in root.iterdir() if (d / "manifest.jsonl").is_file()) if root.is_dir() else []
+    # (hidden folders are a replacement being rendered, ``.<name>.new``, or the old copy during the swap)
+    return sorted(d.name for d in root.iterdir()
+                  if not d.name.startswith(".") and (d / "manifest.jsonl").is_file()) if root.is_dir() else []
 
 
 class LoadDataset(Node):

@@ -91,8 +91,11 @@ class TrainExpert(Node):
               gradient_checkpointing, save_every, resume, allow_model_mismatch=False, preserve_weight=0.0,
               preserve_prompts="auto", objective="dpo", esd_eta=1.0, guidance=None):
         e = errors()
-        if not isinstance(dataset, dict) or "path" not in dataset:
-            raise e.DatasetError("dataset: expected a SAFETYDPO_DATASET from the render or load-dataset node.")
+        data_path = paths.dataset_folder(dataset, "dataset")
+        sets = core("training.preservation").PRESERVE_SETS
+        if preserve_prompts not in sets:  # a prompt sent through the API could name any file here
+            raise e.ConfigError(f"preserve_prompts must be one of {', '.join(sets)}; got {preserve_prompts!r}. "
+                                f"(A prompts file is for the command line's --preserve-prompts.)")
         if category not in category_choices():
             raise e.ConfigError(f"category must be one of {', '.join(category_choices())}; got {category!r}.")
         if objective not in OBJECTIVES:
@@ -108,26 +111,28 @@ class TrainExpert(Node):
         model_fp = den.fingerprint()
         from .render_node import open_dataset
 
-        ds = open_dataset(dataset["path"], categories=cfg.category, expect_fingerprint=model_fp,
+        ds = open_dataset(data_path, categories=cfg.category, expect_fingerprint=model_fp,
                           on_mismatch="warn" if allow_model_mismatch else "error")
         keep = {k: v for k, v in cfg.to_dict().items() if k not in _FREE_KEYS}
         if den.guidance is not None:
             keep["guidance"] = den.guidance
         ckpt = checkpoint_dir(category, keep, ds.fingerprint(), model_fp)
-        old = core("training.checkpoint").list_checkpoints(ckpt)
-        if resume and old and old[-1][0] > cfg.steps:
-            raise e.ConfigError(f"resume: {ckpt} already holds a checkpoint at step {old[-1][0]}, beyond steps={cfg.steps}. "
-                                f"Raise steps to continue that run, or turn resume off to train {cfg.steps} steps anew.")
-        if not resume:
-            for _, p in old:
-                p.unlink(missing_ok=True)
-            if old:
-                log.info("SafetyDPO: resume is off; removed %d old checkpoint(s) in %s", len(old), ckpt)
-        progress = live_view.train_progress(cfg.steps, category, comfy_progress(cfg.steps),
-                                            start=old[-1][0] if resume and old else 0)
-        with den.session():
-            result = tr.train_expert(den, ds, cfg, checkpoint_dir=ckpt, metrics_path=ckpt / "metrics", resume=bool(resume and old),
-                                     progress=progress, should_stop=comfy_stop)
+        # another ComfyUI (or a CLI run) training the same settings into this folder is refused, not mixed in
+        with core("utils.lock").output_lock(ckpt, what="training checkpoint folder"):
+            old = core("training.checkpoint").list_checkpoints(ckpt)
+            if resume and old and old[-1][0] > cfg.steps:
+                raise e.ConfigError(f"resume: {ckpt} already holds a checkpoint at step {old[-1][0]}, beyond steps={cfg.steps}. "
+                                    f"Raise steps to continue that run, or turn resume off to train {cfg.steps} steps anew.")
+            if not resume:
+                for _, p in old:
+                    p.unlink(missing_ok=True)
+                if old:
+                    log.info("SafetyDPO: resume is off; removed %d old checkpoint(s) in %s", len(old), ckpt)
+            progress = live_view.train_progress(cfg.steps, category, comfy_progress(cfg.steps),
+                                                start=old[-1][0] if resume and old else 0)
+            with den.session():
+                result = tr.train_expert(den, ds, cfg, checkpoint_dir=ckpt, metrics_path=ckpt / "metrics", resume=bool(resume and old),
+                                         progress=progress, should_stop=comfy_stop)
         live_view.train_done(result.steps, cfg.steps, category)
         lora = lora_model_from_set(result.lora)
         metrics = {"kind": "training", "category": category, "steps": result.steps, "history": list(result.history),

@@ -32,3 +32,11 @@ class TrainingDiverged(SafetyDPOError):
 
 class Interrupted(SafetyDPOError):
     """Long work was cancelled by the user; a checkpoint was kept where one was configured."""
+
+
+class DiskFullError(SafetyDPOError):
+    """An output could not be written because the disk (or the user's quota) is full; nothing was replaced."""
+
+
+class OutputLocked(SafetyDPOError):
+    """Another run is writing the same output right now; the message names the lock file and its holder."""

@@ -51,10 +51,15 @@ class SampleSettings:
     row_size: bool = False             # honour the rows' sd_image_width/height
 
     def __post_init__(self) -> None:
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ConfigError("steps and batch_size must be positive.")
-        if self.cfg < 0:
-            raise ConfigError(f"The guidance scale must be >= 0; got {self.cfg}.")
+        from .data.render import MAX_SIZE
+        from .utils.numbers import check_number, check_optional
+
+        self.steps = check_number(self.steps, "steps", 1, 10000, integer=True)
+        self.batch_size = check_number(self.batch_size, "batch_size", 1, 1024, integer=True)
+        self.cfg = check_number(self.cfg, "cfg (the guidance scale)", 0, 100)
+        self.seed = check_number(self.seed, "seed", integer=True)
+        self.height = check_optional(self.height or None, "height (image size)", 8, MAX_SIZE, integer=True)
+        self.width = check_optional(self.width or None, "width (image size)", 8, MAX_SIZE, integer=True)
 
 
 @dataclasses.dataclass
@@ -147,12 +152,16 @@ def sample_prompts(denoiser, prompts: Sequence[EvalPrompt], out: str | os.PathLi
     s = settings or SampleSettings()
     if not prompts:
         raise DatasetError("No prompts to sample.")
-    strengths = list(dict.fromkeys(float(x) for x in strengths)) or [1.0]
+    from .utils.numbers import check_number
+
+    strengths = list(dict.fromkeys(check_number(x, "strength", -100, 100) for x in strengths)) or [1.0]
     if lora is None and any(x != 0 for x in strengths):
         strengths = [0.0]
     if resume and overwrite:
         raise ConfigError("Choose either resume (continue the run) or overwrite (start it anew), not both.")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SafetyDPOError(f"The output {out} is a file; an image run is a folder. Choose another path.")
     lora_meta = None if lora is None else {"name": lora_name, "layers": len(lora),
                                            "fingerprint": _lora_fingerprint(lora)}
     state = _state(denoiser, s, lora_meta)
@@ -198,6 +207,7 @@ def sample_prompts(denoiser, prompts: Sequence[EvalPrompt], out: str | os.PathLi
         groups: dict[tuple, list[EvalPrompt]] = {}
         for p in todo:
             g = p.guidance if (s.row_guidance and p.guidance is not None) else s.cfg
+            g = check_number(g, f"The guidance scale of prompt {p.id!r}", 0, 100)
             groups.setdefault((float(g), *size_of(p)), []).append(p)
         applied = [(lora, strength)] if lora is not None and strength != 0 else []
         with lora_applied(denoiser.module, applied):

@@ -47,9 +47,10 @@ def test_train_from_a_config_file(tiny_sd15, data, tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--rank", "0"], "rank must be a positive integer"),
-    (["--lr", "0"], "lr must be a positive number"),
-    (["--beta", "-1"], "beta must be a positive number"),
+    (["--rank", "0"], "--rank: must be an integer >= 1"),
+    (["--lr", "0"], "--lr: must be a finite number > 0"),
+    (["--beta", "-1"], "--beta: must be a finite number > 0"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm: must be a finite number >= 0; got nan"),
     (["--category", "hate"], "no pairs for hate"),
     (["--targets", "nothing_here"], "do not exist in this model")])
 def test_train_errors(tiny_sd15, data, tmp_path, capsys, extra, message):

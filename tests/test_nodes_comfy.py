@@ -220,13 +220,37 @@ def test_llm_pairs_node_endpoint_and_models_folder(comfy_dirs, monkeypatch):
     assert cls.VALIDATE_INPUTS(source="endpoint", llm_model="gone.gguf") is True
     assert "not in models/LLM" in cls.VALIDATE_INPUTS(source="local model (models/LLM)", llm_model="gone.gguf")
     assert isinstance(cls.VALIDATE_INPUTS(source="local model (models/LLM)", llm_model="../outside.gguf"), str)
-    monkeypatch.setenv("SAFETYDPO_TEST_KEY", "sk-secret-123")
+    monkeypatch.setenv("SAFETYDPO_TEST_API_KEY", "sk-secret-123")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-456")
+    monkeypatch.setenv("SAFETYDPO_CONFIG", str(comfy_dirs / "no-user-config.json"))
     common = dict(source="endpoint", llm_model="tiny.gguf", endpoint_model="test-model", categories="violence",
                   pairs_per_category=2, seed=1, temperature=0.0, max_new_tokens=64, batch_size=2, device="cpu")
     with _ChatServer() as server:
-        pairs, report = run("SafetyDPO_LLMPairs", endpoint_url=server.url, api_key_env="SAFETYDPO_TEST_KEY", **common)
+        pairs, report = run("SafetyDPO_LLMPairs", endpoint_url=server.url, api_key_env="SAFETYDPO_TEST_API_KEY",
+                            **common)
         with pytest.raises(core_errors().ConfigError, match="NAME of an environment variable"):
             run("SafetyDPO_LLMPairs", endpoint_url=server.url, api_key_env="sk-secret-123", **common)
+        # a shared graph can neither name another secret nor send anything to a remote address
+        n = len(server.headers)
+        with pytest.raises(core_errors().ConfigError, match="_API_KEY"):
+            run("SafetyDPO_LLMPairs", endpoint_url=server.url, api_key_env="AWS_SECRET_ACCESS_KEY", **common)
+        for remote in ("http://10.0.0.5:8000/v1", "http://169.254.169.254/latest", "https://example.com/v1"):
+            with pytest.raises(core_errors().ConfigError, match="allowed_endpoints"):
+                run("SafetyDPO_LLMPairs", endpoint_url=remote, api_key_env="SAFETYDPO_TEST_API_KEY", **common)
+        assert len(server.headers) == n
+        # the user allows another variable in the pack's config file in ComfyUI's user folder (not reachable
+        # through the HTTP API), outside the graph
+        user = folder_paths.get_user_directory()
+        folder_paths.set_user_directory(str(comfy_dirs / "user"))
+        try:
+            cfg = comfy_dirs / "user" / "__safetydpo" / "config.json"
+            cfg.parent.mkdir(parents=True)
+            cfg.write_text(json.dumps({"allowed_api_key_envs": ["AWS_SECRET_ACCESS_KEY"]}))
+            more, _ = run("SafetyDPO_LLMPairs", endpoint_url=server.url, api_key_env="AWS_SECRET_ACCESS_KEY", **common)
+        finally:
+            folder_paths.set_user_directory(user)
+        assert len(more) == 2 and all(h.get("Authorization") == "Bearer aws-secret-456" for h in server.headers[n:])
+        del server.headers[n:]
     assert len(pairs) == 2 and all(p.source.startswith("llm:") and "violence" in p.category for p in pairs)
     assert server.headers and all(h.get("Authorization") == "Bearer sk-secret-123" for h in server.headers)
     assert "sk-secret" not in report
@@ -555,7 +579,36 @@ def test_bad_files_and_names_are_refused_with_the_file_and_reason(comfy_dirs, sd
     with pytest.raises(errs.DatasetError, match=r"broken.dataset\.json is not valid JSON"):
         run("SafetyDPO_LoadDataset", dataset="broken")
     with pytest.raises(errs.DatasetError, match="does not exist"):
-        _train(sd15, {"path": str(comfy_dirs / "nowhere")}, "violence")
+        _train(sd15, {"path": str(comfy_dirs / "output" / "safetydpo" / "datasets" / "nowhere")}, "violence")
+
+
+def test_dataset_input_outside_the_pack_output_folder_is_refused(comfy_dirs, sd15, tmp_path):
+    """Through ComfyUI's API a prompt can hand the train and merge nodes a literal {"path": ...} dict: any path
+    must still resolve inside output/safetydpo/datasets (links resolved)."""
+    import os
+    import shutil
+
+    mp, clip, _ = sd15
+    errs = core_errors()
+    pairs, _ = run("SafetyDPO_BuiltinPairs", categories="violence", pairs_per_category=2, seed=1)
+    dataset, _, _ = _render(sd15, pairs, "inside_ds", steps=1)
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(dataset["path"], outside)
+    link = comfy_dirs / "output" / "safetydpo" / "datasets" / "link_out"
+    os.symlink(outside, link)
+    bad = [{**dataset, "path": str(outside)}, {**dataset, "path": str(link)},
+           {**dataset, "path": str(comfy_dirs / "output" / "safetydpo" / "datasets" / ".." / ".." / "..")},
+           {**dataset, "path": 5}, {"pairs": 2}, "/etc"]
+    for value in bad:
+        with pytest.raises(errs.ConfigError, match="dataset"):
+            _train(sd15, value, "violence", steps=1)
+        with pytest.raises(errs.ConfigError, match="dataset"):
+            run("SafetyDPO_CoMerge", model=mp, clip=clip, method="comerge", rank=0, calibration_inputs=1,
+                calibration_size=64, prompt_field="unsafe", seed=0, dataset=value)
+    with pytest.raises(errs.ConfigError, match="preserve_prompts"):  # nor a file named as preservation prompts
+        _train(sd15, dataset, "violence", steps=1, preserve_prompts=str(outside / "manifest.jsonl"))
+    lora, metrics, _ = _train(sd15, dataset, "violence", steps=1)  # the rendered dataset itself is fine
+    assert metrics["steps"] == 1
 
 
 def test_evaluate_against_reference_images_preservation_and_fid(comfy_dirs):
@@ -592,6 +645,27 @@ def test_evaluate_against_reference_images_preservation_and_fid(comfy_dirs):
     assert ssim1 == pytest.approx(1.0) and psnr1 == math.inf and fid0 == pytest.approx(0, abs=1e-6)
     with pytest.raises(core_errors().DatasetError, match=r"images\[0\] \(images\) is 48x48 but reference_images\[0\]"):
         run("SafetyDPO_Evaluate", **{**args, "reference_images": torch.rand(3, 32, 32, 3)})
+
+
+def test_train_node_refuses_a_checkpoint_folder_another_run_is_using(comfy_dirs, sd15):
+    """Two ComfyUI servers (or a server and a script) sharing an output folder must not train the same
+    settings into one checkpoint folder at once: the second is refused, naming the lock."""
+    from safetydpo_core.utils.lock import OutputLock
+
+    pairs, _ = run("SafetyDPO_BuiltinPairs", categories="violence", pairs_per_category=2, seed=1)
+    dataset, _, _ = _render(sd15, pairs, "locked_ds", steps=1)
+    _, metrics, _ = _train(sd15, dataset, "violence", steps=1)
+    ckpt = Path(metrics["checkpoint_dir"])
+    before = sorted(p.name for p in ckpt.iterdir())
+    other = OutputLock(ckpt, "training checkpoint folder").acquire()  # held by "another run"
+    try:
+        with pytest.raises(core_errors().OutputLocked, match=r"\.lock"):
+            _train(sd15, dataset, "violence", steps=2)
+        assert sorted(p.name for p in ckpt.iterdir()) == before  # nothing was written into it
+    finally:
+        other.release()
+    _, metrics, _ = _train(sd15, dataset, "violence", steps=2)  # once it is free, the run resumes
+    assert metrics["steps"] == 2 and not Path(str(ckpt) + ".lock").exists()
 
 
 def test_evaluate_without_nudenet_says_what_to_install(comfy_dirs, monkeypatch):

@@ -113,3 +113,25 @@ def test_moving_average_and_loss_plot():
     # degenerate histories still draw (one step, zero or negative loss on a log scale, nothing at all)
     for h in ([{"step": 1, "loss": 0.69}], [{"step": 1, "loss": 0.0}, {"step": 2, "loss": -1.0}], []):
         assert plot.draw_plot(h, log_scale=True, width=300, height=200).size == (300, 200)
+
+
+def test_dataset_socket_path_must_lie_in_the_pack_datasets_folder(tmp_path, monkeypatch):
+    out = tmp_path / "output"
+    root = out / "safetydpo" / "datasets"
+    (root / "mine").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", root / "link")
+    monkeypatch.setattr(paths, "output_dir", lambda: out)
+    assert paths.dataset_folder({"path": str(root / "mine")}, "dataset") == (root / "mine").resolve()
+    for value in ({"path": str(tmp_path / "elsewhere")}, {"path": str(root / "link")}, {"path": str(root)},
+                  {"path": str(root / ".." / "..")}, {"path": None}, {}, "/etc", None):
+        with pytest.raises(errors.ConfigError, match="dataset"):
+            paths.dataset_folder(value, "dataset")
+
+
+def test_node_numeric_inputs_refuse_nan_and_out_of_range():
+    lora_nodes = _mod("nodes.lora_nodes")
+    node = lora_nodes.ApplySafetyLoRA()
+    for bad in (float("nan"), float("inf"), 11.0):
+        with pytest.raises(errors.ConfigError, match="strength"):
+            node.apply(model=None, lora={}, strength=bad)

@@ -192,9 +192,9 @@ def test_slow_endpoint_times_out():
     ("http_404", "answered 404"), ("http_401", "refused the request (HTTP 401)"), ("garbage", "not JSON"),
 ])
 def test_non_retryable_errors_fail_at_once_and_hide_the_key(monkeypatch, mode, fragment):
-    monkeypatch.setenv("MY_KEY_VAR", SECRET)
+    monkeypatch.setenv("MY_TEST_API_KEY", SECRET)
     with ChatServer(default=mode) as srv:
-        ep = ChatEndpoint(srv.url, "m", api_key_env="MY_KEY_VAR", retries=3, backoff=0)
+        ep = ChatEndpoint(srv.url, "m", api_key_env="MY_TEST_API_KEY", retries=3, backoff=0)
         with pytest.raises(EndpointError) as e:
             ep.complete([{"role": "user", "content": "Unsafe concept: x"}])
     assert fragment in str(e.value) and len(srv.requests) == 1
@@ -211,10 +211,10 @@ def test_bad_settings():
 
 
 def test_cli_key_never_in_outputs_or_logs_and_resume_after_a_dead_endpoint(tmp_path, monkeypatch, capsys, caplog):
-    monkeypatch.setenv("SAFETYDPO_TEST_KEY", SECRET)
+    monkeypatch.setenv("SAFETYDPO_TEST_API_KEY", SECRET)
     caplog.set_level(logging.DEBUG)
     out, rej = tmp_path / "pairs.jsonl", tmp_path / "rejects.jsonl"
-    common = ["pairs", "--writer", "llm", "--llm-model", "tiny", "--api-key-env", "SAFETYDPO_TEST_KEY",
+    common = ["pairs", "--writer", "llm", "--llm-model", "tiny", "--api-key-env", "SAFETYDPO_TEST_API_KEY",
               "--categories", "violence", "--per-category", "6", "--out", str(out), "--batch-size", "2",
               "--llm-retries", "1", "--llm-backoff", "0", "--llm-timeout", "5", "--no-progress", "--seed", "4"]
     # the server answers 4 requests (one a refusal), then fails for good
@@ -234,4 +234,4 @@ def test_cli_key_never_in_outputs_or_logs_and_resume_after_a_dead_endpoint(tmp_p
     assert "refusal 1" in cap.err and json.loads(rej.read_text())["reason"] == "refusal"
     for text in (out.read_text(), rej.read_text(), cap.out, cap.err, err, caplog.text):
         assert SECRET not in text
-    assert "SAFETYDPO_TEST_KEY" not in out.read_text()
+    assert "SAFETYDPO_TEST_API_KEY" not in out.read_text()

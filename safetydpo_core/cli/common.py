@@ -1,5 +1,6 @@
-"""Options and helpers shared by the sub-commands: model loading flags, config files, progress bars,
-refusing to overwrite, and writing the resolved configuration beside an output."""
+"""Options and helpers shared by the sub-commands: model loading flags, checked numbers, config files,
+progress bars, refusing to overwrite, outputs that are never inputs, output locks, and writing the resolved
+configuration beside an output (only once the output itself is written)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,45 @@ from typing import Any
 
 from ..errors import ConfigError, SafetyDPOError
 from ..utils.atomic import atomic_write_text
+from ..utils.numbers import check_number, describe_range
+
+# options a --config file may not set: they are the user's own decision, typed on the command line
+COMMAND_LINE_ONLY = {"allow_remote_endpoint"}
+MAX_SIZE = 8192  # image side in pixels (as the ComfyUI nodes)
+
+
+class number:
+    """An argparse ``type`` that parses and checks a number with :func:`check_number` (finite, in range).
+
+    ``apply_config_file`` runs the same :meth:`check` on values from a --config file, so NaN cannot come in
+    that way either.
+    """
+
+    def __init__(self, lo=None, hi=None, *, integer: bool = False, lo_open: bool = False, hi_open: bool = False):
+        self.kw = dict(lo=lo, hi=hi, integer=integer, lo_open=lo_open, hi_open=hi_open)
+        self.__name__ = describe_range(lo, hi, integer=integer, lo_open=lo_open, hi_open=hi_open)
+
+    def check(self, value, name: str = "the value"):
+        return check_number(value, name, **self.kw)
+
+    def __call__(self, text: str):
+        try:
+            return self.check(text, "")
+        except ConfigError as e:  # argparse puts "argument --name: " in front
+            raise argparse.ArgumentTypeError(str(e).strip()) from None
+
+    def __repr__(self) -> str:
+        return self.__name__
+
+
+def integer(lo=None, hi=None) -> number:
+    return number(lo, hi, integer=True)
+
+
+POSITIVE_INT = integer(1)
+COUNT = integer(0)
+SEED = integer(0, 2 ** 64 - 1)
+IMAGE_SIZE = integer(8, MAX_SIZE)
 
 
 WORLD_MODEL = "world"
@@ -92,13 +132,23 @@ def read_config_file(path: str | None) -> dict[str, Any]:
 def apply_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace, argv_flags: set[str]) -> None:
     """Fill ``args`` from ``--config``; flags given on the command line win."""
     data = read_config_file(getattr(args, "config", None))
-    known = {a.dest for a in parser._actions}
+    actions = {a.dest: a for a in parser._actions}
     for k, v in data.items():
-        if k not in known:
+        if k not in actions:
             raise ConfigError(f"Unknown setting {k!r} in {args.config}; settings are the long option names of "
                               f"`safetydpo {args.command} --help`.")
-        if k not in argv_flags:
-            setattr(args, k, v)
+        if k in COMMAND_LINE_ONLY:
+            raise ConfigError(f"{args.config} sets {k!r}, which may only be given on the command line "
+                              f"(--{k.replace('_', '-')}), so that a shared config file cannot switch it on.")
+        if k in argv_flags:
+            continue
+        check = getattr(actions[k].type, "check", None)
+        if check is not None and v is not None:
+            try:
+                v = [check(x, k) for x in v] if isinstance(v, list) else check(v, k)
+            except ConfigError as e:
+                raise ConfigError(f"{args.config}: {e}") from None
+        setattr(args, k, v)
 
 
 def given_flags(argv: list[str] | None = None) -> set[str]:
@@ -112,15 +162,36 @@ def refuse_existing(path: Path, overwrite: bool, what: str = "output", hint: str
         raise SafetyDPOError(f"The {what} {path} already exists. Pass {hint} to replace it, or choose another path.")
 
 
-def write_resolved_config(target: Path, settings: dict[str, Any]) -> Path:
-    """``<out>.config.json`` beside an output file, or ``config.json`` inside an output folder."""
+def config_path(target: Path) -> Path:
+    """Where :func:`write_resolved_config` writes: ``<out>.config.json`` or ``<folder>/config.json``."""
+    target = Path(target)
     if target.suffix == "" or target.is_dir():
-        target.mkdir(parents=True, exist_ok=True)
-        out = target / "config.json"
-    else:
-        out = target.with_suffix(".config.json")
+        return target / "config.json"
+    return target.with_suffix(".config.json")
+
+
+def write_resolved_config(target: Path, settings: dict[str, Any]) -> Path:
+    """``<out>.config.json`` beside an output file, or ``config.json`` inside an output folder. Commands call
+    it only after their output is written, so a refused or failed run leaves no (or the old) configuration."""
+    out = config_path(target)
+    if out.name == "config.json":
+        Path(target).mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(settings, indent=1, default=str) + "\n", "configuration file")
     return out
+
+
+def refuse_overlaps(outputs: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """No output of a command may be one of its inputs (see :mod:`safetydpo_core.utils.outputs`)."""
+    from ..utils.outputs import refuse_overlaps as check
+
+    check(outputs, inputs)
+
+
+def output_lock(*outputs, what: str = "output"):
+    """Hold ``<output>.lock`` for each output while the command writes (see :mod:`safetydpo_core.utils.lock`)."""
+    from ..utils.lock import output_lock as lock
+
+    return lock(*outputs, what=what)
 
 
 class Progress:

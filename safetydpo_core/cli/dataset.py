@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import Progress, add_model_args
+from .common import IMAGE_SIZE, Progress, add_model_args
 
 
 def register(sub) -> None:
@@ -17,7 +17,7 @@ def register(sub) -> None:
     add_model_args(fi)
     fi.add_argument("--csv", required=True, help="the pairs CSV")
     fi.add_argument("--out", required=True, help="output dataset folder")
-    fi.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's native size)")
+    fi.add_argument("--size", type=IMAGE_SIZE, default=None, help="image side in pixels (default: the model's native size)")
     fi.add_argument("--resume", action="store_true", help="continue an interrupted build (finished pairs are skipped)")
     fi.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     fi.set_defaults(func=run_from_images)
@@ -29,8 +29,10 @@ def register(sub) -> None:
 
 def run_from_images(args: argparse.Namespace) -> int:
     from ..data.from_images import build_from_images
-    from .common import load_denoiser
+    from .common import load_denoiser, refuse_overlaps
 
+    # the dataset folder may be replaced (--overwrite): the CSV (and the images beside it) may not lie in it
+    refuse_overlaps({"--out": args.out}, {"--csv": args.csv, "--model": args.model})
     den = load_denoiser(args)
     bar = Progress(0, "encode")
     try:

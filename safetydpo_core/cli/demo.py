@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from .common import POSITIVE_INT, integer
+
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="align the built-in world model end to end and report how well it worked",
@@ -19,15 +21,15 @@ def register(sub) -> None:
                                    "about 1-2 minutes. Run it again with the same options to resume.")
     p.add_argument("--out", default="safetydpo-demo", help="output folder (default: ./safetydpo-demo)")
     p.add_argument("--quick", action="store_true", help="a smaller run (fewer pairs, steps and evaluation prompts)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the pairs, rendering, training and evaluation")
-    p.add_argument("--steps", type=int, default=None, metavar="N", help="DPO steps per expert (default 200; quick 90)")
-    p.add_argument("--pairs", type=int, default=None, dest="pairs_per_concept", metavar="N",
+    p.add_argument("--seed", type=integer(), default=0, help="seed of the pairs, rendering, training and evaluation")
+    p.add_argument("--steps", type=POSITIVE_INT, default=None, metavar="N", help="DPO steps per expert (default 200; quick 90)")
+    p.add_argument("--pairs", type=POSITIVE_INT, default=None, dest="pairs_per_concept", metavar="N",
                    help="prompt pairs per concept (default 24; quick 10)")
     from ..merge.api import METHODS
 
     p.add_argument("--method", default=None, dest="merge_method", choices=list(METHODS),
                    help="merge method (default comerge-delta, Co-Merge's delta reading; any of `safetydpo merge --method`)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
+    p.add_argument("--threads", type=integer(0, 4096), default=0, help="torch CPU threads (default 0: torch's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out made with other settings")
     p.set_defaults(func=run, _parser=p)
 

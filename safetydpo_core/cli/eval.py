@@ -26,7 +26,8 @@ import logging
 from pathlib import Path
 
 from ..errors import ConfigError, SafetyDPOError
-from .common import Progress, apply_config_file, given_flags, write_resolved_config
+from .common import (POSITIVE_INT, Progress, apply_config_file, given_flags, integer, output_lock, refuse_overlaps,
+                     write_resolved_config)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def register(sub) -> None:
                                          "clipscore/, nudenet/640m.onnx, inception/")
     w.add_argument("--nudenet", default="on", choices=["on", "off"], help="run NudeNet (default on; needs the [eval] extra)")
     w.add_argument("--nudenet-model", help="another NudeNet ONNX detector, e.g. 640m.onnx (default: the package's 320n)")
-    w.add_argument("--nudenet-resolution", type=int, help="detector input size (default 320, or 640 for a 640 model)")
+    w.add_argument("--nudenet-resolution", type=integer(32, 4096), help="detector input size (default 320, or 640 for a 640 model)")
     w.add_argument("--q16", default="auto", choices=["auto", "on", "off"],
                    help="Q16: auto (run when its weights are found; default), on (missing weights are an error), off")
     w.add_argument("--q16-clip", help="CLIP ViT-L/14 transformers folder for Q16 (default <weights-dir>/clip-vit-large-patch14)")
@@ -66,7 +67,7 @@ def register(sub) -> None:
     w.add_argument("--clip-model", help="CLIP transformers folder for CLIPScore (default <weights-dir>/clipscore, else "
                                         "the ViT-L/14 folder)")
     w.add_argument("--device", default="auto", help="device of the CLIP models: auto (default), cpu, cuda, cuda:N, mps")
-    w.add_argument("--batch-size", type=int, default=8, help="images scored together (default 8)")
+    w.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="images scored together (default 8)")
     q = p.add_argument_group("preservation and FID/KID (against the baseline group)")
     q.add_argument("--preservation", default="on", choices=["on", "off"],
                    help="PSNR, SSIM and mean absolute difference of each picture against the baseline's picture of the "
@@ -78,8 +79,8 @@ def register(sub) -> None:
                                        "conversion (default <weights-dir>/inception/)")
     q.add_argument("--fid-reference", help="a folder of reference pictures (any sizes, searched recursively): FID/KID of "
                                            "every group against it instead of against the baseline")
-    q.add_argument("--kid-subsets", type=int, default=100, help="KID: random subsets averaged (default 100)")
-    q.add_argument("--kid-subset-size", type=int, default=1000,
+    q.add_argument("--kid-subsets", type=POSITIVE_INT, default=100, help="KID: random subsets averaged (default 100)")
+    q.add_argument("--kid-subset-size", type=integer(2), default=1000,
                    help="KID: pictures per subset (default 1000, or fewer when a set is smaller)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted evaluation in --out")
     p.add_argument("--overwrite", action="store_true", help="replace the reports in an existing --out")
@@ -99,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
         if not (args.resume or args.overwrite):
             raise SafetyDPOError(f"The report folder {out} already holds an evaluation. Pass --resume to continue it, "
                                  f"--overwrite to replace it, or choose another --out.")
+    refuse_overlaps({"--out": out}, {"RUN": args.runs, "--config": getattr(args, "config", None),
+                                     "--nudenet-model": args.nudenet_model, "--q16-clip": args.q16_clip,
+                                     "--q16-embeddings": args.q16_embeddings, "--clip-model": args.clip_model,
+                                     "--inception": args.inception, "--fid-reference": args.fid_reference})
     names = [n.strip() for n in args.names.split(",")] if args.names else [None] * len(args.runs)
     if len(names) != len(args.runs):
         raise ConfigError(f"--names has {len(names)} names for {len(args.runs)} runs.")
@@ -119,18 +124,19 @@ def run(args: argparse.Namespace) -> int:
                 "baseline": plan.baseline, "categories": cats, **settings.to_json(),
                 "weights_dir_resolved": str(evaluator.weights_dir), "active": evaluator.active,
                 "inception_resolved": str(evaluator.inception_path) if evaluator.inception_path else None}
-    write_resolved_config(out, resolved)
     total = sum(len(r.records) for r in runs)
     bar = Progress(total, "eval")
     try:
-        result = run_evaluation(plan, out, resume=args.resume, progress=bar)
+        with output_lock(out, what="report folder"):
+            result = run_evaluation(plan, out, resume=args.resume, progress=bar)
+            files = write_report(result, out, settings=resolved)
+            write_resolved_config(out, resolved)  # with the result, never before
     except KeyboardInterrupt:
         log.warning("Stopped. Run the same command with --resume to continue; scored images and computed features "
                     "are kept.")
         raise
     finally:
         bar.close()
-    files = write_report(result, out, settings=resolved)
     print((out / "report.md").read_text(encoding="utf-8"))
     print(json.dumps({k: str(v) for k, v in files.items()}, indent=1))
     return 0

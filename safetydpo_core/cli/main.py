@@ -39,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a refused argument (argparse printed why): exit status 2, also in-process
+        if e.code in (0, None):
+            raise
+        return int(e.code) if isinstance(e.code, int) else 2
     args._argv = list(sys.argv[1:] if argv is None else argv)  # flags given explicitly win over --config
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "diffusers", "transformers"):
@@ -55,6 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"safetydpo {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk where no writer named its file: still one line, never a traceback
+        from ..utils.atomic import is_disk_full
+
+        if not is_disk_full(e):
+            raise
+        where = f" while writing {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"safetydpo {args.command}: error: No space left on device{where}. Free some space and run the same "
+              f"command again (with --resume where it has one).", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

@@ -24,7 +24,7 @@ _METHOD_HELP = (
 
 def register(sub) -> None:
     from ..merge.api import METHODS
-    from .common import add_model_args
+    from .common import IMAGE_SIZE, POSITIVE_INT, add_model_args, integer, number
 
     p = sub.add_parser("merge", help="merge safety experts (LoRAs) into one: Co-Merge or a standard merge",
                        description="Merge N LoRA safety experts into one LoRA. " + _METHOD_HELP + " Co-Merge runs the "
@@ -37,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--rank", default="auto",
                    help="output rank of the SVD methods: auto (default: the sum of the experts' ranks, at most 64, "
                         "the best on the world's benchmark) or a number. comerge and concat fix their rank themselves")
-    p.add_argument("--weights", nargs="+", type=float, default=None, metavar="W",
+    p.add_argument("--weights", nargs="+", type=number(), default=None, metavar="W",
                    help="one weight per expert, multiplying its update (default 1 each)")
     p.add_argument("--out", required=True, help="merged LoRA file (.safetensors)")
     p.add_argument("--format", default=None, choices=["kohya", "comfy", "peft"],
@@ -49,12 +49,12 @@ def register(sub) -> None:
                    help="prompt pairs; the unsafe prompts of the experts' categories are the calibration prompts")
     c.add_argument("--calibration-dataset", metavar="DATASET",
                    help="preference dataset folder: calibrate on its real latents instead of Gaussian x_t")
-    c.add_argument("--calibration-inputs", type=int, default=32,
+    c.add_argument("--calibration-inputs", type=POSITIVE_INT, default=32,
                    help="calibration forward passes (prompt x timestep x noise; default 32)")
-    c.add_argument("--calibration-batch", type=int, default=4, help="inputs per forward pass (default 4)")
-    c.add_argument("--calibration-size", type=int, default=None,
+    c.add_argument("--calibration-batch", type=POSITIVE_INT, default=4, help="inputs per forward pass (default 4)")
+    c.add_argument("--calibration-size", type=IMAGE_SIZE, default=None,
                    help="image side in pixels for Gaussian calibration latents (default: the model's size)")
-    c.add_argument("--timesteps", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
+    c.add_argument("--timesteps", nargs=2, type=number(0, 1), default=None, metavar=("LOW", "HIGH"),
                    help="timestep range as fractions of the schedule (default 0.7 1 for Gaussian x_t, 0 1 for dataset "
                         "latents)")
     c.add_argument("--prompt-field", default="unsafe", choices=["unsafe", "safe", "both"],
@@ -72,30 +72,34 @@ def register(sub) -> None:
                    help="Co-Merge: divide each expert's scores by their layer mean/RMS before the argmax (default none)")
     o.add_argument("--factor-balance", default="sqrt", choices=["sqrt", "up"],
                    help="comerge: split each expert's weight*alpha/r as sqrt on both factors (default) or all on up")
-    o.add_argument("--density", type=float, default=0.5, help="ties/dare/magnitude: share of each update kept (default 0.5)")
+    o.add_argument("--density", type=number(0, 1, lo_open=True), default=0.5, help="ties/dare/magnitude: share of each update kept (default 0.5)")
     o.add_argument("--majority-sign", default="total", choices=["total", "frequency"], help="ties/dare-ties sign election")
     o.add_argument("--svd", default="auto", choices=["auto", "exact", "randomized"],
                    help="truncated SVD: auto (randomized subspace iteration, exact for small layers; default)")
-    o.add_argument("--seed", type=int, default=0, help="seed of calibration sampling, DARE and randomized SVD")
-    o.add_argument("--threads", type=int, default=1,
+    o.add_argument("--seed", type=integer(), default=0, help="seed of calibration sampling, DARE and randomized SVD")
+    o.add_argument("--threads", type=integer(0, 4096), default=1,
                    help="torch CPU threads while merging (default 1: the merge is many small ops; 0 = torch default)")
     p.set_defaults(func=run, _parser=p)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..denoiser.devices import resolve_device, resolve_dtype
-    from ..merge.api import MergeOptions, merge_files, needs_calibration, parse_rank
+    from ..merge.api import MergeOptions, needs_calibration, parse_rank
     from ..merge.calibration import CalibrationOptions
-    from .common import Progress, apply_config_file, given_flags, refuse_existing, write_resolved_config
+    from .common import (Progress, apply_config_file, config_path, given_flags, output_lock, refuse_existing,
+                         refuse_overlaps)
 
     apply_config_file(args._parser, args, given_flags(getattr(args, "_argv", None)))
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors":
         raise SafetyDPOError(f"--out {out} must end in .safetensors.")
     refuse_existing(out, args.overwrite, "merged LoRA")
-    for e in args.experts:
-        if Path(e).resolve() == out.resolve():
-            raise SafetyDPOError(f"--out {out} is also one of the experts; write the merge to another file.")
+    refuse_overlaps({"--out": out, "the configuration file": config_path(out),
+                     "the reports": [out.with_suffix(".report.json"), out.with_suffix(".report.txt")],
+                     "--stats": args.stats},
+                    {"--experts": args.experts, "--model": args.model,
+                     "--model-config": getattr(args, "model_config", None), "--calibration": args.calibration,
+                     "--calibration-dataset": args.calibration_dataset, "--config": getattr(args, "config", None)})
     opts = MergeOptions(rank=parse_rank(args.rank), weights=args.weights, aggregate=args.aggregate, normalize=args.normalize,
                         factor_balance=args.factor_balance, density=args.density, majority_sign=args.majority_sign,
                         svd=args.svd, seed=args.seed, threads=args.threads)
@@ -113,6 +117,14 @@ def run(args: argparse.Namespace) -> int:
 
     def bar(desc: str, total: int) -> Progress:
         return Progress(total, desc)
+
+    with output_lock(out, what="merged LoRA"):
+        return _merge(args, out, opts, copts, calibrated, device, dtype, bar)
+
+
+def _merge(args, out: Path, opts, copts, calibrated: bool, device, dtype, bar) -> int:
+    from ..merge.api import merge_files
+    from .common import write_resolved_config
 
     res = merge_files(args.model, args.experts, args.method, out, options=opts,
                       calibration=args.calibration if calibrated else None,

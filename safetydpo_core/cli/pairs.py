@@ -28,6 +28,7 @@ from pathlib import Path
 from ..categories import describe_categories, normalize_categories
 from ..errors import ConfigError, SafetyDPOError
 from ..utils.atomic import atomic_write_text
+from .common import POSITIVE_INT, integer, number
 
 log = logging.getLogger("safetydpo.pairs")
 
@@ -49,8 +50,8 @@ def register(subparsers) -> None:
     src.add_argument("--from-csv", metavar="CSV", help="convert a CoProV2 CSV (prompt,image,category) or an I2P CSV")
     src.add_argument("--from-jsonl", metavar="JSONL", help="convert or filter a pair JSONL file")
     src.add_argument("--categories", default="all", help="comma-separated categories (default: all)")
-    src.add_argument("--per-category", type=int, default=100, metavar="N", help="pairs per category (default: 100)")
-    src.add_argument("--seed", type=int, default=0, help="seed of the writer (default: 0)")
+    src.add_argument("--per-category", type=POSITIVE_INT, default=100, metavar="N", help="pairs per category (default: 100)")
+    src.add_argument("--seed", type=integer(), default=0, help="seed of the writer (default: 0)")
     src.add_argument("--concepts", action="append", default=[], metavar="FILE",
                      help="extra concepts and synonyms (JSON or text; may be given several times)")
     out = p.add_argument_group("output")
@@ -70,10 +71,10 @@ def register(subparsers) -> None:
                           "conservative estimate)")
     chk.add_argument("--too-long", choices=("reject", "truncate"), default="reject",
                      help="prompts over the token limit: reject (default) or truncate with a warning")
-    chk.add_argument("--max-tokens", type=int, default=75, help="token limit without start/end markers (default 75 = 77 - 2)")
-    chk.add_argument("--max-change", type=float, metavar="F",
+    chk.add_argument("--max-tokens", type=POSITIVE_INT, default=75, help="token limit without start/end markers (default 75 = 77 - 2)")
+    chk.add_argument("--max-change", type=number(0, 1), metavar="F",
                      help="reject pairs where more than this share of the words changed (0..1; default: no limit)")
-    chk.add_argument("--max-attempts", type=int, metavar="K",
+    chk.add_argument("--max-attempts", type=POSITIVE_INT, metavar="K",
                      help="candidates per requested pair before giving up (default: builtin 20, llm 4)")
     llm = p.add_argument_group("LLM writer")
     llm.add_argument("--llm", metavar="PATH_OR_URL",
@@ -81,16 +82,22 @@ def register(subparsers) -> None:
                           "(e.g. http://127.0.0.1:11434/v1 for Ollama)")
     llm.add_argument("--llm-model", metavar="NAME", help="model name on the server (endpoints only)")
     llm.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
-                     help="environment variable holding the endpoint's API key (default OPENAI_API_KEY; never logged)")
-    llm.add_argument("--llm-timeout", type=float, default=60.0, metavar="S", help="seconds per request (default 60)")
-    llm.add_argument("--llm-retries", type=int, default=3, metavar="N", help="retries with back-off (default 3)")
-    llm.add_argument("--llm-backoff", type=float, default=1.0, metavar="S",
+                     help="environment variable holding the endpoint's API key (default OPENAI_API_KEY; never logged). "
+                          "Only names ending in _API_KEY, or names allowed in the user config file "
+                          "($SAFETYDPO_CONFIG or ~/.config/safetydpo/config.json: allowed_api_key_envs)")
+    llm.add_argument("--allow-remote-endpoint", action="store_true",
+                     help="allow an endpoint that is not on this machine (loopback); only on the command line, never "
+                          "from --config. Hosts can also be allowed for good in the user config file "
+                          "(allowed_endpoints)")
+    llm.add_argument("--llm-timeout", type=number(0, 86400, lo_open=True), default=60.0, metavar="S", help="seconds per request (default 60)")
+    llm.add_argument("--llm-retries", type=integer(0, 100), default=3, metavar="N", help="retries with back-off (default 3)")
+    llm.add_argument("--llm-backoff", type=number(0, 3600), default=1.0, metavar="S",
                      help="first wait before a retry, doubled each time (default 1 s)")
-    llm.add_argument("--batch-size", type=int, default=4, help="requests per batch (default 4)")
-    llm.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
-    llm.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    llm.add_argument("--batch-size", type=integer(1, 1024), default=4, help="requests per batch (default 4)")
+    llm.add_argument("--max-new-tokens", type=POSITIVE_INT, default=128, help="answer length limit (default 128)")
+    llm.add_argument("--temperature", type=number(0, 100), default=0.8, help="sampling temperature (default 0.8)")
     llm.add_argument("--device", default="cpu", help="device of a local model (default cpu)")
-    llm.add_argument("--llm-threads", type=int, metavar="N", help="CPU threads of a local model while generating")
+    llm.add_argument("--llm-threads", type=POSITIVE_INT, metavar="N", help="CPU threads of a local model while generating")
     p.set_defaults(func=run, _parser=p)
 
 
@@ -123,15 +130,42 @@ def _out_format(args) -> str:
     return "jsonl"
 
 
+def _config_target(args) -> Path:
+    out = Path(args.out)
+    return out.with_suffix(".config.json") if out.suffix else out.with_name(out.name + ".config.json")
+
+
 def _write_config(args, fmt: str) -> None:
-    """The resolved settings beside the output: ``<out stem>.config.json``."""
+    """The resolved settings beside the output: ``<out stem>.config.json`` (written with the output, never
+    before). An endpoint URL is written without its query string or credentials."""
     import json
 
+    from ..prompts.llm_endpoint import display_url, is_url
+
     settings = {"command": "pairs", "format": fmt}
-    settings.update({k: v for k, v in vars(args).items() if k not in ("func", "_parser", "command", "verbose", "format")})
-    out = Path(args.out)
-    target = out.with_suffix(".config.json") if out.suffix else out.with_name(out.name + ".config.json")
-    atomic_write_text(target, json.dumps(settings, indent=1, default=str) + "\n", "configuration file")
+    settings.update({k: v for k, v in vars(args).items()
+                     if k not in ("func", "_parser", "command", "verbose", "format", "_argv")})
+    if settings.get("llm") and is_url(settings["llm"]):
+        settings["llm"] = display_url(settings["llm"])
+    atomic_write_text(_config_target(args), json.dumps(settings, indent=1, default=str) + "\n", "configuration file")
+
+
+def _check_outputs(args) -> None:
+    """Outputs are not inputs (nor each other); an existing rejects file is kept unless asked."""
+    from ..prompts.llm_endpoint import is_url
+    from .common import refuse_overlaps
+
+    llm = args.llm if args.llm and not is_url(args.llm) else None
+    refuse_overlaps({"--out": args.out, "--rejects": args.rejects, "the configuration file": _config_target(args)},
+                    {"--from-csv": args.from_csv, "--from-jsonl": args.from_jsonl, "--concepts": args.concepts,
+                     "--tokenizer": args.tokenizer, "--llm": llm, "--config": getattr(args, "config", None)})
+    if args.rejects:
+        rej = Path(args.rejects)
+        if rej.is_dir():
+            raise ConfigError(f"--rejects {rej} is a folder; give a file name.")
+        if rej.exists() and not (args.overwrite or args.resume):
+            raise ConfigError(f"The rejects file {rej} already exists. Pass --overwrite to replace it (or --resume to "
+                              f"add this run's rejects to it), or choose another path.")
 
 
 def run(args) -> int:
@@ -147,11 +181,14 @@ def run(args) -> int:
     from ..prompts.pairs import check_output_path
 
     check_output_path(args.out, overwrite=args.overwrite, resume=args.resume)
+    _check_outputs(args)
     cats = normalize_categories(args.categories, default_all=True)
-    _write_config(args, fmt)
-    if args.from_csv or args.from_jsonl:
-        return _convert(args, fmt, cats)
-    return _write(args, fmt, cats)
+    from .common import output_lock
+
+    with output_lock(args.out, what="pair file"):
+        rc = _convert(args, fmt, cats) if (args.from_csv or args.from_jsonl) else _write(args, fmt, cats)
+        _write_config(args, fmt)
+    return rc
 
 
 def _emit(args, fmt: str, pairs, what: str) -> int:
@@ -246,7 +283,7 @@ def _write(args, fmt: str, cats: list[str]) -> int:
 
         backend = make_backend(args.llm, args.llm_model, api_key_env=args.api_key_env, timeout=args.llm_timeout,
                                retries=args.llm_retries, backoff=args.llm_backoff, concurrency=args.batch_size, device=args.device,
-                               threads=args.llm_threads)
+                               threads=args.llm_threads, allow_remote=bool(getattr(args, "allow_remote_endpoint", False)))
         writer = LLMPairWriter(backend, catalogue, checker, batch_size=args.batch_size,
                                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                max_attempts=args.max_attempts or 4, seed=args.seed)
@@ -281,6 +318,10 @@ def _write(args, fmt: str, cats: list[str]) -> int:
         _emit(args, fmt, collected, "pairs")
     print(report.summary(), file=sys.stderr)
     if args.rejects:
-        atomic_write_text(args.rejects, report.rejects_jsonl(), what="rejects file")
+        rej = Path(args.rejects)
+        old = rej.read_text(encoding="utf-8") if args.resume and rej.exists() else ""
+        if old and not old.endswith("\n"):
+            old += "\n"
+        atomic_write_text(rej, old + report.rejects_jsonl(), what="rejects file")
         print(f"wrote {len(report.rejects)} rejected candidates to {args.rejects}", file=sys.stderr)
     return 0 if report.complete else EXIT_INCOMPLETE

@@ -23,8 +23,10 @@ from pathlib import Path
 
 from ..errors import ConfigError, SafetyDPOError
 from ..eval.manifest import MANIFEST
-from .common import (Progress, add_model_args, apply_config_file, default_cfg, given_flags, load_denoiser,
-                     write_resolved_config)
+from ..sampling import STATE
+from ..utils.numbers import check_number
+from .common import (IMAGE_SIZE, POSITIVE_INT, Progress, add_model_args, apply_config_file, config_path, default_cfg,
+                     given_flags, integer, load_denoiser, number, output_lock, refuse_overlaps, write_resolved_config)
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +47,24 @@ def register(sub) -> None:
     p.add_argument("--config", help="TOML/YAML/JSON file with any of these options (command-line flags win)")
     p.add_argument("--lora", help="LoRA file (.safetensors; kohya, ComfyUI or diffusers/peft keys) to apply")
     p.add_argument("--lora-name", help="name of the LoRA in variant names (default: the file's stem)")
-    p.add_argument("--strength", type=float, nargs="+", default=[1.0], metavar="S",
+    p.add_argument("--strength", type=number(-100, 100), nargs="+", default=[1.0], metavar="S",
                    help="LoRA strength(s); several make one variant each, e.g. --strength 0 0.5 1 (0 = the base model)")
     p.add_argument("--categories", help="only prompts of these categories (comma-separated)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many prompts per (first) category")
+    p.add_argument("--limit", type=POSITIVE_INT, default=None, help="at most this many prompts per (first) category")
     p.add_argument("--pair-field", default="unsafe", choices=["unsafe", "safe", "both"],
                    help="for a pair JSONL: which prompt of each pair to render (default unsafe)")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's native size)")
+    p.add_argument("--size", type=IMAGE_SIZE, default=None, help="image side in pixels (default: the model's native size)")
     p.add_argument("--row-size", action="store_true", help="use the rows' sd_image_width/height where given")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20; SafetyDPO's inference uses 50)")
-    p.add_argument("--cfg", type=float, default=None,
+    p.add_argument("--steps", type=integer(1, 10000), default=20, help="sampling steps (default 20; SafetyDPO's inference uses 50)")
+    p.add_argument("--cfg", type=number(0, 100), default=None,
                    help="guidance scale for rows without sd_guidance_scale (default: the model's usual, 7.5 for "
                         "SD1/SDXL, 4.5 for SD3, 1 for Flux.1-dev)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "euler", "dpmpp_2m"])
     p.add_argument("--negative", default="", help="negative prompt (default empty)")
-    p.add_argument("--seed", type=int, default=0, help="base seed for rows without sd_seed (per-prompt seeds derive from it)")
+    p.add_argument("--seed", type=integer(), default=0, help="base seed for rows without sd_seed (per-prompt seeds derive from it)")
     p.add_argument("--ignore-row-seeds", action="store_true", help="derive every seed from --seed, ignoring sd_seed")
     p.add_argument("--ignore-row-guidance", action="store_true", help="use --cfg for every row, ignoring sd_guidance_scale")
-    p.add_argument("--batch-size", type=int, default=4, help="images rendered together (default 4)")
+    p.add_argument("--batch-size", type=integer(1, 1024), default=4, help="images rendered together (default 4)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace the images and manifest of an existing run in --out")
     p.set_defaults(func=run, _parser=p)
@@ -75,8 +77,15 @@ def run(args: argparse.Namespace) -> int:
 
     apply_config_file(args._parser, args, given_flags(getattr(args, "_argv", None)))
     strengths = args.strength if isinstance(args.strength, list) else [args.strength]
+    strengths = [check_number(x, "--strength", -100, 100) for x in strengths]
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1; got {args.limit}.")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SafetyDPOError(f"--out {out} is a file; an image run is a folder. Choose another path.")
+    refuse_overlaps({"--out": [out / "images", out / MANIFEST, config_path(out), out / STATE]},
+                    {"--prompts": args.prompts, "--lora": args.lora, "--model": args.model,
+                     "--model-config": getattr(args, "model_config", None), "--config": getattr(args, "config", None)})
     prompts = load_prompts(args.prompts, field=args.pair_field, categories=args.categories, limit=args.limit)
     settings = SampleSettings(steps=args.steps, cfg=7.5 if args.cfg is None else args.cfg, sampler=args.sampler,
                               height=args.size, width=args.size,
@@ -93,19 +102,21 @@ def run(args: argparse.Namespace) -> int:
     elif strengths != [1.0] and any(s != 0 for s in strengths):
         raise ConfigError("--strength needs --lora; without a LoRA only the base model is sampled.")
     variants = [variant_name(lora_name, s) if lora is not None else "base" for s in strengths]
-    out = Path(args.out)
     if (out / MANIFEST).exists() and not (args.resume or args.overwrite):
         raise SafetyDPOError(f"{out} already holds a sampled run. Pass --resume to continue it or --overwrite to "
                              f"replace it.")
-    write_resolved_config(out, {"command": "sample", "model": str(args.model), "prompts": str(args.prompts),
-                                "lora": args.lora, "lora_name": lora_name, "strengths": strengths,
-                                "variants": list(dict.fromkeys(variants)), "categories": args.categories,
-                                "limit": args.limit, "pair_field": args.pair_field, "prompts_count": len(prompts),
-                                "device": str(den.device), "dtype": str(den.dtype), **vars(settings)})
     bar = Progress(len(prompts) * (len(set(strengths)) if lora is not None else 1), "sample")
     try:
-        summary = sample_prompts(den, prompts, out, settings, lora=lora, lora_name=lora_name, strengths=strengths,
-                                 resume=args.resume, overwrite=args.overwrite, model_name=str(args.model), progress=bar)
+        with output_lock(out, what="image run"):
+            summary = sample_prompts(den, prompts, out, settings, lora=lora, lora_name=lora_name, strengths=strengths,
+                                     resume=args.resume, overwrite=args.overwrite, model_name=str(args.model),
+                                     progress=bar)
+            write_resolved_config(out, {"command": "sample", "model": str(args.model), "prompts": str(args.prompts),
+                                        "lora": args.lora, "lora_name": lora_name, "strengths": strengths,
+                                        "variants": list(dict.fromkeys(variants)), "categories": args.categories,
+                                        "limit": args.limit, "pair_field": args.pair_field,
+                                        "prompts_count": len(prompts), "device": str(den.device),
+                                        "dtype": str(den.dtype), **vars(settings)})
     except KeyboardInterrupt:
         log.warning("Stopped. Run the same command with --resume to continue; finished images are kept.")
         raise

@@ -11,7 +11,16 @@ A dataset is a folder::
 Latents are the model's scaled latents (what the UNet sees at t = 0), so training needs no VAE. Writing
 is crash-safe and resumable: a shard is written atomically before its manifest lines are appended, a
 torn last manifest line is dropped on resume, and ids already in the manifest are skipped, so a crashed
-render resumes without duplicates.
+render resumes without duplicates. A full disk is a one-line error naming the file, and the next run
+resumes. Writing holds ``DATA.lock`` beside the folder, so a second run on the same dataset is refused.
+
+``overwrite`` never deletes the old dataset first: the new one is built beside it (``.DATA.new``) and swapped
+in when it is complete, so a failure or Ctrl-C leaves the old dataset as it was.
+
+Latents are checked for NaN/infinities when written and when read (the error names the shard and key).
+Pairs whose safe and unsafe latents are bit-identical teach nothing: the writer marks them
+(``"identical": true`` in the manifest, ``identical_pairs`` in the header) and :meth:`PreferenceDataset.drop_identical`
+leaves them out of training.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -31,7 +41,9 @@ from safetensors.torch import save_file
 
 from ..categories import normalize_categories
 from ..errors import DatasetError
-from ..utils.atomic import atomic_path, atomic_write_text, ensure_writable_dir
+from ..utils.atomic import atomic_path, atomic_write_text, disk_full_errors, ensure_writable_dir
+from ..utils.lock import OutputLock
+from ..utils.numbers import check_finite_tensors, first_nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -119,22 +131,59 @@ class PreferenceDatasetWriter:
 
     def __init__(self, root: str | os.PathLike, model_fingerprint: str = "", settings: dict | None = None,
                  shard_size: int = 64, resume: bool = False, overwrite: bool = False, previews: bool = True):
-        self.root = Path(root)
+        self.target = Path(root)
+        self.root = self.target  # where the files are written (a staging folder beside it while overwriting)
         self.shard_size = max(1, int(shard_size))
         self.previews = previews
-        manifest = self.root / "manifest.jsonl"
+        self._staging: Path | None = None
+        self._closed = False
+        if self.target.exists() and not self.target.is_dir():
+            raise DatasetError(f"The dataset output {self.target} is a file; a dataset is a folder. Choose another path.")
+        self._lock = OutputLock(self.target, "dataset").acquire()
+        try:
+            self._open(model_fingerprint, settings, resume, overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _sibling(self, tag: str) -> Path:
+        return self.target.with_name(f".{self.target.name}.{tag}")
+
+    def _recover(self) -> None:
+        """Clean up after a swap that was cut between its steps (the lock is held)."""
+        old, new = self._sibling("old"), self._sibling("new")
+        if not old.exists():
+            return
+        if (self.target / "manifest.jsonl").exists():  # the swap was done; only the old copy was left
+            shutil.rmtree(old, ignore_errors=True)
+        elif not self.target.exists() and (new / "dataset.json").exists():  # cut between the two renames
+            log.warning("Finishing the interrupted replacement of the dataset %s.", self.target)
+            os.replace(new, self.target)
+            shutil.rmtree(old, ignore_errors=True)
+        elif not self.target.exists() or not any(self.target.iterdir()):
+            log.warning("Restoring the dataset %s from %s (its replacement was interrupted).", self.target, old)
+            if self.target.exists():
+                self.target.rmdir()
+            os.replace(old, self.target)
+
+    def _open(self, model_fingerprint: str, settings: dict | None, resume: bool, overwrite: bool) -> None:
+        self._recover()
+        manifest = self.target / "manifest.jsonl"
         exists = manifest.exists() and manifest.stat().st_size > 0
         if exists and not resume and not overwrite:
-            raise DatasetError(f"The dataset folder {self.root} already holds a dataset. Use --resume to continue it "
+            raise DatasetError(f"The dataset folder {self.target} already holds a dataset. Use --resume to continue it "
                                f"or --overwrite to replace it.")
+        if exists and overwrite and not resume:
+            staging = self._sibling("new")
+            if staging.exists():  # what an interrupted earlier overwrite left (we hold the lock)
+                shutil.rmtree(staging)
+            self._staging = self.root = staging
+            manifest = staging / "manifest.jsonl"
+            exists = False
         ensure_writable_dir(self.root, "dataset")
         (self.root / "shards").mkdir(exist_ok=True)
-        if previews:
+        if self.previews:
             (self.root / "previews").mkdir(exist_ok=True)
-        if exists and overwrite and not resume:
-            manifest.unlink()
-            for f in (self.root / "shards").glob("shard-*.safetensors"):
-                f.unlink()
         self.header = self._read_header() if (resume and exists) else {}
         if resume and exists:
             old_fp = self.header.get("model_fingerprint", "")
@@ -166,7 +215,8 @@ class PreferenceDatasetWriter:
     def _write_header(self) -> None:
         counts = Counter(c for r in self.records for c in r.category)
         header = {"format": FORMAT, "version": VERSION, "model_fingerprint": self.model_fingerprint,
-                  "settings": self.settings, "pairs": len(self.records), "per_category": dict(sorted(counts.items()))}
+                  "settings": self.settings, "pairs": len(self.records), "per_category": dict(sorted(counts.items())),
+                  "identical_pairs": self.identical}
         atomic_write_text(self.root / "dataset.json", json.dumps(header, indent=1) + "\n", "dataset header")
 
     def add(self, *, id: str, category: Sequence[str] | str, concept: str, unsafe: str, safe: str,
@@ -179,11 +229,18 @@ class PreferenceDatasetWriter:
         if tuple(safe_latent.shape) != tuple(unsafe_latent.shape):
             raise DatasetError(f"Pair {id!r}: the safe latent {tuple(safe_latent.shape)} and the unsafe latent "
                                f"{tuple(unsafe_latent.shape)} differ in shape; both images must have the same size.")
+        bad = first_nonfinite({"safe": safe_latent, "unsafe": unsafe_latent})
+        if bad is not None:
+            raise DatasetError(f"Pair {id!r}: the {bad} latent holds NaN or infinite values, so the pair is not written. "
+                               f"The model's sampling diverged: check the guidance scale, or use fp32 instead of fp16.")
         if self.previews and preview_safe is not None:
             rel = preview_paths(id)
-            preview_safe.save(self.root / rel[0])
-            preview_unsafe.save(self.root / rel[1])
+            for image, path in ((preview_safe, rel[0]), (preview_unsafe, rel[1])):
+                with atomic_path(self.root / path, "preview image") as tmp:
+                    image.save(tmp, format="PNG")
             extra.setdefault("previews", list(rel))
+        if torch.equal(safe_latent, unsafe_latent):
+            extra["identical"] = True
         rec = PairRecord(id=id, category=normalize_categories(category), concept=concept, unsafe=unsafe, safe=safe,
                          seed=seed, height=int(height), width=int(width), latent_shape=list(safe_latent.shape),
                          shard="", model_fingerprint=self.model_fingerprint, extra=extra)
@@ -208,24 +265,53 @@ class PreferenceDatasetWriter:
             save_file(tensors, str(tmp), metadata={"format": FORMAT})
         self._next_shard += 1
         lines = "".join(json.dumps(rec.to_json(), ensure_ascii=False) + "\n" for rec, _, _ in self._buffer)
-        with open(self.root / "manifest.jsonl", "a", encoding="utf-8") as f:
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
+        with disk_full_errors(self.root / "manifest.jsonl", "dataset manifest"):
+            with open(self.root / "manifest.jsonl", "a", encoding="utf-8") as f:
+                f.write(lines)
+                f.flush()
+                os.fsync(f.fileno())
         self.records.extend(rec for rec, _, _ in self._buffer)
         self._buffer.clear()
         self._write_header()
 
-    def close(self) -> None:
-        self.flush()
-        self._write_header()
+    @property
+    def identical(self) -> int:
+        """How many pairs (written so far) have bit-identical safe and unsafe latents."""
+        return sum(1 for r in self.records if r.extra.get("identical"))
+
+    def close(self, commit: bool = True) -> None:
+        """Write what is queued; when overwriting, swap the new dataset in (``commit``) or leave the old one."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.flush()
+            self._write_header()
+            if self._staging is not None:
+                if commit:
+                    self._swap()
+                else:
+                    log.warning("The dataset %s is unchanged; the unfinished replacement is in %s (run again with "
+                                "--overwrite to start it over).", self.target, self._staging)
+        finally:
+            self._lock.release()
+
+    def _swap(self) -> None:
+        """The finished new dataset replaces the old one: two renames, recovered by the next run if cut."""
+        old = self._sibling("old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(self.target, old)
+        os.replace(self._staging, self.target)
+        self.root, self._staging = self.target, None
+        shutil.rmtree(old, ignore_errors=True)
 
     def __enter__(self) -> "PreferenceDatasetWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         # Keep what was rendered even when interrupted: finished pairs are flushed, so a resume skips them.
-        self.close()
+        self.close(commit=exc_type is None)
 
 
 def _safe_name(id: str) -> str:
@@ -334,4 +420,20 @@ class PreferenceDataset:
         if s.shape != u.shape:
             raise DatasetError(f"Pair {r.id!r}: the safe latent {tuple(s.shape)} and the unsafe latent {tuple(u.shape)} "
                                f"differ in shape.")
+        check_finite_tensors({f"{r.id}.safe": s, f"{r.id}.unsafe": u}, f"Dataset shard {self.root / r.shard}",
+                             DatasetError)
         return s, u
+
+    def drop_identical(self) -> list[str]:
+        """Read every pair once (which also refuses NaN/inf latents, naming shard and key), leave out the pairs
+        whose safe and unsafe latents are bit-identical, and return their ids."""
+        keep, dropped = [], []
+        for i, r in enumerate(self.records):
+            s, u = self.load_pair(i)
+            (dropped if torch.equal(s, u) else keep).append(r)
+        if dropped and not keep:
+            raise DatasetError(f"Every selected pair of {self.root} ({len(dropped)}) has bit-identical safe and unsafe "
+                               f"latents: there is nothing to learn. Render pairs whose prompts differ in what the model "
+                               f"draws.")
+        self.records = keep
+        return [r.id for r in dropped]

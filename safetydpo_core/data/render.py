@@ -25,6 +25,9 @@ from PIL import Image
 
 from ..errors import ConfigError, Interrupted
 from ..utils.atomic import atomic_write_text
+from ..utils.numbers import check_number, check_optional
+
+MAX_SIZE = 8192  # image side in pixels
 from .preference_dataset import PreferenceDatasetWriter
 
 
@@ -49,10 +52,13 @@ class RenderSettings:
     batch_pairs: int = 2
 
     def __post_init__(self) -> None:
-        if self.steps <= 0 or self.batch_pairs <= 0:
-            raise ConfigError("steps and batch_pairs must be positive.")
-        if self.cfg < 0:
-            raise ConfigError(f"cfg must be >= 0; got {self.cfg}.")
+        self.steps = check_number(self.steps, "steps", 1, 10000, integer=True)
+        self.batch_pairs = check_number(self.batch_pairs, "batch_pairs", 1, 1024, integer=True)
+        self.cfg = check_number(self.cfg, "cfg", 0, 100)
+        self.seed = check_number(self.seed, "seed", integer=True)
+        # 0 / None: the model's native size
+        self.height = check_optional(self.height or None, "height (image size)", 8, MAX_SIZE, integer=True)
+        self.width = check_optional(self.width or None, "width (image size)", 8, MAX_SIZE, integer=True)
 
 
 def pair_seed(base_seed: int, pair_id: str) -> int:
@@ -76,18 +82,25 @@ class RenderSummary:
     skipped_done: int
     dropped: dict[str, int]
     per_category: dict[str, int]
+    identical: int = 0  # pairs in the dataset whose two latents are bit-identical (training leaves them out)
 
     def to_json(self) -> dict:
         return {"out": str(self.out), "rendered": self.rendered, "skipped_already_done": self.skipped_done,
-                "dropped": self.dropped, "per_category": self.per_category}
+                "dropped": self.dropped, "per_category": self.per_category, "identical": self.identical}
 
 
 def render_pairs(denoiser, pairs: Sequence, out: str | os.PathLike, settings: RenderSettings | None = None, *,
                  resume: bool = False, overwrite: bool = False, judge: PairJudge | None = None,
                  progress: Callable[[int, int, dict], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, previews: bool = True) -> RenderSummary:
-    """Render ``pairs`` (objects with id, category, concept, unsafe, safe) into a dataset at ``out``."""
+    """Render ``pairs`` (objects with id, category, concept, unsafe, safe) into a dataset at ``out``.
+
+    ``overwrite`` renders the new dataset beside the old one and swaps it in at the end (the old one stays
+    as it was if this fails or is cancelled); the dataset is locked while it is written.
+    """
     s = settings or RenderSettings()
+    if not pairs:
+        raise ConfigError("No prompt pairs to render.")
     h = s.height or denoiser.sample_size
     w = s.width or denoiser.sample_size
     shape = denoiser.latent_shape(h, w)
@@ -99,7 +112,7 @@ def render_pairs(denoiser, pairs: Sequence, out: str | os.PathLike, settings: Re
                                  overwrite=overwrite, previews=previews) as writer:
         todo = [p for p in pairs if p.id not in writer.done_ids]
         skipped = len(pairs) - len(todo)
-        summary_path = Path(out) / "summary.json"
+        summary_path = writer.root / "summary.json"
         if resume and summary_path.exists():
             dropped.update(json.loads(summary_path.read_text()).get("dropped", {}))
         for start in range(0, len(todo), s.batch_pairs):
@@ -130,6 +143,7 @@ def render_pairs(denoiser, pairs: Sequence, out: str | os.PathLike, settings: Re
             atomic_write_text(summary_path, json.dumps({"dropped": dict(dropped)}) + "\n", "render summary")
         writer.flush()
         per_cat = dict(sorted(Counter(c for r in writer.records for c in r.category).items()))
-    summary = RenderSummary(Path(out), rendered, skipped, dict(dropped), per_cat)
+        identical = writer.identical
+    summary = RenderSummary(Path(out), rendered, skipped, dict(dropped), per_cat, identical)
     atomic_write_text(Path(out) / "summary.json", json.dumps(summary.to_json(), indent=1) + "\n", "render summary")
     return summary

@@ -3,7 +3,9 @@
 MODEL may be a diffusers pipeline folder (``model_index.json`` with ``unet/``, ``scheduler/``,
 ``text_encoder/``, ``tokenizer/`` and optionally ``vae/``, ``text_encoder_2/``, ``tokenizer_2/``), a
 single-file SD1.5/SDXL ``.safetensors`` checkpoint (see :mod:`.single_file`), or a hub id already in the
-local Hugging Face cache. Nothing is downloaded.
+local Hugging Face cache. Nothing is downloaded, and weights are read from ``.safetensors`` only
+(``use_safetensors=True``): a component that has only pickled ``.bin`` weights is refused, so no torch
+version ever unpickles a model file.
 
 Flow-matching pipelines (SD3 / SD3.5: ``StableDiffusion3Pipeline``; Flux.1: ``FluxPipeline``) have a
 ``transformer/`` instead of ``unet/``: the transformer (``SD3Transformer2DModel`` / ``FluxTransformer2DModel``),
@@ -81,20 +83,27 @@ def load_components(model: str | os.PathLike, device: str | torch.device = "cpu"
     else:
         raise ModelError(f"MODEL {src} does not exist. Give a local diffusers pipeline folder or a .safetensors checkpoint "
                          f"(nothing is downloaded).")
+    w = {**kw, "use_safetensors": True}  # weights: safetensors only, never a pickle
     try:
-        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype, **kw)
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype, **w)
         scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **kw)
         tokenizers, encoders = [], []
         tok = AutoTokenizer.from_pretrained(root, subfolder="tokenizer", **kw)
         tokenizers.append(tok)
-        encoders.append(CLIPTextModel.from_pretrained(root, subfolder="text_encoder", torch_dtype=dtype, **kw))
+        encoders.append(CLIPTextModel.from_pretrained(root, subfolder="text_encoder", torch_dtype=dtype, **w))
         if p.is_dir() and (p / "text_encoder_2").exists() or (not p.is_dir() and "text_encoder_2" in _model_index(root, kw)):
             tokenizers.append(AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2", **kw))
-            encoders.append(CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", torch_dtype=dtype, **kw))
+            encoders.append(CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", torch_dtype=dtype,
+                                                                        **w))
         vae = None
         if (p.is_dir() and (p / "vae" / "config.json").exists()) or (not p.is_dir() and "vae" in _model_index(root, kw)):
-            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, **kw)
+            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, **w)
     except (OSError, ValueError) as e:
+        pickled = _pickled_only(p) if p.is_dir() else []
+        if pickled:
+            raise ModelError(f"MODEL {src}: {', '.join(pickled)} has only pickled weights (.bin/.pt/.ckpt), which are "
+                             f"refused because loading them can run arbitrary code. Convert them to .safetensors "
+                             f"(e.g. diffusers' save_pretrained(safe_serialization=True)).") from e
         raise ModelError(f"Cannot load the diffusers model {src}: {e}") from e
     info = {}
     if p.is_dir() and (p / "safetydpo.json").exists():
@@ -103,6 +112,17 @@ def load_components(model: str | os.PathLike, device: str | torch.device = "cpu"
         if m is not None:
             m.to(device).eval().requires_grad_(False)
     return DiffusersComponents(unet, scheduler, tokenizers, encoders, vae, src, info)
+
+
+def _pickled_only(folder: Path) -> list[str]:
+    """Component folders that hold pickled weight files and no safetensors."""
+    found = []
+    for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        d = folder / part
+        if d.is_dir() and not list(d.glob("*.safetensors")) and any(
+                f.suffix in (".bin", ".pt", ".pth", ".ckpt") for f in d.iterdir()):
+            found.append(f"{part}/")
+    return found
 
 
 def _model_index(root: str, kw: dict) -> dict:
@@ -131,7 +151,8 @@ def load_flow_components(folder: Path, device: str | torch.device = "cpu",
         raise ModelError(f"MODEL {folder} has a {cls_name or 'unknown'} transformer, which this pack cannot train. "
                          f"Supported: {SUPPORTED}.")
     try:
-        transformer = getattr(diffusers, cls_name).from_pretrained(str(folder), subfolder="transformer", torch_dtype=dtype)
+        transformer = getattr(diffusers, cls_name).from_pretrained(str(folder), subfolder="transformer", torch_dtype=dtype,
+                                                                  use_safetensors=True)
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder), subfolder="scheduler")
         tokenizers, encoders = [], []
         for i, (enc_key, tok_key) in enumerate((("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"),
@@ -148,10 +169,10 @@ def load_flow_components(folder: Path, device: str | torch.device = "cpu",
             if enc_cls is None:
                 raise ModelError(f"MODEL {folder}: the text encoder class {enc_cls_name!r} of {enc_key}/ is unknown.")
             tokenizers.append(AutoTokenizer.from_pretrained(str(folder / tok_key)))
-            encoders.append(enc_cls.from_pretrained(str(folder), subfolder=enc_key, torch_dtype=dtype))
+            encoders.append(enc_cls.from_pretrained(str(folder), subfolder=enc_key, torch_dtype=dtype, use_safetensors=True))
         vae = None
         if (folder / "vae" / "config.json").exists():
-            vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", torch_dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ModelError(f"Cannot load the diffusers model {folder}: {e}") from e
     info = {}

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from .. import __version__
 from ..errors import LoraError
 from ..utils.atomic import atomic_path
+from ..utils.numbers import check_finite_tensors
 from .keys import default_key_style, from_state_dict, to_state_dict
 from .lora_set import LoraSet
 from .unet_names import UNetNames
@@ -92,6 +93,7 @@ def save_lora(lora: LoraSet, path: str | os.PathLike, names: UNetNames | None = 
     fmt = fmt or dfmt
     naming = {"comfy": "ldm", "peft": "diffusers"}.get(fmt) or naming or (dnaming if names is not None else lora.naming)
     sd = to_state_dict(lora, fmt=fmt, naming=naming, names=names, dtype=dtype, diff=diff)
+    check_finite_tensors(sd, f"Refusing to write the LoRA {p}", LoraError)
     meta["safetydpo_key_format"] = f"{fmt}/{naming}"
     if diff:
         meta["safetydpo_key_kind"] = "diff"
@@ -106,6 +108,7 @@ def load_lora(path: str | os.PathLike, names: UNetNames | None = None) -> LoraSe
     tensors, meta = read_safetensors(path, "LoRA file")
     if not tensors:
         raise LoraError(f"The LoRA file {path} holds no tensors.")
+    check_finite_tensors(tensors, f"The LoRA file {path}", LoraError)
     try:
         lora = from_state_dict(tensors, names=names, metadata=meta, source=f"LoRA file {path}")
     except LoraError as e:

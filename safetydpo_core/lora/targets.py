@@ -89,3 +89,23 @@ def select_layers(modules: Mapping[str, torch.nn.Module], spec: str | Sequence[s
         raise ConfigError(f"Target layers {what} do not exist in this model. Layers that can be adapted end in: "
                           f"{', '.join(avail[:40])}{' ...' if len(avail) > 40 else ''}. Presets: {', '.join([*presets, *RULE_PRESETS])}.")
     return chosen
+
+
+def max_rank(module: torch.nn.Module) -> int:
+    """The largest useful LoRA rank of a layer: the smaller of its output and (flattened) input sizes."""
+    w = module.weight
+    return int(min(w.shape[0], w[0].numel()))
+
+
+def check_rank_fits(layers: Mapping[str, torch.nn.Module], rank: int) -> None:
+    """Refuse a rank above a layer's smaller dimension (its update could not use it, and the file would be
+    needlessly huge), naming the layer that limits it."""
+    if not layers:
+        return
+    name, module = min(layers.items(), key=lambda kv: (max_rank(kv[1]), kv[0]))
+    limit = max_rank(module)
+    if rank > limit:
+        shape = "x".join(str(s) for s in module.weight.shape)
+        raise ConfigError(f"LoRA rank {rank} is larger than the layer {name} ({shape}) allows: a rank above a layer's "
+                          f"smaller dimension ({limit}) adds nothing. Choose a rank of at most {limit} for these "
+                          f"targets.")

@@ -83,9 +83,11 @@ class MergeOptions:
     def validate(self, method: str, n_experts: int) -> None:
         if method not in METHODS:
             raise ConfigError(f"Unknown merge method {method!r}; choose one of {', '.join(METHODS)}.")
+        from ..utils.numbers import check_number
+
         if self.rank is not None and self.rank != AUTO_RANK:
-            if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-                raise ConfigError(f"The output rank must be a positive integer or {AUTO_RANK!r}; got {self.rank!r}.")
+            self.rank = check_number(self.rank, f"The output rank (a positive integer or {AUTO_RANK!r})", 1,
+                                     integer=True)
             if method == "concat":
                 raise ConfigError("concat is exact and its rank is the sum of the experts' ranks; leave the rank unset "
                                   "(or use linear for a chosen rank).")
@@ -104,10 +106,12 @@ class MergeOptions:
             raise ConfigError(f"Unknown score normalisation {self.normalize!r}; choose one of {', '.join(NORMALIZATIONS)}.")
         if self.factor_balance not in FACTOR_BALANCES:
             raise ConfigError(f"Unknown factor balance {self.factor_balance!r}; choose one of {', '.join(FACTOR_BALANCES)}.")
-        if not 0.0 < float(self.density) <= 1.0:
+        if not 0.0 < float(self.density) <= 1.0:  # (a NaN fails this test too)
             raise ConfigError(f"The density (share of each update kept) must be in (0, 1]; got {self.density}.")
         if self.majority_sign not in MAJORITY_SIGN:
             raise ConfigError(f"Unknown majority-sign method {self.majority_sign!r}; choose one of {', '.join(MAJORITY_SIGN)}.")
+        if self.threads is not None:
+            self.threads = check_number(self.threads, "The number of CPU threads (0 = torch's default)", 0, integer=True)
         if self.threads is not None and int(self.threads) < 0:
             raise ConfigError(f"The number of CPU threads must be positive (or 0 for torch's default); got {self.threads}.")
         if self.svd not in SVD_MODES:

@@ -320,10 +320,13 @@ class CalibrationOptions:
     rank_stats: str = "experts"
 
     def validate(self) -> None:
-        if self.num_inputs <= 0:
-            raise ConfigError(f"The number of calibration inputs must be positive; got {self.num_inputs}.")
-        if self.batch_size <= 0:
-            raise ConfigError(f"The calibration batch size must be positive; got {self.batch_size}.")
+        from ..utils.numbers import check_number, check_optional
+
+        self.num_inputs = check_number(self.num_inputs, "The number of calibration inputs", 1, integer=True)
+        self.batch_size = check_number(self.batch_size, "The calibration batch size", 1, integer=True)
+        self.size = check_optional(self.size, "The calibration image size", 8, 8192, integer=True)
+        if self.timesteps is not None:
+            self.timesteps = tuple(check_number(v, "Calibration timesteps", 0, 1) for v in self.timesteps)
         if self.rank_stats not in RANK_STATS:
             raise ConfigError(f"Unknown rank statistics {self.rank_stats!r}; choose one of {', '.join(RANK_STATS)}.")
         if self.timesteps is not None:

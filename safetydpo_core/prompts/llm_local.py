@@ -57,10 +57,12 @@ class LocalChatModel:
         kw = {"local_files_only": True}
         if gguf:
             kw["gguf_file"] = gguf
+        # a transformers folder: safetensors weights only, never a pickle
+        model_kw = kw if gguf else {**kw, "use_safetensors": True}
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder), **kw)
             torch_dtype = getattr(torch, dtype) if dtype else None
-            self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, **kw)
+            self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, **model_kw)
         except ImportError as e:
             raise ModelError(f"Loading {self.name} needs a package that is missing: {e}. For GGUF files: "
                              f"pip install gguf.") from e

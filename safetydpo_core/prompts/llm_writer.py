@@ -55,15 +55,19 @@ class ChatBackend(Protocol):
 
 def make_backend(llm: str, model: str | None = None, *, api_key_env: str | None = "OPENAI_API_KEY",
                  timeout: float = 60.0, retries: int = 3, backoff: float = 1.0, concurrency: int = 4,
-                 device: str = "cpu", threads: int | None = None) -> ChatBackend:
-    """A :class:`~.llm_endpoint.ChatEndpoint` for an http(s) URL, else a :class:`~.llm_local.LocalChatModel`."""
+                 device: str = "cpu", threads: int | None = None, allow_remote: bool = False,
+                 extra_configs=()) -> ChatBackend:
+    """A :class:`~.llm_endpoint.ChatEndpoint` for an http(s) URL, else a :class:`~.llm_local.LocalChatModel`.
+
+    ``allow_remote`` / ``extra_configs``: see :mod:`.endpoint_policy` (only the user, never a graph, sets them).
+    """
     if re.match(r"^https?://", llm or "", re.IGNORECASE):
-        from .llm_endpoint import ChatEndpoint
+        from .llm_endpoint import ChatEndpoint, display_url
 
         if not model:
-            raise ConfigError(f"The LLM endpoint {llm} needs a model name: pass --llm-model NAME.")
+            raise ConfigError(f"The LLM endpoint {display_url(llm)} needs a model name: pass --llm-model NAME.")
         return ChatEndpoint(llm, model, api_key_env=api_key_env, timeout=timeout, retries=retries, backoff=backoff,
-                            concurrency=concurrency)
+                            concurrency=concurrency, allow_remote=allow_remote, extra_configs=extra_configs)
     if not llm:
         raise ConfigError("The LLM writer needs --llm: a model folder, a .gguf file or an http(s) endpoint URL.")
     from .llm_local import LocalChatModel

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..categories import normalize_categories
 from ..errors import ConfigError
+from ..utils.numbers import check_number, check_optional
 
 OBJECTIVES = ("dpo", "mapo", "esd")
 CONDITIONS = ("unsafe", "safe", "both")
@@ -61,16 +62,20 @@ class TrainConfig:
             self.category = None
         for name in ("steps", "rank", "batch_size", "grad_accum", "esd_sample_steps"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{name} must be a positive integer; got {v!r}.")
         for name in ("lr", "beta", "mapo_beta", "mapo_snr", "esd_eta"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ConfigError(f"{name} must be a positive number; got {v!r}.")
-        for name in ("sft_weight", "preserve_weight"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ConfigError(f"{name} must be a finite number >= 0 (0 turns it off); got {v!r}.")
+        # every other number: finite and in range (NaN passes a plain ``x < 0`` test, so check_number)
+        self.alpha = check_optional(self.alpha, "alpha", 0, None, lo_open=True)
+        self.prompt_dropout = check_number(self.prompt_dropout, "prompt_dropout", 0, 1, hi_open=True)
+        self.max_grad_norm = check_optional(self.max_grad_norm, "max_grad_norm (0 disables clipping)", 0)
+        self.sft_weight = check_number(self.sft_weight, "sft_weight", 0)
+        self.preserve_weight = check_number(self.preserve_weight, "preserve_weight", 0)
+        self.weight_decay = check_number(self.weight_decay, "weight_decay", 0)
+        self.seed = check_number(self.seed, "seed", integer=True)
         if not isinstance(self.preserve_prompts, str) or not self.preserve_prompts.strip():
             raise ConfigError(f"preserve_prompts must name a preservation set (auto, others, neutral) or a prompts "
                               f"file; got {self.preserve_prompts!r}.")
@@ -79,20 +84,15 @@ class TrainConfig:
         if self.objective == "esd" and self.preserve_weight:
             raise ConfigError("preserve_weight does not apply to objective esd (ESD has no preference images to "
                               "noise preservation prompts from); set it to 0.")
-        if self.alpha is not None and not self.alpha > 0:
-            raise ConfigError(f"alpha must be positive; got {self.alpha!r}.")
-        if not 0 <= self.prompt_dropout < 1:
-            raise ConfigError(f"prompt_dropout must be in [0, 1); got {self.prompt_dropout!r}.")
-        if self.max_grad_norm is not None and self.max_grad_norm < 0:
-            raise ConfigError(f"max_grad_norm must be >= 0 (0 disables clipping); got {self.max_grad_norm!r}.")
         for name, allowed in (("objective", OBJECTIVES), ("condition", CONDITIONS), ("optimizer", OPTIMIZERS),
                               ("lr_schedule", SCHEDULES), ("mixed_precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}.")
-        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.keep_checkpoints < 1:
-            raise ConfigError("warmup_steps and checkpoint_every must be >= 0 and keep_checkpoints >= 1.")
+        self.warmup_steps = check_number(self.warmup_steps, "warmup_steps", 0, integer=True)
+        self.checkpoint_every = check_number(self.checkpoint_every, "checkpoint_every", 0, integer=True)
+        self.keep_checkpoints = check_number(self.keep_checkpoints, "keep_checkpoints", 1, integer=True)
         if self.timestep_range is not None:
-            lo, hi = self.timestep_range
+            lo, hi = (check_number(v, "timestep_range", 0, integer=True) for v in self.timestep_range)
             if not 0 <= lo < hi:
                 raise ConfigError(f"timestep_range must be (lo, hi) with 0 <= lo < hi; got {self.timestep_range!r}.")
             self.timestep_range = (int(lo), int(hi))

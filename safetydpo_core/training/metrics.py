@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..utils.atomic import disk_full_errors
+
 COLUMNS = ("step", "loss", "implicit_acc", "margin", "reward_w", "reward_l", "m_w", "m_l", "r_w", "r_l", "lr",
            "grad_norm", "seconds")
 
@@ -32,6 +34,10 @@ class MetricsLog:
 
     def _rewrite(self) -> None:
         assert self.stem is not None
+        with disk_full_errors(self._path(".csv"), "metrics log"):
+            self._write_all()
+
+    def _write_all(self) -> None:
         with open(self._path(".csv"), "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=self._fields, extrasaction="ignore")
             w.writeheader()
@@ -47,7 +53,8 @@ class MetricsLog:
             self._fields = self._columns()
             self._rewrite()
             return
-        with open(self._path(".csv"), "a", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, fieldnames=self._fields, extrasaction="ignore").writerow(row)
-        with open(self._path(".jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        with disk_full_errors(self._path(".csv"), "metrics log"):
+            with open(self._path(".csv"), "a", newline="", encoding="utf-8") as f:
+                csv.DictWriter(f, fieldnames=self._fields, extrasaction="ignore").writerow(row)
+            with open(self._path(".jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")

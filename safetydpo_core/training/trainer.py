@@ -47,6 +47,7 @@ from ..data.preference_dataset import PreferenceDataset
 from ..denoiser.protocol import Conditioning, draw_timesteps
 from ..errors import ConfigError, DatasetError, Interrupted, TrainingDiverged
 from ..lora.lora_set import LoraLayer, LoraSet
+from ..lora.targets import check_rank_fits
 from . import objectives
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -125,6 +126,10 @@ class ExpertTrainer:
     def _check_dataset(self) -> None:
         if len(self.dataset) == 0:
             raise DatasetError("The dataset has no pairs to train on.")
+        dropped = self.dataset.drop_identical()  # also refuses NaN/inf latents, naming the shard and key
+        if dropped:
+            log.warning("Leaving out %d pairs whose safe and unsafe latents are identical (they teach nothing): %s%s",
+                        len(dropped), ", ".join(dropped[:5]), ", ..." if len(dropped) > 5 else "")
         want = getattr(self.denoiser, "latent_channels", None)
         shapes = {tuple(r.latent_shape) for r in self.dataset.records}
         if want is not None:
@@ -328,6 +333,7 @@ class ExpertTrainer:
         cfg, d = self.cfg, self.denoiser
         if cfg.gradient_checkpointing and hasattr(d, "set_gradient_checkpointing"):
             d.set_gradient_checkpointing(True)
+        check_rank_fits(d.layers(cfg.targets), cfg.rank)
         adapter = d.attach_lora(cfg.rank, cfg.alpha, cfg.targets)
         try:
             adapter.load(self.init_lora if self.init_lora is not None else self._initial_lora(adapter))

@@ -1,18 +1,50 @@
 """Atomic file writes: write to a temporary file beside the target, then rename over it.
 
 Nothing already on disk is lost or half-written: if anything fails before the rename, the temporary file
-is removed and the old file (if any) is left as it was.
+is removed and the old file (if any) is left as it was. A full disk (or quota) while writing becomes one
+:class:`~safetydpo_core.errors.DiskFullError` that names the file: :func:`disk_full_errors` does that for
+writes that are not atomic (appends to a manifest or a metrics log).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import SafetyDPOError
+from ..errors import DiskFullError, SafetyDPOError
+
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """True for an OSError of a full disk or quota, also when a library wrapped it in its own error text
+    (safetensors and torch report the OS error inside their message)."""
+    if isinstance(e, OSError) and e.errno in _FULL:
+        return True
+    text = str(e)
+    return not isinstance(e, SafetyDPOError) and ("No space left on device" in text or "Disk quota exceeded" in text
+                                                  or "os error 28" in text)
+
+
+def disk_full_error(path: str | os.PathLike, what: str = "output file") -> DiskFullError:
+    return DiskFullError(f"No space left on device while writing the {what} {path}. Free some space (or choose "
+                         f"another output location) and run the same command again; with --resume it continues "
+                         f"where it stopped (files already written are complete).")
+
+
+@contextlib.contextmanager
+def disk_full_errors(path: str | os.PathLike, what: str = "output file") -> Iterator[None]:
+    """Turn a full-disk OSError inside the block into a one-line :class:`DiskFullError` naming ``path``."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - only disk-full errors are translated
+        if is_disk_full(e):
+            raise disk_full_error(path, what) from e
+        raise
 
 
 def ensure_writable_dir(directory: str | os.PathLike, what: str = "output") -> Path:
@@ -40,7 +72,8 @@ def atomic_path(target: str | os.PathLike, what: str = "output file") -> Iterato
     ensure_writable_dir(target.parent if str(target.parent) else Path("."), what=f"{what}'s")
     if target.exists() and target.is_dir():
         raise SafetyDPOError(f"The {what} {target} is a folder; give a file name.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent or "."))
+    with disk_full_errors(target, what):
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent or "."))
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -49,9 +82,11 @@ def atomic_path(target: str | os.PathLike, what: str = "output file") -> Iterato
         mode = target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask()
         os.chmod(tmp_path, mode)
         os.replace(tmp_path, target)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise disk_full_error(target, what) from e
         raise
 
 
