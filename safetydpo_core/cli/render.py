@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 from .common import Progress, add_model_args, write_resolved_config
@@ -51,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
     from ..prompts.pairs import read_pairs
     from .common import load_denoiser
 
+    from ..scaleout_commands import open_split, render_split
+
     pairs = _limit(read_pairs(args.pairs, categories=args.categories), args.limit)
+    split = open_split(args, "render", args.out, [p.id for p in pairs])  # None: one process, no parts
     den = load_denoiser(args)
     settings = RenderSettings(height=args.size, width=args.size, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
                               seed=args.seed, negative=args.negative, batch_pairs=args.batch_pairs)
@@ -67,9 +71,12 @@ def run(args: argparse.Namespace) -> int:
                                            **vars(settings)})
     bar = Progress(len(pairs), "render")
     try:
-        summary = render_pairs(den, pairs, args.out, settings, resume=args.resume, overwrite=args.overwrite,
-                               judge=judge, progress=bar, previews=not args.no_previews)
+        run_ = render_pairs if split is None else functools.partial(render_split, split)
+        summary = run_(den, pairs, args.out, settings, resume=args.resume, overwrite=args.overwrite,
+                       judge=judge, progress=bar, previews=not args.no_previews)
     finally:
         bar.close()
+    if summary is None:  # not the main process of a split run: the main process joined the parts
+        return 0
     print(json.dumps(summary.to_json(), indent=1))
     return 0
