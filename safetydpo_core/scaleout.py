@@ -25,7 +25,7 @@ Using it (the pattern of every command)::
     if split is None:            # one process, no parts: the command's usual path
         ...
     else:
-        done = split.gather(read_done)         # ids finished in any part (and the final output when resuming)
+        done = split.gather(read_done)         # ids finished in any part (collective: all read, then all write)
         do_my_share(split.part, split.owned(units, key_of_unit), done)
         split.finish(lambda parts: join(parts))
 """
@@ -127,7 +127,9 @@ class Split:
 
     @property
     def device(self) -> str | None:
-        return str(self.env.device) if self.env.device is not None else None
+        """This process's accelerator (``cuda:LOCAL_RANK``); None on CPUs."""
+        dev = self.env.device
+        return str(dev) if dev is not None and dev.type != "cpu" else None
 
     @property
     def part(self) -> Path:
@@ -161,11 +163,14 @@ class Split:
                              f"start anew.")
 
     # -- the work ---------------------------------------------------------------------------------
-    def gather(self, read_done: Callable[[Path], Iterable[Any]]) -> set:
-        """The union of ``read_done(part)`` over every part: what no process must do again."""
+    def gather(self, read_done: Callable[[Path], Iterable[Any]], also: Iterable[Path] = ()) -> set:
+        """The union of ``read_done(folder)`` over every part (and the folders ``also``, e.g. the final output
+        when resuming): what no process must do again. Collective: every process calls it once, and no process
+        writes before all have read (the shares are computed from it, so all must see the same)."""
         done: set = set()
-        for p in self.parts():
+        for p in [*self.parts(), *also]:
             done.update(read_done(p))
+        self.barrier()
         return done
 
     def owned(self, units: Sequence[T], key: Callable[[T], str]) -> list[T]:

@@ -60,9 +60,7 @@ def render_split(split: Split, denoiser, pairs, out, settings, *, resume: bool, 
     if manifest.exists() and manifest.stat().st_size and not (resume or overwrite):
         raise DatasetError(f"The dataset folder {out} already holds a dataset. Use --resume to continue it or "
                            f"--overwrite to replace it.")
-    skip = split.gather(_render_done)
-    if resume:
-        skip |= _render_done(Path(out))
+    skip = split.gather(_render_done, also=[Path(out)] if resume else [])
     render_pairs(denoiser, pairs, split.part, settings, resume=True, judge=judge, progress=progress,
                  previews=previews, split=split, skip=skip)
     return split.finish(lambda parts: _join_render(parts, pairs, out, resume=resume, overwrite=overwrite,
@@ -139,9 +137,7 @@ def sample_split(split: Split, denoiser, prompts, out, settings, *, lora=None, l
     """This process's share of ``sample_prompts``, then (main process) the join."""
     from .sampling import sample_prompts
 
-    skip = split.gather(lambda p: {(r.variant, r.id) for r in _run_records(p)})
-    if resume:
-        skip |= {(r.variant, r.id) for r in _run_records(Path(out))}
+    skip = split.gather(lambda p: {(r.variant, r.id) for r in _run_records(p)}, also=[Path(out)] if resume else [])
     sample_prompts(denoiser, prompts, split.part, settings, lora=lora, lora_name=lora_name, strengths=strengths,
                    resume=True, model_name=model_name, progress=progress, split=split, skip=skip)
     return split.finish(lambda parts: _join_sample(parts, prompts, out, lora=lora, lora_name=lora_name,
@@ -199,9 +195,9 @@ def eval_split(split: Split, runs, evaluator, out, *, categories=None, resume: b
     Returns True on the main process, which then finishes the evaluation with ``resume=True``."""
     from .eval.evaluate import _cache_key, evaluate_runs
 
-    skip = split.gather(lambda p: set(_eval_lines(p)))
     fp = evaluator.fingerprint()
     final = _eval_lines(Path(out)) if resume and _state_fp(Path(out)) == fp else {}
+    skip = split.gather(lambda p: set(_eval_lines(p)))
     evaluate_runs(runs, evaluator, split.part, resume=True, categories=categories, progress=progress, split=split,
                   skip=skip | set(final))
 
