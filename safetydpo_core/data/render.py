@@ -133,6 +133,8 @@ def render_pairs(denoiser, pairs: Sequence, out: str | os.PathLike, settings: Re
                            preview_safe=imgs[i], preview_unsafe=imgs[n + i])
                 rendered += 1
             start += n
+            if split is not None:  # a part keeps every finished batch (the join re-shards them)
+                writer.flush()
             if progress is not None:
                 progress(skipped + start, len(pairs), {"rendered": rendered, "dropped": sum(dropped.values())})
             atomic_write_text(summary_path, json.dumps({"dropped": dict(dropped)}) + "\n", "render summary")
