@@ -144,19 +144,19 @@ def sample_prompts(denoiser, prompts: Sequence[EvalPrompt], out: str | os.PathLi
                    *, lora=None, lora_name: str | None = None, strengths: Sequence[float] = (1.0,),
                    resume: bool = False, overwrite: bool = False, model_name: str = "",
                    progress: Callable[[int, int, dict], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> SampleSummary:
-    """Render every prompt at every strength of ``lora`` (a LoraSet; None: the base model only) into ``out``."""
+                   should_stop: Callable[[], bool] | None = None, split=None,
+                   skip: set | frozenset = frozenset()) -> SampleSummary:
+    """Render every prompt at every strength of ``lora`` (a LoraSet; None: the base model only) into ``out``.
+
+    ``split`` (:class:`~safetydpo_core.scaleout.Split`): render only this process's batches, skipping the
+    (variant, id) in ``skip`` (done in other parts); ``out`` is then this process's part."""
     from .data.render import initial_noise, to_pil
     from .lora.apply import lora_applied
 
     s = settings or SampleSettings()
     if not prompts:
         raise DatasetError("No prompts to sample.")
-    from .utils.numbers import check_number
-
-    strengths = list(dict.fromkeys(check_number(x, "strength", -100, 100) for x in strengths)) or [1.0]
-    if lora is None and any(x != 0 for x in strengths):
-        strengths = [0.0]
+    strengths = sample_strengths(strengths, lora)
     if resume and overwrite:
         raise ConfigError("Choose either resume (continue the run) or overwrite (start it anew), not both.")
     out = Path(out)
@@ -174,7 +174,7 @@ def sample_prompts(denoiser, prompts: Sequence[EvalPrompt], out: str | os.PathLi
             if diff:
                 raise ConfigError(f"Cannot resume {out}: it was made with other settings ({', '.join(diff)}). Use the same "
                                   f"settings, or --overwrite to start anew.")
-            if manifest.exists():
+            if manifest.exists() and manifest.stat().st_size:
                 for r in read_run(out, check_extra=False).records:
                     done[(r.variant, r.id)] = r
         elif overwrite:
@@ -200,7 +200,7 @@ def sample_prompts(denoiser, prompts: Sequence[EvalPrompt], out: str | os.PathLi
 
     for strength in strengths:
         variant = variant_name(lora_name or "lora", strength) if lora is not None else "base"
-        todo = [p for p in prompts if (variant, p.id) not in done]
+        todo = [p for p in prompts if (variant, p.id) not in done and (variant, p.id) not in skip]
         if not todo:
             continue
         # rows sharing guidance and size are rendered together
@@ -209,40 +209,49 @@ def sample_prompts(denoiser, prompts: Sequence[EvalPrompt], out: str | os.PathLi
             g = p.guidance if (s.row_guidance and p.guidance is not None) else s.cfg
             g = check_number(g, f"The guidance scale of prompt {p.id!r}", 0, 100)
             groups.setdefault((float(g), *size_of(p)), []).append(p)
+        units = [(key, rows[i:i + s.batch_size]) for key, rows in groups.items() for i in range(0, len(rows), s.batch_size)]
+        if split is not None:
+            units = split.owned(units, key=lambda u: f"{variant}/{u[1][0].id}")
         applied = [(lora, strength)] if lora is not None and strength != 0 else []
         with lora_applied(denoiser.module, applied):
-            for (guidance, h, w), rows in groups.items():
+            for (guidance, h, w), batch in units:
                 shape = denoiser.latent_shape(h, w)
-                for start in range(0, len(rows), s.batch_size):
-                    if should_stop is not None and should_stop():
-                        raise Interrupted(f"Sampling was cancelled after {written + skipped} of {total} images; "
-                                          f"run again with --resume to continue.")
-                    batch = rows[start:start + s.batch_size]
-                    seeds = [row_seed(p, s) for p in batch]
-                    noise = torch.stack([initial_noise(sd, shape) for sd in seeds])
-                    cond = denoiser.encode_prompts([p.prompt for p in batch], size=(h, w))
-                    uncond = denoiser.encode_prompts([s.negative] * len(batch), size=(h, w)) if guidance != 1.0 else None
-                    lat = denoiser.sample(cond, uncond, noise, steps=s.steps, cfg=guidance, sampler=s.sampler)
-                    images = to_pil(denoiser.decode_latents(lat))
-                    for p, sd, im in zip(batch, seeds, images):
-                        rel = f"images/{_SAFE.sub('_', variant)}/{_file_id(p.id)}.png"
-                        with atomic_path(out / rel, "image") as tmp:
-                            im.save(tmp, format="PNG")
-                        rec = ImageRecord(file=rel, prompt=p.prompt, id=p.id, categories=list(p.category), seed=sd,
-                                          guidance=guidance, variant=variant,
-                                          lora=lora_name if applied else None, strength=strength if lora is not None else None,
-                                          extra={"steps": s.steps, "sampler": s.sampler, "width": w, "height": h,
-                                                 "negative": s.negative, "model": model_name,
-                                                 **{k: p.extra[k] for k in ("concept", "topic") if p.extra.get(k)}})
-                        records.append(rec)
-                        done[(variant, p.id)] = rec
-                        counts[variant] += 1
-                        written += 1
-                    write_manifest(out, _ordered(records, prompts, strengths, lora, lora_name))
-                    if progress is not None:
-                        progress(written + skipped, total, {"variant": variant})
+                if should_stop is not None and should_stop():
+                    raise Interrupted(f"Sampling was cancelled after {written + skipped} of {total} images; "
+                                      f"run again with --resume to continue.")
+                seeds = [row_seed(p, s) for p in batch]
+                noise = torch.stack([initial_noise(sd, shape) for sd in seeds])
+                cond = denoiser.encode_prompts([p.prompt for p in batch], size=(h, w))
+                uncond = denoiser.encode_prompts([s.negative] * len(batch), size=(h, w)) if guidance != 1.0 else None
+                lat = denoiser.sample(cond, uncond, noise, steps=s.steps, cfg=guidance, sampler=s.sampler)
+                images = to_pil(denoiser.decode_latents(lat))
+                for p, sd, im in zip(batch, seeds, images):
+                    rel = f"images/{_SAFE.sub('_', variant)}/{_file_id(p.id)}.png"
+                    with atomic_path(out / rel, "image") as tmp:
+                        im.save(tmp, format="PNG")
+                    rec = ImageRecord(file=rel, prompt=p.prompt, id=p.id, categories=list(p.category), seed=sd,
+                                      guidance=guidance, variant=variant,
+                                      lora=lora_name if applied else None, strength=strength if lora is not None else None,
+                                      extra={"steps": s.steps, "sampler": s.sampler, "width": w, "height": h,
+                                             "negative": s.negative, "model": model_name,
+                                             **{k: p.extra[k] for k in ("concept", "topic") if p.extra.get(k)}})
+                    records.append(rec)
+                    done[(variant, p.id)] = rec
+                    counts[variant] += 1
+                    written += 1
+                write_manifest(out, _ordered(records, prompts, strengths, lora, lora_name))
+                if progress is not None:
+                    progress(written + skipped, total, {"variant": variant})
     write_manifest(out, _ordered(records, prompts, strengths, lora, lora_name))
     return SampleSummary(out, written, skipped, dict(counts))
+
+
+def sample_strengths(strengths: Sequence[float], lora) -> list[float]:
+    """The distinct strengths in order (only 0, the base model, without a LoRA); each finite, in [-100, 100]."""
+    from .utils.numbers import check_number
+
+    out = list(dict.fromkeys(check_number(x, "strength", -100, 100) for x in strengths)) or [1.0]
+    return [0.0] if lora is None and any(x != 0 for x in out) else out
 
 
 def _ordered(records: list[ImageRecord], prompts, strengths, lora, lora_name) -> list[ImageRecord]:

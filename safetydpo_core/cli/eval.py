@@ -109,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--names has {len(names)} names for {len(args.runs)} runs.")
     runs = [read_run(r, name=n) for r, n in zip(args.runs, names)]
     cats = normalize_categories(args.categories) if args.categories else None
+    from ..scaleout_commands import eval_split, open_split
+
+    split = open_split(args, "eval", out, [r.file for run in runs for r in run.records])  # None: one process
     settings = EvalSettings(nudenet=args.nudenet == "on", nudenet_model=args.nudenet_model,
                             nudenet_resolution=args.nudenet_resolution, q16=args.q16, q16_clip=args.q16_clip,
                             q16_embeddings=args.q16_embeddings, clipscore=args.clipscore, clip_model=args.clip_model,
@@ -126,9 +129,15 @@ def run(args: argparse.Namespace) -> int:
                 "inception_resolved": str(evaluator.inception_path) if evaluator.inception_path else None}
     total = sum(len(r.records) for r in runs)
     bar = Progress(total, "eval")
+    resume = args.resume
+    if split is not None:  # the per-picture scores are split; the main process finishes from the joined scores
+        if not eval_split(split, runs, evaluator, out, categories=cats, resume=args.resume, progress=bar):
+            bar.close()
+            return 0
+        resume = True
     try:
         with output_lock(out, what="report folder"):
-            result = run_evaluation(plan, out, resume=args.resume, progress=bar)
+            result = run_evaluation(plan, out, resume=resume, progress=bar)
             files = write_report(result, out, settings=resolved)
             write_resolved_config(out, resolved)  # with the result, never before
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.render import RenderSettings, render_pairs
     from ..errors import DatasetError
     from ..prompts.pairs import read_pairs
+    from ..scaleout_commands import open_split, render_split
     from .common import default_cfg, load_denoiser
 
     out = Path(args.out)
@@ -72,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if not pairs:
         raise DatasetError(f"{args.pairs} has no pairs" + (f" for {args.categories}" if args.categories else "") +
                            "; nothing to render.")
+    split = open_split(args, "render", args.out, [p.id for p in pairs])  # None: one process, no parts
     den = load_denoiser(args)
     settings = RenderSettings(height=args.size, width=args.size, steps=args.steps, cfg=default_cfg(args, den),
                               sampler=args.sampler,
@@ -83,10 +86,13 @@ def run(args: argparse.Namespace) -> int:
         judge = NudeNetPairJudge()
     bar = Progress(len(pairs), "render")
     try:
-        summary = render_pairs(den, pairs, out, settings, resume=args.resume, overwrite=args.overwrite,
-                               judge=judge, progress=bar, previews=not args.no_previews)
+        run_ = render_pairs if split is None else functools.partial(render_split, split)
+        summary = run_(den, pairs, out, settings, resume=args.resume, overwrite=args.overwrite,
+                       judge=judge, progress=bar, previews=not args.no_previews)
     finally:
         bar.close()
+    if summary is None:  # not the main process of a split run: the main process joined the parts
+        return 0
     write_resolved_config(out, {"command": "render", "model": args.model, "pairs": args.pairs,
                                 "categories": args.categories, "limit": args.limit, "judge": args.judge,
                                 "guidance": den.guidance, **vars(settings)})

@@ -17,6 +17,7 @@ from it) and ``--cfg``. All strengths of a prompt share its seed and initial noi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 from pathlib import Path
@@ -92,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
                               seed=args.seed, negative=args.negative, batch_size=args.batch_size,
                               row_guidance=not args.ignore_row_guidance, row_seed=not args.ignore_row_seeds,
                               row_size=args.row_size)
+    from ..scaleout_commands import open_split, sample_split
+
+    split = open_split(args, "sample", args.out, [p.id for p in prompts])  # None: one process, no parts
     den = load_denoiser(args)
     settings.cfg = default_cfg(args, den)
     lora = lora_name = None
@@ -107,20 +111,24 @@ def run(args: argparse.Namespace) -> int:
                              f"replace it.")
     bar = Progress(len(prompts) * (len(set(strengths)) if lora is not None else 1), "sample")
     try:
-        with output_lock(out, what="image run"):
-            summary = sample_prompts(den, prompts, out, settings, lora=lora, lora_name=lora_name, strengths=strengths,
-                                     resume=args.resume, overwrite=args.overwrite, model_name=str(args.model),
-                                     progress=bar)
-            write_resolved_config(out, {"command": "sample", "model": str(args.model), "prompts": str(args.prompts),
-                                        "lora": args.lora, "lora_name": lora_name, "strengths": strengths,
-                                        "variants": list(dict.fromkeys(variants)), "categories": args.categories,
-                                        "limit": args.limit, "pair_field": args.pair_field,
-                                        "prompts_count": len(prompts), "device": str(den.device),
-                                        "dtype": str(den.dtype), **vars(settings)})
+        # the main process holds the output's lock (the others write only their own part folders)
+        with output_lock(*((out,) if split is None or split.is_main else ()), what="image run"):
+            run_ = sample_prompts if split is None else functools.partial(sample_split, split)
+            summary = run_(den, prompts, out, settings, lora=lora, lora_name=lora_name, strengths=strengths,
+                           resume=args.resume, overwrite=args.overwrite, model_name=str(args.model), progress=bar)
+            if summary is not None:
+                write_resolved_config(out, {"command": "sample", "model": str(args.model), "prompts": str(args.prompts),
+                                            "lora": args.lora, "lora_name": lora_name, "strengths": strengths,
+                                            "variants": list(dict.fromkeys(variants)), "categories": args.categories,
+                                            "limit": args.limit, "pair_field": args.pair_field,
+                                            "prompts_count": len(prompts), "device": str(den.device),
+                                            "dtype": str(den.dtype), **vars(settings)})
     except KeyboardInterrupt:
         log.warning("Stopped. Run the same command with --resume to continue; finished images are kept.")
         raise
     finally:
         bar.close()
+    if summary is None:  # not the main process of a split run: the main process joined the parts
+        return 0
     print(json.dumps(summary.to_json(), indent=1))
     return 0

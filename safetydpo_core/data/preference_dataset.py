@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import shutil
-from collections import Counter
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "safetydpo-preference-dataset"
 VERSION = 1
+OPEN_SHARDS = 4  # shards kept open while reading (100,000 pairs are ~1,600 shards: never all at once)
 _SHARD_RE = re.compile(r"shard-(\d+)\.safetensors$")
 
 
@@ -371,7 +372,7 @@ class PreferenceDataset:
         for r in records:
             if len(r.latent_shape) != 3:
                 raise DatasetError(f"Pair {r.id!r} has latent shape {r.latent_shape}; expected [channels, height, width].")
-        self._handles: dict[str, Any] = {}
+        self._handles: OrderedDict[str, Any] = OrderedDict()  # a few open shards: memory bounded by a shard
 
     def __len__(self) -> int:
         return len(self.records)
@@ -390,7 +391,9 @@ class PreferenceDataset:
 
     def _shard(self, name: str):
         h = self._handles.get(name)
-        if h is None:
+        if h is not None:
+            self._handles.move_to_end(name)
+        else:
             path = self.root / name
             if not path.exists():
                 raise DatasetError(f"Dataset shard {path} is missing; the dataset is incomplete. Re-run the render "
@@ -400,6 +403,8 @@ class PreferenceDataset:
             except (SafetensorError, OSError) as e:
                 raise DatasetError(f"Dataset shard {path} cannot be read: {e}.") from e
             self._handles[name] = h
+            while len(self._handles) > OPEN_SHARDS:
+                self._handles.popitem(last=False)
         return h
 
     def load_latent(self, shard: str, key: str) -> torch.Tensor:

@@ -92,11 +92,14 @@ class RenderSummary:
 def render_pairs(denoiser, pairs: Sequence, out: str | os.PathLike, settings: RenderSettings | None = None, *,
                  resume: bool = False, overwrite: bool = False, judge: PairJudge | None = None,
                  progress: Callable[[int, int, dict], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None, previews: bool = True) -> RenderSummary:
+                 should_stop: Callable[[], bool] | None = None, previews: bool = True, split=None,
+                 skip: set | frozenset = frozenset()) -> RenderSummary:
     """Render ``pairs`` (objects with id, category, concept, unsafe, safe) into a dataset at ``out``.
 
     ``overwrite`` renders the new dataset beside the old one and swaps it in at the end (the old one stays
     as it was if this fails or is cancelled); the dataset is locked while it is written.
+    ``split`` (:class:`~safetydpo_core.scaleout.Split`): render only this process's batches, skipping the ids in
+    ``skip`` (done in other parts); ``out`` is then this process's part.
     """
     s = settings or RenderSettings()
     if not pairs:
@@ -110,15 +113,18 @@ def render_pairs(denoiser, pairs: Sequence, out: str | os.PathLike, settings: Re
     rendered = 0
     with PreferenceDatasetWriter(out, model_fingerprint=denoiser.fingerprint(), settings=record, resume=resume,
                                  overwrite=overwrite, previews=previews) as writer:
-        todo = [p for p in pairs if p.id not in writer.done_ids]
+        todo = [p for p in pairs if p.id not in writer.done_ids and p.id not in skip]
         skipped = len(pairs) - len(todo)
+        batches = [todo[i:i + s.batch_pairs] for i in range(0, len(todo), s.batch_pairs)]
+        if split is not None:
+            batches = split.owned(batches, key=lambda b: b[0].id)
         summary_path = writer.root / "summary.json"
         if resume and summary_path.exists():
             dropped.update(json.loads(summary_path.read_text()).get("dropped", {}))
-        for start in range(0, len(todo), s.batch_pairs):
+        start = 0
+        for batch in batches:
             if should_stop is not None and should_stop():
                 raise Interrupted(f"Rendering was cancelled after {rendered} pairs; run again with resume to continue.")
-            batch = todo[start:start + s.batch_pairs]
             seeds = [pair_seed(s.seed, p.id) for p in batch]
             noise = torch.stack([initial_noise(sd, shape) for sd in seeds])
             prompts = [p.safe for p in batch] + [p.unsafe for p in batch]
@@ -138,8 +144,11 @@ def render_pairs(denoiser, pairs: Sequence, out: str | os.PathLike, settings: Re
                            safe_latent=lat[i], unsafe_latent=lat[n + i], seed=seeds[i], height=h, width=w,
                            preview_safe=imgs[i], preview_unsafe=imgs[n + i])
                 rendered += 1
+            start += n
+            if split is not None:  # a part keeps every finished batch (the join re-shards them)
+                writer.flush()
             if progress is not None:
-                progress(skipped + start + n, len(pairs), {"rendered": rendered, "dropped": sum(dropped.values())})
+                progress(skipped + start, len(pairs), {"rendered": rendered, "dropped": sum(dropped.values())})
             atomic_write_text(summary_path, json.dumps({"dropped": dict(dropped)}) + "\n", "render summary")
         writer.flush()
         per_cat = dict(sorted(Counter(c for r in writer.records for c in r.category).items()))

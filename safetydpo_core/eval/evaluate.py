@@ -361,9 +361,11 @@ def _cache_key(run: ImageRun, rec: ImageRecord) -> str:
 
 def evaluate_runs(runs: Sequence[ImageRun], evaluator: Evaluator, out: str | os.PathLike | None = None, *,
                   resume: bool = False, categories: Sequence[str] | None = None,
-                  progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> EvalResult:
+                  progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
+                  split=None, skip: set | frozenset = frozenset()) -> EvalResult:
     """Score every image of ``runs``; with ``out``, keep per-image results in ``out/per_image.jsonl`` so an
-    interrupted evaluation continues with ``resume=True``."""
+    interrupted evaluation continues with ``resume=True``. ``split`` (:class:`~safetydpo_core.scaleout.Split`):
+    score only this process's batches, skipping the cache keys in ``skip``; ``out`` is then this process's part."""
     if not runs:
         raise ConfigError("No image runs to evaluate.")
     labels = group_labels(runs)
@@ -402,16 +404,18 @@ def evaluate_runs(runs: Sequence[ImageRun], evaluator: Evaluator, out: str | os.
         if key in cached:
             rows.append({**cached[key], "run": run.name, "run_index": i, "variant": rec.variant, "id": rec.id,
                          "seed": rec.seed, "categories": rec.categories, "prompt": rec.prompt})
-        else:
+        elif key not in skip:
             pending.append((i, run, rec, key))
     done = len(rows)
     if progress is not None:
         progress(done, len(todo), {"skipped": done})
     bs = evaluator.settings.batch_size
-    for start in range(0, len(pending), bs):
+    batches = [pending[start:start + bs] for start in range(0, len(pending), bs)]
+    if split is not None:
+        batches = split.owned(batches, key=lambda b: b[0][3])
+    for batch in batches:
         if should_stop is not None and should_stop():
             raise Interrupted(f"Evaluation was cancelled after {done} of {len(todo)} images; resume to continue.")
-        batch = pending[start:start + bs]
         images = [load_image(run.path(rec)) for _, run, rec, _ in batch]
         scores = evaluator.score_images(images, [rec.prompt for _, _, rec, _ in batch])
         new = []
