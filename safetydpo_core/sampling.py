@@ -31,6 +31,7 @@ from .errors import ConfigError, DatasetError, Interrupted, SafetyDPOError
 from .eval.manifest import MANIFEST, ImageRecord, read_run, write_manifest
 from .prompts.i2p import EvalPrompt
 from .utils.atomic import atomic_path, atomic_write_text
+from .utils.numbers import check_number
 
 STATE = "sample_state.json"
 _SAFE = re.compile(r"[^A-Za-z0-9._@+-]+")
@@ -248,8 +249,6 @@ def sample_prompts(denoiser, prompts: Sequence[EvalPrompt], out: str | os.PathLi
 
 def sample_strengths(strengths: Sequence[float], lora) -> list[float]:
     """The distinct strengths in order (only 0, the base model, without a LoRA); each finite, in [-100, 100]."""
-    from .utils.numbers import check_number
-
     out = list(dict.fromkeys(check_number(x, "strength", -100, 100) for x in strengths)) or [1.0]
     return [0.0] if lora is None and any(x != 0 for x in out) else out
 
