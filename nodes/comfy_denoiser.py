@@ -165,6 +165,7 @@ class ComfyDenoiser:
     """A ComfyUI ``MODEL`` (with its ``CLIP`` and ``VAE``) seen through the Denoiser protocol."""
 
     naming = "ldm"
+    _input_grads = False  # set by the prompt embedder's gradients(): predict() keeps the caller's grad mode
 
     def __init__(self, model, clip=None, vae=None, compute_dtype: str | torch.dtype = "auto",
                  default_size: tuple[int, int] | None = None, guidance: float | None = None):
@@ -503,6 +504,16 @@ class ComfyDenoiser:
         ctx = self.encode_prompts(prompts).tensors["c_crossattn"]
         return torch.stack([ctx[i, n] for i, n in enumerate(counts)])
 
+    def prompt_embedder(self):
+        """Token-level access to the graph's CLIP, for the attacks (:mod:`.comfy_prompt_embedder`)."""
+        from .comfy_prompt_embedder import ComfyPromptEmbedder
+
+        if self.flow is not None:
+            raise ConfigError("The red-teaming attacks (Ring-A-Bell, UnlearnDiffAtk, concept inversion) work on the "
+                              "CLIP text encoders of UNet models (SD1.x, SD2.x, SDXL); this flow-matching model (SD3 / "
+                              "Flux.1) is not supported. Use the wording attack, which needs no token-level access.")
+        return ComfyPromptEmbedder(self)
+
     # -- the forward process ------------------------------------------------------------------------
     def sample_timesteps(self, n: int, generator: torch.Generator, latent_shape: Sequence[int] | None = None,
                          t_range: tuple[float, float] | None = None) -> torch.Tensor:
@@ -555,7 +566,7 @@ class ComfyDenoiser:
                               "conditioning carries the guidance).")
         # ComfyUI runs nodes in inference mode, where nothing trains. Leaving it re-enables autograd
         # whatever the caller said, so the caller's grad mode is taken first (no_grad for the reference).
-        want_grad = torch.is_grad_enabled() and self.adapter is not None
+        want_grad = torch.is_grad_enabled() and (self.adapter is not None or self._input_grads)
         with torch.inference_mode(False), torch.set_grad_enabled(want_grad):
             mp = self.load()
             dev = self.device

@@ -183,6 +183,12 @@ class DiffusersDenoiser:
         hidden, _ = self._text_hidden(prompts, length=max(counts) + 2)
         return torch.stack([hidden[i, n] for i, n in enumerate(counts)])
 
+    def prompt_embedder(self):
+        """Token-level access to the text encoder(s), for the attacks (:mod:`.diffusers_embedder`)."""
+        from .diffusers_embedder import DiffusersPromptEmbedder
+
+        return DiffusersPromptEmbedder(self)
+
     # -- the forward process ------------------------------------------------------------------------
     def sample_timesteps(self, n: int, generator: torch.Generator, latent_shape=None,
                          t_range: tuple[float, float] | None = None) -> torch.Tensor:

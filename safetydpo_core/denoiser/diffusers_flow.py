@@ -247,6 +247,12 @@ class DiffusersFlowDenoiser:
         raise ConfigError("SD3 and Flux.1 have no cross-attention context (joint attention): UCE and the other "
                           "erasure baselines run on UNets only.")
 
+    def prompt_embedder(self):
+        raise ConfigError("The red-teaming attacks (Ring-A-Bell, UnlearnDiffAtk, concept inversion) work on the CLIP "
+                          "text encoders of UNet models (SD1.x, SD2.x, SDXL); SD3 and Flux.1 also condition on T5 "
+                          "and are not supported. Attack an SD1.x/SD2.x/SDXL model, or use the wording attack "
+                          "(attacks='wording'), which needs no token-level access.")
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor * self.patch
         if height <= 0 or width <= 0 or height % f or width % f:

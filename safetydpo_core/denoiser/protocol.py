@@ -17,7 +17,11 @@ this:
 * ``prompt_token_counts(prompts)`` and ``last_token_embeddings(prompts)``: the number of text tokens of each
   prompt, and the cross-attention context (what the keys and values are computed from) of each prompt at its
   last text token (concept erasure: :mod:`safetydpo_core.erase`);
-* ``sample(...)``, ``encode_images(...)``, ``decode_latents(...)``: rendering.
+* ``sample(...)``, ``encode_images(...)``, ``decode_latents(...)``: rendering;
+* ``prompt_embedder()``: a :class:`PromptEmbedder`, token-level access to the text encoder(s) for the
+  red-teaming attacks (:mod:`safetydpo_core.attacks`): the vocabulary's input embeddings, token ids and
+  text, and conditioning from token ids with some positions given as (differentiable) input embeddings
+  (the flow backend raises a ConfigError: the attacks need a CLIP-conditioned UNet).
 
 Two kinds of schedule (``schedule``):
 
@@ -89,6 +93,47 @@ class AdapterHandle(Protocol):
     def remove(self) -> None: ...
 
 
+FREE = -1  # in PromptEmbedder.encode(): a position whose input embedding is given, not looked up
+
+
+@runtime_checkable
+class PromptEmbedder(Protocol):
+    """Token-level access to a denoiser's text encoder(s), for attacks that search or optimise prompts in the
+    encoder's input-embedding space (Ring-A-Bell, UnlearnDiffAtk, concept inversion).
+
+    A prompt is a list of *content* token ids: no start, end or padding tokens (the embedder adds them) and at
+    most ``max_tokens`` of them. An input embedding is ``dim`` wide; with several text encoders (SDXL) it is
+    the concatenation of each encoder's token embedding for the same id (their tokenizers share one
+    vocabulary), in a fixed order.
+
+    * ``vocabulary()``: ``[V, dim]`` input embeddings of every token id (float32, CPU, detached);
+    * ``special_ids()``: ids that are not words (start, end, padding, unknown): never candidates;
+    * ``token_ids(prompts)``: the content ids of each prompt, truncated to ``max_tokens``;
+    * ``decode(ids)``: the text of content ids (tokenizing it again gives these ids for ordinary words);
+    * ``encode(ids, free, size)``: the :class:`Conditioning` that ``encode_prompts`` would give for these
+      ids, where the id :data:`FREE` marks positions whose input embedding is the next row of ``free[b]``
+      (``[n_free, dim]``; gradients flow back to it);
+    * ``gradients()``: a context in which :meth:`encode` and the denoiser's ``predict`` carry gradients back
+      to their inputs while every network weight stays frozen (a backend may need to prepare for that).
+    """
+
+    max_tokens: int
+    dim: int
+
+    def vocabulary(self) -> torch.Tensor: ...
+
+    def special_ids(self) -> set[int]: ...
+
+    def token_ids(self, prompts: Sequence[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def encode(self, ids: Sequence[Sequence[int]], free: Sequence[torch.Tensor | None] | None = None,
+               size: tuple[int, int] | None = None) -> Conditioning: ...
+
+    def gradients(self) -> ContextManager[None]: ...
+
+
 @runtime_checkable
 class Denoiser(Protocol):
     """A text-conditioned diffusion network with its noise schedule."""
@@ -143,6 +188,10 @@ class Denoiser(Protocol):
     def fingerprint(self) -> str: ...
 
     def weight_shapes(self) -> Mapping[str, tuple[int, ...]]: ...
+
+    def prompt_embedder(self) -> PromptEmbedder:
+        """Token-level access to the text encoder(s) (see :class:`PromptEmbedder`), for the attacks."""
+        ...
 
 
 SCHEDULES = ("discrete", "flow")
