@@ -6,7 +6,7 @@ embedding tensors in place of ids (that is how ComfyUI applies textual-inversion
 whose input embedding is given becomes such a tensor, every other position keeps its id, so the attention
 mask, the end token's position and the pooled output are computed exactly as for a typed prompt. For SDXL
 an input embedding is the concatenation of the CLIP-L and CLIP-G token embeddings (the two tokenizers
-share one vocabulary), in the order of the tokenizer's keys; the conditioning is assembled as
+share one vocabulary), CLIP-L first as in the diffusers backend; the conditioning is assembled as
 :meth:`.comfy_denoiser.ComfyDenoiser.encode_prompts` assembles it.
 
 Gradients: ComfyUI builds a graph's models inside ``torch.inference_mode()``, and autograd cannot save
@@ -68,7 +68,7 @@ class ComfyPromptEmbedder:
         self.den = denoiser
         self.clip = clip
         try:
-            keys = list(clip.tokenize("").keys())
+            keys = sorted(clip.tokenize("").keys(), key=lambda k: {"l": 0, "h": 1, "g": 2}.get(k, 3))
         except Exception as e:  # noqa: BLE001 - any CLIP we cannot read token by token
             raise ModelError(f"This CLIP ({type(clip.cond_stage_model).__name__}) cannot be read token by token: {e}") from e
         self.encoders: list[_Encoder] = []

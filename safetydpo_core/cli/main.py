@@ -15,7 +15,7 @@ import sys
 from .. import __version__
 from ..errors import SafetyDPOError
 
-COMMANDS = ("pairs", "render", "dataset", "train", "erase", "merge", "sample", "eval", "demo", "workflow")
+COMMANDS = ("pairs", "render", "dataset", "train", "erase", "merge", "sample", "eval", "attack", "demo", "workflow")
 
 
 def build_parser() -> argparse.ArgumentParser:
