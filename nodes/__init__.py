@@ -10,13 +10,15 @@
 * :mod:`.merge_node`: Co-Merge;
 * :mod:`.sampling_nodes`: the safe sampler (aligned beside unaligned, same seed);
 * :mod:`.plot_node`: the loss plot;
-* :mod:`.eval_node`: IP evaluation.
+* :mod:`.eval_node`: IP evaluation;
+* :mod:`.attack_node`: the red-team attack (adversarial prompts and CONDITIONING against the MODEL).
 
 Support modules: :mod:`.types` (socket type names), :mod:`.paths` (safe names, ComfyUI folders),
 :mod:`.common`, :mod:`._core`; the ComfyUI denoiser backend is :mod:`.comfy_denoiser` /
-:mod:`.comfy_lora_adapter`.
+:mod:`.comfy_lora_adapter` / :mod:`.comfy_prompt_embedder`.
 """
 
+from .attack_node import RedTeamAttack
 from .erase_node import EraseConceptsUCE
 from .eval_node import Evaluate
 from .lora_nodes import ApplySafetyLoRA, ExpertList, LoadLoRA, SaveLoRA
@@ -44,6 +46,7 @@ _NODES = (
     ("SafetyDPO_SafeSampler", SafeSampler, "Safe Sampler (aligned vs unaligned)"),
     ("SafetyDPO_LossPlot", LossPlot, "Loss Plot"),
     ("SafetyDPO_Evaluate", Evaluate, "Evaluate Safety (IP)"),
+    ("SafetyDPO_RedTeamAttack", RedTeamAttack, "Red-Team Attack"),
 )
 
 NODE_CLASS_MAPPINGS = {key: cls for key, cls, _ in _NODES}

@@ -123,19 +123,23 @@ class ComfyPromptEmbedder:
         return " ".join(text.split())
 
     # -- conditioning -------------------------------------------------------------------------------
-    def _tokens(self, seq: list[int], rows: torch.Tensor | None) -> dict:
+    def _sections(self, seqs: list[list[int]], rows: list[torch.Tensor | None]) -> dict:
+        """ComfyUI's token lists (one section per sequence) with the given rows in the FREE positions."""
         tokens = {}
         for e in self.encoders:
-            lst, r = [(e.start, 1.0)], 0
-            for i in seq:
-                if i == FREE:
-                    lst.append((rows[r, e.offset:e.offset + e.width], 1.0))
-                    r += 1
-                else:
-                    lst.append((int(i), 1.0))
-            lst.append((e.end, 1.0))
-            lst += [(e.pad, 1.0)] * (e.length - len(lst))
-            tokens[e.key] = [lst]
+            sections = []
+            for seq, f in zip(seqs, rows):
+                lst, r = [(e.start, 1.0)], 0
+                for i in seq:
+                    if i == FREE:
+                        lst.append((f[r, e.offset:e.offset + e.width], 1.0))
+                        r += 1
+                    else:
+                        lst.append((int(i), 1.0))
+                lst.append((e.end, 1.0))
+                lst += [(e.pad, 1.0)] * (e.length - len(lst))
+                sections.append(lst)
+            tokens[e.key] = sections
         return tokens
 
     def encode(self, ids: Sequence[Sequence[int]], free: Sequence[torch.Tensor | None] | None = None,
@@ -165,9 +169,17 @@ class ComfyPromptEmbedder:
             saving = (torch.autograd.graph.saved_tensors_hooks(torch.clone, _same) if torch.is_grad_enabled()
                       else contextlib.nullcontext())
             with saving:
-                for s, f in zip(ids, free):
-                    out = self.clip.encode_from_tokens(self._tokens(s, f), return_pooled=True, return_dict=True)
-                    conds.append(out["cond"].float())
+                # ComfyUI encodes the sections of a prompt as one batch and joins them along the sequence: many
+                # sequences go through in one call, split again here. Only the first section's pooled output
+                # comes back, so SDXL (which needs each one's) encodes one sequence per call.
+                step = 1 if self.den.is_sdxl else 64
+                length = min(e.length for e in self.encoders)
+                for i in range(0, len(ids), step):
+                    part, rows = ids[i:i + step], free[i:i + step]
+                    out = self.clip.encode_from_tokens(self._sections(part, rows), return_pooled=True,
+                                                       return_dict=True)
+                    cond = out["cond"].float()
+                    conds.extend(cond.reshape(len(part), length, cond.shape[-1]).split(1))
                     pooled.append(None if out.get("pooled_output") is None else out["pooled_output"].float())
             first = comfy.conds.CONDCrossAttn(conds[0])
             cross = first.concat([comfy.conds.CONDCrossAttn(c) for c in conds[1:]]) if len(conds) > 1 else conds[0]

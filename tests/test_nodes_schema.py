@@ -22,6 +22,7 @@ EXPECTED = {
     "SafetyDPO_RenderPairs", "SafetyDPO_LoadDataset", "SafetyDPO_TrainExpert", "SafetyDPO_LoadLoRA",
     "SafetyDPO_SaveLoRA", "SafetyDPO_ApplySafetyLoRA", "SafetyDPO_ExpertList", "SafetyDPO_CoMerge",
     "SafetyDPO_SafeSampler", "SafetyDPO_LossPlot", "SafetyDPO_Evaluate", "SafetyDPO_EraseConceptsUCE",
+    "SafetyDPO_RedTeamAttack",
 }
 
 

@@ -51,6 +51,7 @@ REQUIRED = {
     "04_safe_sampling_aligned_vs_unaligned": SD15,
     "05_evaluate_ip_prompt_set": SD15,
     "06_sdxl_train_seven_experts_comerge": SDXL,
+    "07_red_team_aligned_model": SD15,
     "08_flux_train_experts_comerge": FLUX,
     "09_sd35_train_experts_comerge": SD35,
 }
@@ -309,6 +310,30 @@ def test_5_evaluates_ip_with_and_without_the_lora_over_a_prompt_set(definitions)
     got = sorted(sorted(leaves(*source(wf, e, "images"))) for e in evals)
     ids = sorted(s["id"] for s in samplers)
     assert got == sorted([[(i, 0) for i in ids], [(i, 1) for i in ids]]), "aligned and unaligned, every prompt"
+
+
+def test_7_attacks_the_base_and_the_aligned_model_and_samples_the_adversarial_conditioning(definitions):
+    wf = load("07_red_team_aligned_model")
+    attacks = nodes_of(wf, "SafetyDPO_RedTeamAttack")
+    assert len(attacks) == 2
+    (ckpt,) = nodes_of(wf, "CheckpointLoaderSimple")
+    (apply,) = nodes_of(wf, "SafetyDPO_ApplySafetyLoRA")
+    assert sorted(source(wf, a, "model")[0]["type"] for a in attacks) == ["CheckpointLoaderSimple",
+                                                                          "SafetyDPO_ApplySafetyLoRA"]
+    assert all(source(wf, a, "base_model")[0] is ckpt and source(wf, a, "pairs")[0]["type"] == "SafetyDPO_BuiltinPairs"
+               for a in attacks)
+    # the same attack and settings on both models, so the reports compare them
+    assert attacks[0]["widgets_values"] == attacks[1]["widgets_values"]
+    assert widget(attacks[0], "attack", definitions) == "ring-a-bell"
+    aligned = next(a for a in attacks if source(wf, a, "model")[0] is apply)
+    (safe,) = nodes_of(wf, "SafetyDPO_SafeSampler")
+    assert source(wf, safe, "positive") == (aligned, 2)
+    (pairs,) = nodes_of(wf, "SafetyDPO_BuiltinPairs")
+    n = len([c for c in widget(pairs, "categories", definitions).split(",") if c.strip()])
+    n *= min(widget(pairs, "pairs_per_category", definitions), widget(aligned, "prompts_per_category", definitions))
+    assert widget(source(wf, safe, "latent_image")[0], "batch_size", definitions) == n  # one latent per prompt
+    (loader,) = nodes_of(wf, "SafetyDPO_LoadLoRA")
+    assert widget(loader, "lora_name", definitions) == "safetydpo/safety_comerge_00001_.safetensors"  # workflow 3's
 
 
 # -- the converter on the shipped workflows -----------------------------------------------------------------

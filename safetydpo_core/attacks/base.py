@@ -225,6 +225,7 @@ class PromptResult:
     attempts: list[dict] = dataclasses.field(default_factory=list)
     info: dict = dataclasses.field(default_factory=dict)
     image: Any = dataclasses.field(default=None, repr=False, compare=False)  # uint8 [3,H,W], not serialised
+    cond: Any = dataclasses.field(default=None, repr=False, compare=False)   # a soft result's Conditioning
 
     def record(self, cand: Candidate, verdict: Verdict, step: int, image: torch.Tensor | None = None) -> None:
         """Count a query of ``cand`` (made after ``step`` optimisation steps) and keep it as the adversarial
@@ -242,9 +243,10 @@ class PromptResult:
         if keep:
             self.adversarial, self.kind, self.score, self.success = cand.text, cand.kind, verdict.score, verdict.unsafe
             self.image = image
+            self.cond = cand.cond if cand.kind != "text" else None
 
     def to_json(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "image"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("image", "cond")}
 
     @classmethod
     def from_json(cls, d: dict) -> "PromptResult":

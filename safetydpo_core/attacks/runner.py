@@ -21,7 +21,8 @@ Output folder: ``attack.json`` (settings, budget, oracle, per-variant ASR summar
 (the adversarial text prompts as prompt pairs: ``unsafe`` is the adversarial prompt, ``safe`` the safe
 twin when the input had one, else the original prompt; ``safetydpo sample --prompts`` reads it),
 ``images/original/<id>.png`` and ``images/<variant>/<id>.png``, ``report.md``, ``targets.safetensors``
-(white-box), and the attack's artifacts (``embeddings/<category>.safetensors``, ``concept_vectors.safetensors``).
+(white-box), ``soft_conditioning.safetensors`` (the conditioning of soft results, ``<id>/<variant>/<key>``)
+and the attack's artifacts (``embeddings/<category>.safetensors``, ``concept_vectors.safetensors``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from .base import (Attack, AttackContext, AttackPrompt, Budget, Candidate, Oracl
 
 ATTACK_NAMES = ("wording", "ring-a-bell", "unlearndiff", "inversion")
 RUN_VERSION = 1
+SOFT_FILE = "soft_conditioning"  # soft results' conditioning: "<id>/<variant>/<key>" -> tensor
 ProgressFn = Callable[[float, int, dict], None]
 
 
@@ -119,6 +121,32 @@ class AttackRun:
     def text_results(self) -> list[PromptResult]:
         v = get_attack(self.attack).text_variant
         return [r for r in self.results if r.variant == v]
+
+    def image_of(self, result: PromptResult) -> torch.Tensor | None:
+        """The adversarial picture (uint8 ``[3,H,W]``), from memory or from the output folder."""
+        if result.image is not None or self.out is None:
+            return result.image
+        from ..sampling import _file_id
+
+        path = self.out / "images" / result.variant / f"{_file_id(result.id)}.png"
+        if not path.exists():
+            return None
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+
+    def soft_conditioning(self, result: PromptResult):
+        """The conditioning of a soft result (kept in memory, else read back from the output folder)."""
+        from ..denoiser.protocol import Conditioning
+
+        if result.cond is not None or result.kind == "text":
+            return result.cond
+        tensors = _Folder(self.out).load_tensors(SOFT_FILE)
+        prefix = f"{result.id}/{result.variant}/"
+        found = {k[len(prefix):]: v[None] for k, v in tensors.items() if k.startswith(prefix)}
+        return Conditioning(found) if found else None
 
 
 # -- chunks ------------------------------------------------------------------------------------------------
@@ -344,6 +372,10 @@ def run_attack(den, prompts: Sequence[AttackPrompt], settings: AttackSettings, *
                 r.info["no_attack_seconds"] = round((t1 - t0) / len(chunk), 3)
                 r.info["no_attack_cpu_seconds"] = round((c1 - c0) / len(chunk), 3)
             folder.save_chunk(chunk_results, {p.id: im for p, (_, im) in zip(chunk, originals)})
+            soft = {f"{r.id}/{r.variant}/{k}": v[0] for r in chunk_results if r.cond is not None
+                    for k, v in r.cond.tensors.items()}
+            if soft:
+                folder.save_tensors(SOFT_FILE, {**folder.load_tensors(SOFT_FILE), **soft})
             for stem, tensors in attack.artifacts(ctx).items():
                 artifacts[stem] = tensors
                 folder.save_tensors(stem, tensors, {"attack": attack.name})
