@@ -68,7 +68,7 @@ def _row(run, attack: str) -> dict:
     return {"asr": s["asr"], "no_attack": s["no_attack"], "per_category": s["per_category"],
             "queries": s["queries"], "steps": s["steps"], "variant": primary,
             "seconds": round(sum(r.info.get("cpu_seconds", 0.0) for r in res), 1),
-            "wall_seconds": round(sum(r.seconds for r in res) * (len(run.summary)), 1),
+            "wall_seconds": round(sum(r.seconds for r in res), 1),
             "budget": {"queries": run.budget.queries, "steps": run.budget.steps},
             "variants": {v: {"asr": x["asr"], "per_category": x["per_category"], "queries": x["queries"]}
                          for v, x in run.summary.items()}}

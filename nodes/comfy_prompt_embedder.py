@@ -1,10 +1,12 @@
 """The :class:`~safetydpo_core.denoiser.protocol.PromptEmbedder` of the ComfyUI backend: token-level access to
 the graph's ``CLIP`` (CLIP-L for SD1.x, CLIP-H for SD2.x, CLIP-L + CLIP-G for SDXL, CLIP-G for the refiner).
 
-It goes through ComfyUI's own text-encoding path (``CLIP.encode_from_tokens``), whose token lists may hold
-embedding tensors in place of ids (that is how ComfyUI applies textual-inversion embeddings): a position
-whose input embedding is given becomes such a tensor, every other position keeps its id, so the attention
-mask, the end token's position and the pooled output are computed exactly as for a typed prompt. For SDXL
+It goes through ComfyUI's own text encoders (each ``SDClipModel`` of the ``CLIP``, with the clip options,
+loading and execution device that ``CLIP.encode_from_tokens`` sets), whose token lists may hold embedding
+tensors in place of ids (that is how ComfyUI applies textual-inversion embeddings): a position whose input
+embedding is given becomes such a tensor, every other position keeps its id, so the attention mask, the end
+token's position and the pooled output are computed exactly as for a typed prompt. Many sequences go
+through one forward as a batch (which ``encode_from_tokens`` cannot do: it joins sections into one prompt). For SDXL
 an input embedding is the concatenation of the CLIP-L and CLIP-G token embeddings (the two tokenizers
 share one vocabulary), CLIP-L first as in the diffusers backend; the conditioning is assembled as
 :meth:`.comfy_denoiser.ComfyDenoiser.encode_prompts` assembles it.
@@ -39,6 +41,7 @@ except ImportError:  # nodes/ imported on its own (tests, tools) with safetydpo_
     from safetydpo_core.errors import ConfigError, ModelError
 
 _SDXL_SIZE_KEYS = ("height", "width", "crop_h", "crop_w", "target_height", "target_width")
+BATCH = 64  # sequences per text-encoder forward
 
 
 @dataclasses.dataclass
@@ -124,23 +127,48 @@ class ComfyPromptEmbedder:
 
     # -- conditioning -------------------------------------------------------------------------------
     def _sections(self, seqs: list[list[int]], rows: list[torch.Tensor | None]) -> dict:
-        """ComfyUI's token lists (one section per sequence) with the given rows in the FREE positions."""
+        """Per encoder key, one token list per sequence (ids, and the given rows in the FREE positions), in
+        the form ComfyUI's ``SDClipModel`` takes (its callers strip the weights off first)."""
         tokens = {}
         for e in self.encoders:
             sections = []
             for seq, f in zip(seqs, rows):
-                lst, r = [(e.start, 1.0)], 0
+                lst, r = [e.start], 0
                 for i in seq:
                     if i == FREE:
-                        lst.append((f[r, e.offset:e.offset + e.width], 1.0))
+                        lst.append(f[r, e.offset:e.offset + e.width])
                         r += 1
                     else:
-                        lst.append((int(i), 1.0))
-                lst.append((e.end, 1.0))
-                lst += [(e.pad, 1.0)] * (e.length - len(lst))
+                        lst.append(int(i))
+                lst.append(e.end)
+                lst += [e.pad] * (e.length - len(lst))
                 sections.append(lst)
             tokens[e.key] = sections
         return tokens
+
+    def _forward(self, seqs: list[list[int]], rows: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(cond [n, L, D], pooled [n, P] or None)`` for a batch of sequences: what ``CLIP.encode_from_tokens``
+        computes for each (its clip options, loading and execution device; each encoder's forward; the
+        encoders' states joined as ComfyUI joins them: CLIP-L then CLIP-G, pooled from the last), but with the
+        sequences as one batch (``encode_from_tokens`` would join them into one long prompt)."""
+        import comfy.model_management as mm
+
+        clip, csm = self.clip, self.clip.cond_stage_model
+        csm.reset_clip_options()
+        if getattr(clip, "layer_idx", None) is not None:
+            csm.set_clip_options({"layer": clip.layer_idx})
+        clip.load_model()
+        if self._grad:
+            self._wrap_clip()
+        csm.set_clip_options({"execution_device": clip.patcher.load_device})
+        sections = self._sections(seqs, rows)
+        outs = [e.module(sections[e.key]) for e in self.encoders]
+        zs = [o[0] for o in outs]
+        cut = min(z.shape[1] for z in zs)
+        cond = torch.cat([z[:, :cut] for z in zs], dim=-1)
+        pooled = outs[-1][1] if len(outs[-1]) > 1 else None
+        dev = mm.intermediate_device()
+        return cond.to(dev), (pooled.to(dev) if pooled is not None else None)
 
     def encode(self, ids: Sequence[Sequence[int]], free: Sequence[torch.Tensor | None] | None = None,
                size: tuple[int, int] | None = None) -> Conditioning:
@@ -160,27 +188,16 @@ class ComfyPromptEmbedder:
                 raise ConfigError(f"Sequence {b} has {n} free positions but the free embeddings have shape "
                                   f"{None if f is None else tuple(f.shape)}; give [{n}, {self.dim}].")
         with torch.inference_mode(False), torch.set_grad_enabled(self._grad and torch.is_grad_enabled()):
-            self.clip.load_model()
-            if self._grad:
-                self._wrap_clip()
             conds, pooled = [], []
             # ComfyUI's CLIP layers add to their input in place (x += attention(norm(x))), which autograd
             # refuses when it saved that input; saving copies makes the forward differentiable as it is.
             saving = (torch.autograd.graph.saved_tensors_hooks(torch.clone, _same) if torch.is_grad_enabled()
                       else contextlib.nullcontext())
             with saving:
-                # ComfyUI encodes the sections of a prompt as one batch and joins them along the sequence: many
-                # sequences go through in one call, split again here. Only the first section's pooled output
-                # comes back, so SDXL (which needs each one's) encodes one sequence per call.
-                step = 1 if self.den.is_sdxl else 64
-                length = min(e.length for e in self.encoders)
-                for i in range(0, len(ids), step):
-                    part, rows = ids[i:i + step], free[i:i + step]
-                    out = self.clip.encode_from_tokens(self._sections(part, rows), return_pooled=True,
-                                                       return_dict=True)
-                    cond = out["cond"].float()
-                    conds.extend(cond.reshape(len(part), length, cond.shape[-1]).split(1))
-                    pooled.append(None if out.get("pooled_output") is None else out["pooled_output"].float())
+                for i in range(0, len(ids), BATCH):
+                    cond, pool = self._forward(ids[i:i + BATCH], free[i:i + BATCH])
+                    conds.extend(cond.float().split(1))
+                    pooled.extend([None] * cond.shape[0] if pool is None else pool.float().split(1))
             first = comfy.conds.CONDCrossAttn(conds[0])
             cross = first.concat([comfy.conds.CONDCrossAttn(c) for c in conds[1:]]) if len(conds) > 1 else conds[0]
             tensors = {"c_crossattn": cross.float().cpu()}

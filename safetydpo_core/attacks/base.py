@@ -409,7 +409,8 @@ def new_result(ctx: AttackContext, p: AttackPrompt, variant: str) -> PromptResul
 
 
 class Stopwatch:
-    """Wall time of a chunk, shared out equally over its prompts."""
+    """Wall time of a chunk, shared out equally over its prompts (each result variant of a prompt gets the
+    prompt's share: the variants are made together)."""
 
     def __init__(self):
         self.t0 = time.perf_counter()

@@ -162,5 +162,5 @@ class InversionAttack(Attack):
                 r.info.update(info)
                 out.append(r)
         out.sort(key=lambda r: r.variant != "soft")
-        clock.share(out, 2 * n)
+        clock.share(out, n)
         return out

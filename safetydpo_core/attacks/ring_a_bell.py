@@ -205,5 +205,5 @@ class RingABellAttack(Attack):
                 hard[p.id].record(c, v, ctx.budget.steps, im)
             ctx.tick(0.5 + 0.5 * (j + 1) / q)
         out = [hard[p.id] for p in chunk] + [soft[p.id] for p in chunk]
-        clock.share(out, 2 * len(chunk))
+        clock.share(out, len(chunk))
         return out
