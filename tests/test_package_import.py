@@ -74,7 +74,7 @@ def test_the_pack_imports_like_comfyui_imports_it_with_nothing_optional(tmp_path
     os.symlink(ROOT, link)
     before = _tree(ROOT)
     out = _import_in_subprocess(link)
-    assert len(out["nodes"]) == 16 and out["display"] == 16 and all(n.startswith("SafetyDPO_") for n in out["nodes"])
+    assert len(out["nodes"]) == 17 and out["display"] == 17 and all(n.startswith("SafetyDPO_") for n in out["nodes"])
     assert out["leaked"] == [], "imported at load time: " + ", ".join(out["leaked"])
     assert out["network"] == []
     assert out["core"] == [str(link).replace(".", "_x_") + ".safetydpo_core"]  # the pack's own copy

@@ -582,7 +582,7 @@ def test_not_a_ui_workflow_is_refused_with_a_clear_error():
 
 def test_pack_definitions_are_read_without_comfyui(definitions):
     info = wa.pack_object_info()
-    assert len(info) == 16 and all(k.startswith("SafetyDPO_") for k in info)
+    assert len(info) == 17 and all(k.startswith("SafetyDPO_") for k in info)
     train = info["SafetyDPO_TrainExpert"]
     assert [w.name for w in wa.widget_inputs(train)] == [
         "category", "steps", "learning_rate", "rank", "beta", "condition", "seed", "gradient_checkpointing",
