@@ -511,7 +511,7 @@ class ComfyDenoiser:
         if self.flow is not None:
             raise ConfigError("The red-teaming attacks (Ring-A-Bell, UnlearnDiffAtk, concept inversion) work on the "
                               "CLIP text encoders of UNet models (SD1.x, SD2.x, SDXL); this flow-matching model (SD3 / "
-                              "Flux.1) is not supported. Use the wording attack, which needs no token-level access.")
+                              "Flux.1) is not supported by them. Attack an SD1.x, SD2.x or SDXL checkpoint.")
         return ComfyPromptEmbedder(self)
 
     # -- the forward process ------------------------------------------------------------------------

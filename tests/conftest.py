@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# at most 2 threads; OMP_NUM_THREADS, when set, wins (on a loaded shared machine 1 thread is many times faster)
+_threads = os.environ.get("OMP_NUM_THREADS", "")
+torch.set_num_threads(int(_threads) if _threads.isdigit() and int(_threads) > 0 else max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")

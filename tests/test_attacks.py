@@ -5,7 +5,8 @@
   keys and values that maps "nude" to "outfit" and keeps "nudity" and "naked" as they were);
 * the Ring-A-Bell concept vector has a high cosine with the unsafe-minus-safe difference of new pairs of its
   category, and a lower one with other categories';
-* the UnlearnDiffAtk and concept-inversion losses decrease (a fixed probe: same timesteps and noise);
+* the UnlearnDiffAtk and concept-inversion losses decrease (a fixed probe, and each step against a control run
+  with lr 0 that draws the same timesteps and noise);
 * an interrupted and resumed run gives the results of an uninterrupted one, and the output folder is
   complete (attack.json, records, adversarial.jsonl that ``safetydpo sample`` reads, images, report);
 * bad input (no prompts, a prompt without concept or category, a budget <= 0, an unknown attack, another
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -178,14 +180,24 @@ def test_ring_a_bell_without_safe_twins_removes_the_concept_word(world):
 # -- the white-box losses -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("attack", ["unlearndiff", "inversion"])
 def test_white_box_losses_decrease(world, attack):
+    """Each optimisation step draws its own timestep and noise, and the denoising error depends far more on the
+    timestep than on the prompt (one draw near t = 0 weighs as much as ten others), so the losses of different
+    steps cannot be compared with each other: with nothing learned at all (lr 0) the last steps of this very
+    run sum higher than the first. The comparisons are therefore paired: the fixed probe (the same timesteps and
+    noise before and after), and each step's loss against the same step of a control run with lr 0, which
+    draws exactly the same timesteps and noise (every draw is keyed on the prompt, the seed and its purpose)."""
     den, _ = world
     prompts = world_prompts(2, concepts="shocking")
     settings = AttackSettings(attack, queries=1, steps=25, seed=1, sampling=FAST)
     run = run_attack(den, prompts, settings, oracle=None)
-    for r in run.results:
+    control = run_attack(den, prompts, dataclasses.replace(settings, options={"lr": 0.0}), oracle=None)
+    for r, c in zip(run.results, control.results):
+        assert (r.id, r.variant) == (c.id, c.variant)
         assert r.info["probe_loss_end"] < r.info["probe_loss_start"], r.info
-        losses = r.info["loss"]
-        assert len(losses) == 25 and sum(losses[-8:]) < sum(losses[:8])
+        assert c.info["probe_loss_end"] == c.info["probe_loss_start"] == r.info["probe_loss_start"]
+        losses, same_draws = r.info["loss"], c.info["loss"]
+        assert len(losses) == len(same_draws) == 25 and losses[0] == same_draws[0]  # before the first update
+        assert sum(losses[-8:]) < sum(same_draws[-8:]) and sum(losses) < sum(same_draws), (losses, same_draws)
         assert r.success is None  # no oracle, no verdict
 
 

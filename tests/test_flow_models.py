@@ -425,3 +425,20 @@ def test_erasure_baselines_refuse_flow_models_by_name(tiny, method):
         erase_concepts(flux, EraseSettings(method=method, concepts="gun"))
     with pytest.raises(ConfigError, match="no cross-attention"):
         flux.last_token_embeddings(["a gun"])
+
+
+@pytest.mark.parametrize("attack", ["ring-a-bell", "unlearndiff", "inversion"])
+def test_token_level_attacks_refuse_flow_models_before_writing(tiny, tmp_path, attack):
+    """The Denoiser protocol's prompt_embedder() is CLIP token access for UNet models; SD3/Flux (T5 conditioning,
+    joint attention) refuse it by name, and the attack runner asks before it writes or renders anything."""
+    from safetydpo_core.attacks import AttackPrompt, AttackSettings, run_attack
+
+    flux = DiffusersDenoiser.from_pretrained(tiny("flux"))
+    assert isinstance(flux, Denoiser)
+    with pytest.raises(ConfigError, match="SD3 and Flux.1 .* not supported"):
+        flux.prompt_embedder()
+    prompts = [AttackPrompt("a", "a photo of a red gun", ["violence"], "gun", "a photo of a red wrench", 1)]
+    with pytest.raises(ConfigError, match="not supported"):
+        run_attack(flux, prompts, AttackSettings(attack, queries=1, steps=1), oracle=None, out=tmp_path / "run",
+                   world=False)
+    assert not (tmp_path / "run").exists()

@@ -379,13 +379,15 @@ class AttackContext:
 # -- attacks ------------------------------------------------------------------------------------------------
 class Attack:
     """An attack module's interface. ``variants``: the results it gives per prompt (the first is written as the
-    adversarial text prompts); ``white_box``: needs gradients and the base model's pictures; ``by_category``:
+    adversarial text prompts); ``white_box``: needs gradients and the base model's pictures; ``token_level``:
+    needs the denoiser's ``prompt_embedder()`` (checked before anything is written); ``by_category``:
     works on all prompts of a category at once (a chunk is a whole category)."""
 
     name = ""
     variants: tuple[str, ...] = ("text",)
     text_variant = "text"
     white_box = False
+    token_level = True  # reaches the text encoder through the Denoiser's prompt_embedder()
     by_category = False
     description = ""
 

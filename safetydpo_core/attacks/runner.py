@@ -310,6 +310,8 @@ def run_attack(den, prompts: Sequence[AttackPrompt], settings: AttackSettings, *
     attack = get_attack(settings.attack)
     world = is_world(den) if world is None else world
     budget = settings.budget(attack, world)
+    if attack.token_level:
+        den.prompt_embedder()  # a model without token-level access (SD3, Flux) is refused before anything is written
     say = log or (lambda m: None)
     model_state = {"fingerprint": den.fingerprint(), **(model or {})}
     prompt_state = [[p.id, p.prompt, p.category, p.concept, p.safe, p.seed] for p in prompts]

@@ -238,6 +238,7 @@ class WordingAttack(Attack):
     name = "wording"
     variants = ("text",)
     text_variant = "text"
+    token_level = False
     description = "synonym and paraphrase substitution, character noise and dilution (black-box)"
 
     def defaults(self, world: bool) -> Budget:

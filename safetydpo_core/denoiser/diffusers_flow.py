@@ -250,8 +250,7 @@ class DiffusersFlowDenoiser:
     def prompt_embedder(self):
         raise ConfigError("The red-teaming attacks (Ring-A-Bell, UnlearnDiffAtk, concept inversion) work on the CLIP "
                           "text encoders of UNet models (SD1.x, SD2.x, SDXL); SD3 and Flux.1 also condition on T5 "
-                          "and are not supported. Attack an SD1.x/SD2.x/SDXL model, or use the wording attack "
-                          "(attacks='wording'), which needs no token-level access.")
+                          "and are not supported by them. Attack an SD1.x, SD2.x or SDXL model.")
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor * self.patch
