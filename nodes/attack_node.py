@@ -144,7 +144,8 @@ class RedTeamAttack(Node):
         out = paths.pack_output("attacks") / f"{attack}-{key}"
         n = len(prompts)
         bar = comfy_progress(100 * n)
-        with torch.inference_mode(False):
+        # another ComfyUI (or a CLI run) attacking into this folder is refused, not mixed in
+        with core("utils.lock").output_lock(out, what="attack run"), torch.inference_mode(False):
             run = atk.run_attack(
                 den, prompts, settings, oracle=oracle, out=out, overwrite=not resume, model=model_state, world=False,
                 attacked=lambda: den.session(training=spec.white_box),

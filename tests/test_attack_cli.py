@@ -78,9 +78,15 @@ def test_bad_input_is_a_clear_error_and_leaves_the_disk_alone(pairs, tmp_path, c
     for budget in ("0", "-3"):
         assert main([*base, "--attack", "wording", "--budget", budget]) == 2
         assert "--budget must be a positive" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main([*base, "--attack", "jailbreak"])
+    assert main([*base, "--attack", "jailbreak"]) == 2  # argparse's refusal, as an exit status
     assert "invalid choice: 'jailbreak'" in capsys.readouterr().err
+    for flag, value in (("--cfg", "nan"), ("--lr", "inf"), ("--size", "0"), ("--seed", "-1")):
+        assert main([*base, "--attack", "wording", flag, value]) == 2
+        assert f"argument {flag}" in capsys.readouterr().err
+    # the output folder may not hold an input (the prompts of a run inside the folder it would write)
+    inside = out / "prompts.jsonl"
+    assert main(["attack", "--attack", "wording", "--prompts", str(inside), "--out", str(out), *FAST]) == 2
+    assert "write over its own input" in capsys.readouterr().err
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -112,3 +118,11 @@ def test_bad_input_is_a_clear_error_and_leaves_the_disk_alone(pairs, tmp_path, c
                  *FAST]) == 2
     assert "holds no attack run" in capsys.readouterr().err
     assert (busy / "keep.txt").read_text() == "mine"
+
+    # a second run on a folder another run is writing (its lock beside the folder) is refused, and the lock kept
+    from safetydpo_core.utils.lock import output_lock
+
+    with output_lock(out, what="attack run"):
+        assert main([*base, "--attack", "wording", "--budget", "1"]) == 2
+        assert "lock" in capsys.readouterr().err
+    assert not out.exists()

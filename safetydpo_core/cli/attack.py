@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 from ..errors import LoraError, SafetyDPOError
-from .common import Progress, add_model_args, apply_config_file, given_flags, load_denoiser, write_resolved_config
+from .common import (IMAGE_SIZE, POSITIVE_INT, SEED, Progress, add_model_args, apply_config_file,
+                     given_flags, integer, load_denoiser, number, output_lock, refuse_overlaps, write_resolved_config)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def register(sub) -> None:
                         "for wording on the world, 4 for the others")
     p.add_argument("--steps", type=int, default=None, metavar="N",
                    help="optimisation steps (ring-a-bell: genetic generations; unlearndiff, inversion: gradient steps)")
-    p.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of everything random (default 0)")
     p.add_argument("--config", help="TOML/YAML/JSON file with any of these options (command-line flags win)")
     p.add_argument("--judge", default="auto", choices=list(ORACLES),
                    help="success oracle: auto (default: the world judge on the world, else NudeNet+Q16), world, "
@@ -61,19 +62,19 @@ def register(sub) -> None:
                    help="NudeNet rule for the nudenet-q16 judge (default i2p)")
     p.add_argument("--weights-dir", default=None, help="evaluation weights folder (NudeNet 640m, Q16, CLIP)")
     p.add_argument("--categories", help="only prompts of these categories (comma-separated)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many prompts per category")
-    p.add_argument("--sample-steps", type=int, default=None,
+    p.add_argument("--limit", type=POSITIVE_INT, default=None, help="at most this many prompts per category")
+    p.add_argument("--sample-steps", type=integer(1, 10000), default=None,
                    help="sampling steps of each query's picture (default 20)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default 3 on the world, else 7.5)")
+    p.add_argument("--cfg", type=number(0, 100), default=None, help="guidance scale (default 3 on the world, else 7.5)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "euler", "dpmpp_2m"])
-    p.add_argument("--size", type=int, default=None, help="picture side in pixels (default: the model's)")
+    p.add_argument("--size", type=IMAGE_SIZE, default=None, help="picture side in pixels (default: the model's)")
     p.add_argument("--negative", default="", help="negative prompt (default empty)")
-    p.add_argument("--batch-size", type=int, default=None, help="pictures rendered together (default 64 on the world, else 4)")
-    p.add_argument("--eta", type=float, default=None, help="ring-a-bell: strength of the concept vector (default 3)")
-    p.add_argument("--tokens", type=int, default=None,
+    p.add_argument("--batch-size", type=integer(1, 1024), default=None, help="pictures rendered together (default 64 on the world, else 4)")
+    p.add_argument("--eta", type=number(0, 1000), default=None, help="ring-a-bell: strength of the concept vector (default 3)")
+    p.add_argument("--tokens", type=POSITIVE_INT, default=None,
                    help="ring-a-bell: tokens of the hard prompt (16); unlearndiff: prepended tokens (3 world, 5 else)")
-    p.add_argument("--population", type=int, default=None, help="ring-a-bell: genetic population (64 world, 200 else)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--population", type=integer(2, 100000), default=None, help="ring-a-bell: genetic population (64 world, 200 else)")
+    p.add_argument("--lr", type=number(0, 1000), default=None,
                    help="unlearndiff / inversion: learning rate, relative to the vocabulary's embedding scale")
     p.add_argument("--overwrite", action="store_true", help="replace a run with other settings in --out")
     p.set_defaults(func=run, _parser=p)
@@ -114,6 +115,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--budget must be a positive number of queries per prompt; got {args.budget}.")
     if args.steps is not None and args.steps <= 0:
         raise ConfigError(f"--steps must be positive; got {args.steps}.")
+    out = Path(args.out)
+    refuse_overlaps({"--out": out},  # the folder holds every output, config.json too
+                    {"--prompts": args.prompts, "--lora": args.lora, "--model": args.model,
+                     "--model-config": getattr(args, "model_config", None), "--config": getattr(args, "config", None),
+                     "--weights-dir": args.weights_dir})
     prompts = read_attack_prompts(args.prompts, categories=args.categories, limit=args.limit)
     options = {k: getattr(args, k) for k in ("eta", "tokens", "population", "lr") if getattr(args, k) is not None}
     # settings are checked before the model loads
@@ -127,24 +133,25 @@ def run(args: argparse.Namespace) -> int:
                               sampling=sampling, options=options)
     loras, lora_info = _load_loras(den, args.lora)
     oracle = make_oracle(args.judge, den, setting=args.nudenet_setting, weights_dir=args.weights_dir)
-    out = Path(args.out)
     bar = Progress(len(prompts), f"attack {args.attack}")
     applied = [(l, 1.0) for l in loras]
     try:
-        result = run_attack(den, prompts, settings, oracle=oracle, out=out, overwrite=args.overwrite,
-                            attacked=(lambda: lora_applied(den.module, applied)) if applied else None,
-                            base=lambda: contextlib.nullcontext(den),
-                            model={"path": str(args.model), "loras": lora_info}, world=world,
-                            log=lambda m: print(m, file=sys.stderr, flush=True),
-                            progress=lambda d, n, i: bar(round(d, 2), n, i))
+        # the lock (<out>.lock beside the folder) keeps a second run off this folder while this one writes
+        with output_lock(out, what="attack run"):
+            result = run_attack(den, prompts, settings, oracle=oracle, out=out, overwrite=args.overwrite,
+                                attacked=(lambda: lora_applied(den.module, applied)) if applied else None,
+                                base=lambda: contextlib.nullcontext(den),
+                                model={"path": str(args.model), "loras": lora_info}, world=world,
+                                log=lambda m: print(m, file=sys.stderr, flush=True),
+                                progress=lambda d, n, i: bar(round(d, 2), n, i))
+            write_resolved_config(out, {"command": "attack", "model": str(args.model), "loras": args.lora,
+                                        "prompts": str(args.prompts), "judge": args.judge, **settings.to_json(),
+                                        "budget": {"queries": result.budget.queries, "steps": result.budget.steps}})
     except KeyboardInterrupt:
         log.warning("Stopped. Run the same command again to resume; finished prompts are kept.")
         raise
     finally:
         bar.close()
-    write_resolved_config(out, {"command": "attack", "model": str(args.model), "loras": args.lora,
-                                "prompts": str(args.prompts), "judge": args.judge, **settings.to_json(),
-                                "budget": {"queries": result.budget.queries, "steps": result.budget.steps}})
     print(json.dumps({"attack": result.attack, "oracle": result.oracle,
                       "budget": {"queries": result.budget.queries, "steps": result.budget.steps},
                       "asr": {v: s["asr"] for v, s in result.summary.items()},
