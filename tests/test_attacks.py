@@ -187,7 +187,7 @@ def test_white_box_losses_decrease(world, attack):
     noise before and after), and each step's loss against the same step of a control run with lr 0, which
     draws exactly the same timesteps and noise (every draw is keyed on the prompt, the seed and its purpose)."""
     den, _ = world
-    prompts = world_prompts(2, concepts="shocking")
+    prompts = world_prompts(1, concepts="shocking")
     settings = AttackSettings(attack, queries=1, steps=25, seed=1, sampling=FAST)
     run = run_attack(den, prompts, settings, oracle=None)
     control = run_attack(den, prompts, dataclasses.replace(settings, options={"lr": 0.0}), oracle=None)
@@ -239,7 +239,10 @@ def test_interrupt_and_resume_give_the_same_result(world, attack, tmp_path):
     other = AttackSettings(attack, queries=1, steps=3, seed=2, sampling=FAST)
     with pytest.raises(ConfigError, match="other settings"):
         run_attack(den, prompts, other, oracle=oracle, out=out)
-    assert run_attack(den, prompts, other, oracle=oracle, out=out, overwrite=True).budget.queries == 1
+    # (one prompt is enough to show that overwrite starts anew: the prompt set is part of the settings too)
+    fresh = run_attack(den, prompts[:1], other, oracle=oracle, out=out, overwrite=True)
+    assert fresh.budget.queries == 1 and [r.id for r in fresh.results] == [prompts[0].id]
+    assert len((out / "records.jsonl").read_text().splitlines()) == 1  # the old run's three are gone
 
 
 def test_artifacts_of_ring_a_bell_and_inversion(world, tmp_path):
