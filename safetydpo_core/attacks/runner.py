@@ -35,11 +35,11 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
-from ..errors import ConfigError, SafetyDPOError
+from ..errors import ConfigError
 from ..utils.atomic import atomic_path, atomic_write_text
 from .base import (Attack, AttackContext, AttackPrompt, Budget, Candidate, Oracle, PromptResult, Sampling, asr_summary,
                    prompt_seed)
