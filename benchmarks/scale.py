@@ -7,8 +7,9 @@
 * ``eval``: pictures per second of the per-picture scoring of ``safetydpo eval`` (NudeNet) the same way, over
   an image run sampled from the world model.
 * ``dataset``: writes a synthetic dataset of 100,000 pairs of SD1.5-shaped latents (4x64x64, float32:
-  12.8 GB), then in a fresh process measures the time and added memory to open it, and iterates every pair
-  (peak memory while iterating).
+  12.8 GB), then in fresh processes measures the time and added memory to open it the first time (no index:
+  the open builds and stores it) and again (the index stored), reads 2,000 random pairs the way training does,
+  and iterates every pair (peak memory while reading).
 
     python benchmarks/scale.py                          # everything (needs ~13 GB of free disk for dataset)
     python benchmarks/scale.py --only render,eval --pairs 16
@@ -132,23 +133,39 @@ def _worker_open(a) -> None:
     import torch
 
     from safetydpo_core.data import PreferenceDataset
+    from safetydpo_core.data.manifest_index import INDEX_NAME
 
     torch.set_num_threads(1)
+    if a.steps == 0:  # a cold open: no stored index, so it is built (and stored) by this open
+        (Path(a.input) / INDEX_NAME).unlink(missing_ok=True)
     base = _rss_mb()
     t = time.perf_counter()
     ds = PreferenceDataset(a.input)
     open_s = time.perf_counter() - t
     opened = _rss_mb()
+    out = {"pairs": len(ds), "open_s": open_s, "open_added_mb": opened - base, "open_peak_added_mb":
+           _rss_mb("VmHWM") - base, "shards": len(ds.records.shard_names())}
+    if a.steps == 0:
+        print("RESULT " + json.dumps(out))
+        return
+    # What a training step reads: random pairs, each record parsed from the manifest and its latents from a shard.
+    g = torch.Generator().manual_seed(0)
     t = time.perf_counter()
     peak = opened
+    for k, i in enumerate(torch.randint(len(ds), (2000,), generator=g).tolist()):
+        s, u = ds.load_pair(i)
+        _ = ds.records[i].unsafe
+        if k % 100 == 0:
+            peak = max(peak, _rss_mb())
+    out.update(random_pairs_per_s=2000 / (time.perf_counter() - t), random_peak_added_mb=peak - base)
+    t = time.perf_counter()
     for i in range(len(ds)):
         s, u = ds.load_pair(i)
         if i % 1000 == 0:
             peak = max(peak, _rss_mb())
     iter_s = time.perf_counter() - t
-    print("RESULT " + json.dumps({"pairs": len(ds), "open_s": open_s, "open_added_mb": opened - base,
-                                  "iterate_s": iter_s, "pairs_per_s": len(ds) / iter_s,
-                                  "iterate_peak_added_mb": peak - base, "shards": len({r.shard for r in ds.records})}))
+    out.update(iterate_s=iter_s, pairs_per_s=len(ds) / iter_s, iterate_peak_added_mb=peak - base)
+    print("RESULT " + json.dumps(out))
 
 
 # -- driver ------------------------------------------------------------------------------------------------
@@ -217,9 +234,14 @@ def bench_dataset(work: Path, n: int) -> dict:
     root = work / "big"
     write_s = make_dataset(root, n)
     print(f"dataset: wrote {n} pairs in {write_s:.0f} s", flush=True)
+    _, stdout = _launch(1, ["--worker", "open", "--input", str(root), "--steps", "0"])
+    cold = _result(stdout)
+    print(f"dataset of {cold['pairs']} pairs, first open (builds the index): {cold['open_s']:.2f} s, "
+          f"+{cold['open_added_mb']:.0f} MB (peak +{cold['open_peak_added_mb']:.0f} MB)", flush=True)
     _, stdout = _launch(1, ["--worker", "open", "--input", str(root)])
-    r = {**_result(stdout), "write_s": write_s}
+    r = {**_result(stdout), "write_s": write_s, "cold": cold}
     print(f"dataset of {r['pairs']} pairs ({r['shards']} shards): open {r['open_s']:.2f} s, +{r['open_added_mb']:.0f} MB; "
+          f"2,000 random pairs {r['random_pairs_per_s']:.0f} pairs/s, peak +{r['random_peak_added_mb']:.0f} MB; "
           f"iterate {r['iterate_s']:.0f} s ({r['pairs_per_s']:.0f} pairs/s), peak +{r['iterate_peak_added_mb']:.0f} MB",
           flush=True)
     shutil.rmtree(root, ignore_errors=True)

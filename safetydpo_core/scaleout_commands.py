@@ -106,7 +106,7 @@ def _join_render(parts: list[Path], pairs, out, *, resume: bool, overwrite: bool
                        safe_latent=safe, unsafe_latent=unsafe, seed=r.seed, height=r.height, width=r.width, **extra)
             rendered += 1
         writer.flush()
-        per_cat = dict(sorted(Counter(c for r in writer.records for c in r.category).items()))
+        per_cat = writer.per_category()
     summary = RenderSummary(out, rendered, skipped, dict(dropped), per_cat)
     atomic_write_text(out / "summary.json", json.dumps(summary.to_json(), indent=1) + "\n", "render summary")
     return summary

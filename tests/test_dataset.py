@@ -129,3 +129,58 @@ def test_damaged_header_is_named(den, tmp_path):
     (root / "dataset.json").write_text("{not json")
     with pytest.raises(DatasetError, match=r"dataset.json is not valid JSON"):
         PreferenceDataset(root)
+
+
+def test_manifest_index_is_a_cache_of_the_manifest(tmp_path, monkeypatch):
+    """The index beside manifest.jsonl: written by the writer, extended after an append, rebuilt after an edit,
+    ignored when damaged, skipped in a read-only folder; records are read lazily and match the manifest."""
+    from safetydpo_core.data import manifest_index
+    from safetydpo_core.data.manifest_index import INDEX_NAME, LazyRecords
+
+    root = tmp_path / "d"
+    with PreferenceDatasetWriter(root, "fp", shard_size=2, previews=False) as w:
+        for i in range(5):
+            _add(w, i, cat="violence" if i % 2 else "hate")
+    index = root / INDEX_NAME
+    assert index.is_file()
+    ds = PreferenceDataset(root)
+    assert isinstance(ds.records, LazyRecords) and len(ds) == 5
+    lines = [json.loads(x) for x in (root / "manifest.jsonl").read_text().splitlines()]
+    assert [r.to_json() for r in ds.records] == lines and ds.records[-1].id == "p4" and ds.records[1:3][0].id == "p1"
+    assert ds.per_category() == {"hate": 3, "violence": 2} and ds.latent_shapes() == {(4, 8, 8)}
+    assert [r.id for r in PreferenceDataset(root, categories="violence").records] == ["p1", "p3"]
+
+    parsed = []
+    real = manifest_index.iter_manifest
+    monkeypatch.setattr(manifest_index, "iter_manifest", lambda p, start=0, parse=None: parsed.append(start) or
+                        real(p, start, parse))
+    PreferenceDataset(root)
+    assert parsed == []  # a current index: the manifest is not parsed
+    with PreferenceDatasetWriter(root, "fp", shard_size=2, resume=True, previews=False) as w:
+        _add(w, 5)
+    assert parsed[-1] > 0  # the resumed writer extended the index from where it stopped
+    assert [r.id for r in PreferenceDataset(root).records] == [f"p{i}" for i in range(6)]
+
+    text = (root / "manifest.jsonl").read_text().replace('"u1"', '"U1"')  # same length, other content
+    (root / "manifest.jsonl").write_text(text)
+    assert PreferenceDataset(root).records[1].unsafe == "U1" and parsed[-1] == 0  # rebuilt
+    index.write_bytes(b"not an index")
+    assert len(PreferenceDataset(root)) == 6 and index.stat().st_size > 100  # ignored and rewritten
+
+    index.unlink()
+
+    def read_only(self, path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(manifest_index.ManifestIndex, "save", read_only)  # (chmod does not stop root)
+    assert len(PreferenceDataset(root)) == 6 and not index.exists()  # a read-only dataset still opens
+
+
+def test_drop_identical_keeps_the_lazy_records(tmp_path):
+    root = tmp_path / "d"
+    with PreferenceDatasetWriter(root, "fp", shard_size=2, previews=False) as w:
+        for i in range(4):
+            _add(w, i)  # p0: both latents are zeros (identical)
+    ds = PreferenceDataset(root)
+    assert ds.drop_identical() == ["p0"]
+    assert [r.id for r in ds.records] == ["p1", "p2", "p3"] and torch.equal(ds.load_pair(0)[0], torch.full((4, 8, 8), 1.0))

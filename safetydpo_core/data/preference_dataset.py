@@ -35,6 +35,7 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -44,6 +45,7 @@ from ..errors import DatasetError
 from ..utils.atomic import atomic_path, atomic_write_text, disk_full_errors, ensure_writable_dir
 from ..utils.lock import OutputLock
 from ..utils.numbers import check_finite_tensors, first_nonfinite
+from .manifest_index import INDEX_NAME, LazyRecords, iter_manifest, open_index
 
 log = logging.getLogger(__name__)
 
@@ -95,32 +97,24 @@ class PairRecord:
 
 
 def _read_manifest(path: Path) -> tuple[list[PairRecord], int]:
-    """Records and the byte length of the valid prefix (a torn last line is dropped with a warning)."""
-    records: list[PairRecord] = []
+    """Records and the byte length of the valid prefix (a torn last line is dropped with a warning). For small
+    manifests (a process's part); a dataset reads its manifest through the index (:mod:`.manifest_index`)."""
+    records, valid = [], 0
+    for rec, start, length in iter_manifest(path, 0, PairRecord.from_json):
+        records.append(rec)
+        valid = start + length
+    return records, _valid_length(path, valid)
+
+
+def _valid_length(path: Path, end: int) -> int:
+    """``end`` (the end of the last good record) moved past the newline and blank lines that follow it."""
     if not path.exists():
-        return records, 0
-    data = path.read_bytes()
-    valid = 0
-    lines = data.split(b"\n")
-    for i, raw in enumerate(lines):
-        is_last = i == len(lines) - 1
-        if not raw.strip():
-            valid += len(raw) + (0 if is_last else 1)
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            if is_last or all(not x.strip() for x in lines[i + 1:]):
-                log.warning("%s: dropping an incomplete last line (an interrupted write).", path)
-                break
-            raise DatasetError(f"{path}, line {i + 1}: not valid JSON ({e.msg}). Fix or remove that line.") from e
-        if is_last:  # complete JSON without the trailing newline: keep it, but it is the end
-            records.append(PairRecord.from_json(obj, f"{path}, line {i + 1}"))
-            valid += len(raw)
-            break
-        records.append(PairRecord.from_json(obj, f"{path}, line {i + 1}"))
-        valid += len(raw) + 1
-    return records, valid
+        return 0
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(end)
+        rest = f.read(size - end)
+    return size if not rest.strip() else end + (len(rest) - len(rest.lstrip(b"\n")))
 
 
 class PreferenceDatasetWriter:
@@ -191,12 +185,19 @@ class PreferenceDatasetWriter:
             if old_fp and model_fingerprint and old_fp != model_fingerprint:
                 raise DatasetError(f"Cannot resume {self.root}: it was rendered with model {old_fp}, this model is "
                                    f"{model_fingerprint}. Use a new output folder or --overwrite.")
-        records, valid = _read_manifest(manifest)
+        # Streamed, not held: a resumed 100,000-pair render keeps only the ids and the counts.
+        self.done_ids: set[str] = set()
+        self._written = 0
+        self.category_counts: Counter[str] = Counter()
+        self.identical = 0
+        end = 0
+        for rec, start, length in iter_manifest(manifest, 0, PairRecord.from_json):
+            self._count(rec)
+            end = start + length
+        valid = _valid_length(manifest, end)
         if manifest.exists() and valid < manifest.stat().st_size:
             with open(manifest, "r+b") as f:
                 f.truncate(valid)
-        self.records: list[PairRecord] = records
-        self.done_ids: set[str] = {r.id for r in records}
         self.model_fingerprint = model_fingerprint or self.header.get("model_fingerprint", "")
         self.settings = {**self.header.get("settings", {}), **(settings or {})}
         self._next_shard = 1 + max((int(m.group(1)) for f in (self.root / "shards").glob("shard-*.safetensors")
@@ -214,9 +215,8 @@ class PreferenceDatasetWriter:
             raise DatasetError(f"{p} is not valid JSON ({e.msg}).") from e
 
     def _write_header(self) -> None:
-        counts = Counter(c for r in self.records for c in r.category)
         header = {"format": FORMAT, "version": VERSION, "model_fingerprint": self.model_fingerprint,
-                  "settings": self.settings, "pairs": len(self.records), "per_category": dict(sorted(counts.items())),
+                  "settings": self.settings, "pairs": self.pairs, "per_category": self.per_category(),
                   "identical_pairs": self.identical}
         atomic_write_text(self.root / "dataset.json", json.dumps(header, indent=1) + "\n", "dataset header")
 
@@ -271,14 +271,25 @@ class PreferenceDatasetWriter:
                 f.write(lines)
                 f.flush()
                 os.fsync(f.fileno())
-        self.records.extend(rec for rec, _, _ in self._buffer)
+        for rec, _, _ in self._buffer:
+            self._count(rec)
         self._buffer.clear()
         self._write_header()
 
+    def _count(self, rec: PairRecord) -> None:
+        self._written += 1
+        self.done_ids.add(rec.id)
+        self.category_counts.update(rec.category)
+        self.identical += bool(rec.extra.get("identical"))  # pairs with bit-identical safe and unsafe latents
+
     @property
-    def identical(self) -> int:
-        """How many pairs (written so far) have bit-identical safe and unsafe latents."""
-        return sum(1 for r in self.records if r.extra.get("identical"))
+    def pairs(self) -> int:
+        """How many pairs are written (flushed) so far."""
+        return self._written
+
+    def per_category(self) -> dict[str, int]:
+        """Pairs written so far per category."""
+        return dict(sorted(self.category_counts.items()))
 
     def close(self, commit: bool = True) -> None:
         """Write what is queued; when overwriting, swap the new dataset in (``commit``) or leave the old one."""
@@ -288,6 +299,11 @@ class PreferenceDatasetWriter:
         try:
             self.flush()
             self._write_header()
+            if (self.root / "manifest.jsonl").exists():  # so the finished dataset opens at once
+                try:
+                    open_index(self.root / "manifest.jsonl", PairRecord.from_json)
+                except (OSError, DatasetError) as e:
+                    log.warning("Could not index %s (%s); it will be indexed when it is opened.", self.root, e)
             if self._staging is not None:
                 if commit:
                     self._swap()
@@ -350,15 +366,21 @@ class PreferenceDataset:
             raise DatasetError(f"{header_path} does not hold a dataset header (a JSON object).")
         if self.header and self.header.get("format") != FORMAT:
             raise DatasetError(f"{header_path} is not a {FORMAT} header (format {self.header.get('format')!r}).")
-        records, _ = _read_manifest(self.root / "manifest.jsonl")
-        self.all_records = records
-        if not records:
+        manifest = self.root / "manifest.jsonl"
+        # An index (built once, stored beside the manifest) instead of the parsed manifest: opening 100,000
+        # pairs takes milliseconds and a few MB, and records are parsed when used.
+        self.index = open_index(manifest, PairRecord.from_json)
+        self.all_records: LazyRecords = LazyRecords(manifest, self.index, PairRecord.from_json)
+        records = self.all_records
+        if not len(records):
             raise DatasetError(f"The dataset {self.root} is empty: its manifest lists no pairs.")
         self.categories = normalize_categories(categories) if categories else []
         if self.categories:
-            records = [r for r in records if set(r.category) & set(self.categories)]
-            if not records:
-                have = sorted({c for r in self.all_records for c in r.category})
+            wanted = set(self.categories)
+            sets = [i for i, c in enumerate(self.index.category_sets) if set(c) & wanted]
+            records = records.select(np.flatnonzero(np.isin(self.index.cats, sets)))
+            if not len(records):
+                have = sorted({c for cs in self.index.category_sets for c in cs})
                 raise DatasetError(f"The dataset {self.root} has no pairs for {', '.join(self.categories)}; "
                                    f"it has pairs for: {', '.join(have) or 'no category at all'}.")
         self.records = records
@@ -369,10 +391,29 @@ class PreferenceDataset:
             if on_mismatch == "error":
                 raise DatasetError(msg + " Pass --allow-model-mismatch to train on it anyway.")
             log.warning(msg)
-        for r in records:
-            if len(r.latent_shape) != 3:
+        for shape in self.latent_shapes():
+            if len(shape) != 3:
+                r = self._first_with_shape(shape)
                 raise DatasetError(f"Pair {r.id!r} has latent shape {r.latent_shape}; expected [channels, height, width].")
         self._handles: OrderedDict[str, Any] = OrderedDict()  # a few open shards: memory bounded by a shard
+
+    @property
+    def records(self) -> Sequence[PairRecord]:
+        """The pairs in use: a :class:`~.manifest_index.LazyRecords` (parsed when read), or a list if one was set."""
+        return self._records
+
+    @records.setter
+    def records(self, value: Sequence[PairRecord]) -> None:
+        self._records = value
+
+    def latent_shapes(self) -> set[tuple[int, ...]]:
+        """The distinct latent shapes of the pairs in use (from the index, without reading the records)."""
+        if isinstance(self._records, LazyRecords):
+            return self._records.shapes()
+        return {tuple(r.latent_shape) for r in self._records}
+
+    def _first_with_shape(self, shape: tuple[int, ...]) -> PairRecord:
+        return next(r for r in self._records if tuple(r.latent_shape) == tuple(shape))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -387,6 +428,12 @@ class PreferenceDataset:
         return h.hexdigest()[:16]
 
     def per_category(self) -> dict[str, int]:
+        if isinstance(self._records, LazyRecords):
+            sets = self.index.category_sets
+            counts = Counter()
+            for k, n in zip(*np.unique(self._records.column("cats"), return_counts=True)):
+                counts.update({c: int(n) for c in sets[k]})
+            return dict(sorted(counts.items()))
         return dict(sorted(Counter(c for r in self.records for c in r.category).items()))
 
     def _shard(self, name: str):
@@ -435,10 +482,14 @@ class PreferenceDataset:
         keep, dropped = [], []
         for i, r in enumerate(self.records):
             s, u = self.load_pair(i)
-            (dropped if torch.equal(s, u) else keep).append(r)
+            (dropped if torch.equal(s, u) else keep).append(i)
+        dropped = [self.records[i].id for i in dropped]
         if dropped and not keep:
             raise DatasetError(f"Every selected pair of {self.root} ({len(dropped)}) has bit-identical safe and unsafe "
                                f"latents: there is nothing to learn. Render pairs whose prompts differ in what the model "
                                f"draws.")
-        self.records = keep
-        return [r.id for r in dropped]
+        if dropped:
+            records = self.records
+            self.records = (records.select(records.rows[keep]) if isinstance(records, LazyRecords)
+                            else [records[i] for i in keep])
+        return dropped

@@ -151,7 +151,7 @@ def render_pairs(denoiser, pairs: Sequence, out: str | os.PathLike, settings: Re
                 progress(skipped + start, len(pairs), {"rendered": rendered, "dropped": sum(dropped.values())})
             atomic_write_text(summary_path, json.dumps({"dropped": dict(dropped)}) + "\n", "render summary")
         writer.flush()
-        per_cat = dict(sorted(Counter(c for r in writer.records for c in r.category).items()))
+        per_cat = writer.per_category()
         identical = writer.identical
     summary = RenderSummary(Path(out), rendered, skipped, dict(dropped), per_cat, identical)
     atomic_write_text(Path(out) / "summary.json", json.dumps(summary.to_json(), indent=1) + "\n", "render summary")

@@ -51,8 +51,15 @@ def _is_world(denoiser) -> bool:
 
 
 def _others(dataset) -> list[PreserveItem]:
-    used = {r.id for r in dataset.records}
-    return [PreserveItem(r.safe, (r.shard, f"{r.id}.safe")) for r in dataset.all_records if r.id not in used]
+    rows_in_use = getattr(dataset.records, "rows", None)
+    if rows_in_use is not None and hasattr(dataset.all_records, "select"):  # indexed: no record parsed to find them
+        import numpy as np
+
+        others = dataset.all_records.select(np.setdiff1d(dataset.all_records.rows, rows_in_use))
+    else:
+        used = {r.id for r in dataset.records}
+        others = [r for r in dataset.all_records if r.id not in used]
+    return [PreserveItem(r.safe, (r.shard, f"{r.id}.safe")) for r in others]
 
 
 def _world_neutral(seed: int) -> list[PreserveItem]:

@@ -131,8 +131,10 @@ class ExpertTrainer:
             log.warning("Leaving out %d pairs whose safe and unsafe latents are identical (they teach nothing): %s%s",
                         len(dropped), ", ".join(dropped[:5]), ", ..." if len(dropped) > 5 else "")
         want = getattr(self.denoiser, "latent_channels", None)
-        shapes = {tuple(r.latent_shape) for r in self.dataset.records}
-        if want is not None:
+        # From the dataset's index when it has one: a 100,000-pair dataset is not parsed record by record.
+        shapes = (self.dataset.latent_shapes() if hasattr(self.dataset, "latent_shapes")
+                  else {tuple(r.latent_shape) for r in self.dataset.records})
+        if want is not None and any(s[0] != want for s in shapes):
             bad = [r for r in self.dataset.records if r.latent_shape[0] != want]
             if bad:
                 raise DatasetError(f"Pair {bad[0].id!r} has latents of shape {bad[0].latent_shape}, but the model "
