@@ -14,6 +14,7 @@
     python benchmarks/scale.py                          # everything (needs ~13 GB of free disk for dataset)
     python benchmarks/scale.py --only render,eval --pairs 16
     python benchmarks/scale.py --only dataset --dataset-pairs 20000
+    python benchmarks/scale.py --only dataset --latent-side 8  # 100,000 pairs, 4x8x8 latents (200 MB)
 
 Writes JSON with ``--json``. Goals (issue 17): 2 processes >= 1.7x one process for render and eval; opening
 100,000 pairs < 2 s and < 200 MB of added memory.
@@ -212,34 +213,34 @@ def bench_eval(work: Path, images: int) -> dict:
     return out
 
 
-def make_dataset(root: Path, n: int) -> float:
+def make_dataset(root: Path, n: int, side: int = 64) -> float:
     import torch
 
     from safetydpo_core.data import PreferenceDatasetWriter
 
     t = time.perf_counter()
     g = torch.Generator().manual_seed(0)
-    base = torch.randn(4, 64, 64, generator=g)
+    base = torch.randn(4, side, side, generator=g)
     cats = ["hate", "harassment", "violence", "self_harm", "sexual", "shocking", "illegal_activity"]
     with PreferenceDatasetWriter(root, model_fingerprint="synthetic-sd15", settings={"source": "benchmark"},
                                  previews=False) as w:
         for i in range(n):
             w.add(id=f"pair-{i:06d}", category=[cats[i % 7]], concept="c", unsafe=f"an unsafe prompt number {i}",
                   safe=f"a safe prompt number {i}", safe_latent=base + i * 1e-3, unsafe_latent=base - i * 1e-3,
-                  seed=i, height=512, width=512)
+                  seed=i, height=side * 8, width=side * 8)
     return time.perf_counter() - t
 
 
-def bench_dataset(work: Path, n: int) -> dict:
+def bench_dataset(work: Path, n: int, side: int = 64) -> dict:
     root = work / "big"
-    write_s = make_dataset(root, n)
+    write_s = make_dataset(root, n, side)
     print(f"dataset: wrote {n} pairs in {write_s:.0f} s", flush=True)
     _, stdout = _launch(1, ["--worker", "open", "--input", str(root), "--steps", "0"])
     cold = _result(stdout)
     print(f"dataset of {cold['pairs']} pairs, first open (builds the index): {cold['open_s']:.2f} s, "
           f"+{cold['open_added_mb']:.0f} MB (peak +{cold['open_peak_added_mb']:.0f} MB)", flush=True)
     _, stdout = _launch(1, ["--worker", "open", "--input", str(root)])
-    r = {**_result(stdout), "write_s": write_s, "cold": cold}
+    r = {**_result(stdout), "write_s": write_s, "cold": cold, "latent_shape": [4, side, side]}
     print(f"dataset of {r['pairs']} pairs ({r['shards']} shards): open {r['open_s']:.2f} s, +{r['open_added_mb']:.0f} MB; "
           f"2,000 random pairs {r['random_pairs_per_s']:.0f} pairs/s, peak +{r['random_peak_added_mb']:.0f} MB; "
           f"iterate {r['iterate_s']:.0f} s ({r['pairs_per_s']:.0f} pairs/s), peak +{r['iterate_peak_added_mb']:.0f} MB",
@@ -255,6 +256,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="sampling steps of the render (default 20)")
     ap.add_argument("--images", type=int, default=160, help="pictures evaluated (default 160)")
     ap.add_argument("--dataset-pairs", type=int, default=100_000)
+    ap.add_argument("--latent-side", type=int, default=64,
+                    help="latent height and width of the synthetic dataset (default 64: SD1.5 at 512 px; a smaller "
+                         "side keeps the manifest the same and the shards small, to measure opening on a slow disk)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--input", help=argparse.SUPPRESS)
@@ -274,7 +278,7 @@ def main() -> None:
         if "eval" in only:
             results["eval"] = bench_eval(work, a.images)
         if "dataset" in only:
-            results["dataset"] = bench_dataset(work, a.dataset_pairs)
+            results["dataset"] = bench_dataset(work, a.dataset_pairs, a.latent_side)
     print(json.dumps(results, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1) + "\n")

@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import DatasetError
+from ..errors import DatasetError, SafetyDPOError
 from ..utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ def open_index(manifest: Path, parse: Callable[[dict, str], Any], store: bool = 
     if store:
         try:
             fresh.save(path)
-        except (OSError, DatasetError) as e:  # a read-only dataset still opens; it just indexes each time
+        except (OSError, SafetyDPOError) as e:  # a read-only dataset still opens; it just indexes each time
             log.debug("Not storing the dataset index %s: %s", path, e)
     return fresh
 

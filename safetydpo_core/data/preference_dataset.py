@@ -26,6 +26,7 @@ leaves them out of training.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..categories import normalize_categories
-from ..errors import DatasetError
+from ..errors import DatasetError, SafetyDPOError
 from ..utils.atomic import atomic_path, atomic_write_text, disk_full_errors, ensure_writable_dir
 from ..utils.lock import OutputLock
 from ..utils.numbers import check_finite_tensors, first_nonfinite
@@ -80,13 +81,13 @@ class PairRecord:
 
     @classmethod
     def from_json(cls, d: dict[str, Any], where: str = "manifest") -> "PairRecord":
-        fields = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        fields = _FIELDS
         missing = [f for f in ("id", "unsafe", "safe", "latent_shape", "shard") if f not in d]
         if missing:
             raise DatasetError(f"{where}: missing field(s) {missing}.")
         known = {k: d[k] for k in fields if k in d}
         known.setdefault("category", [])
-        known["category"] = normalize_categories(known["category"]) if known["category"] else []
+        known["category"] = _categories(known["category"])
         known.setdefault("concept", "")
         known.setdefault("seed", None)
         known.setdefault("height", 0)
@@ -94,6 +95,45 @@ class PairRecord:
         known.setdefault("model_fingerprint", "")
         known["id"] = str(known["id"])
         return cls(**known, extra={k: v for k, v in d.items() if k not in fields})
+
+    @staticmethod
+    def index_entry(d: dict[str, Any], where: str = "manifest") -> "_IndexEntry":
+        """What the manifest's index keeps of one line, checked as :meth:`from_json` checks it (faster)."""
+        if not isinstance(d, dict):
+            raise DatasetError(f"{where}: not a JSON object.")
+        missing = [f for f in ("id", "unsafe", "safe", "latent_shape", "shard") if f not in d]
+        if missing:
+            raise DatasetError(f"{where}: missing field(s) {missing}.")
+        return _IndexEntry(d["shard"], _categories(d.get("category")), d["latent_shape"], d.get("identical"))
+
+
+class _IndexEntry:
+    __slots__ = ("shard", "category", "latent_shape", "identical")
+
+    def __init__(self, shard, category, latent_shape, identical):
+        self.shard, self.category, self.latent_shape, self.identical = shard, category, latent_shape, identical
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return {"identical": self.identical}
+
+
+def _categories(cats) -> list[str]:
+    if not cats:
+        return []
+    try:
+        return list(_normalized(tuple(cats) if isinstance(cats, list) else cats))
+    except TypeError:  # unhashable entries: let normalize_categories name the problem
+        return normalize_categories(cats)
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(PairRecord)) - {"extra"}
+
+
+@functools.lru_cache(maxsize=1024)
+def _normalized(categories: tuple[str, ...] | str) -> tuple[str, ...]:
+    """:func:`normalize_categories`, memoised: a 100,000-line manifest repeats a few category sets."""
+    return tuple(normalize_categories(list(categories) if isinstance(categories, tuple) else categories))
 
 
 def _read_manifest(path: Path) -> tuple[list[PairRecord], int]:
@@ -301,8 +341,8 @@ class PreferenceDatasetWriter:
             self._write_header()
             if (self.root / "manifest.jsonl").exists():  # so the finished dataset opens at once
                 try:
-                    open_index(self.root / "manifest.jsonl", PairRecord.from_json)
-                except (OSError, DatasetError) as e:
+                    open_index(self.root / "manifest.jsonl", PairRecord.index_entry)
+                except (OSError, SafetyDPOError) as e:
                     log.warning("Could not index %s (%s); it will be indexed when it is opened.", self.root, e)
             if self._staging is not None:
                 if commit:
@@ -369,7 +409,7 @@ class PreferenceDataset:
         manifest = self.root / "manifest.jsonl"
         # An index (built once, stored beside the manifest) instead of the parsed manifest: opening 100,000
         # pairs takes milliseconds and a few MB, and records are parsed when used.
-        self.index = open_index(manifest, PairRecord.from_json)
+        self.index = open_index(manifest, PairRecord.index_entry)
         self.all_records: LazyRecords = LazyRecords(manifest, self.index, PairRecord.from_json)
         records = self.all_records
         if not len(records):
