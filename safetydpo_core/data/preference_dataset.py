@@ -462,9 +462,14 @@ class PreferenceDataset:
         """Digest of the manifest lines in use (ids and prompts), for LoRA metadata."""
         import hashlib
 
+        cached = getattr(self, "_fingerprint", None)
+        if cached is not None and cached[0] is self._records:  # computed once per selection (checkpoints ask often)
+            return cached[1]
         h = hashlib.sha256()
         for r in self.records:
             h.update(f"{r.id}\t{r.unsafe}\t{r.safe}\t{r.shard}\n".encode())
+        if isinstance(self._records, LazyRecords):  # immutable; a list set by hand could change in place
+            self._fingerprint = (self._records, h.hexdigest()[:16])
         return h.hexdigest()[:16]
 
     def per_category(self) -> dict[str, int]:
