@@ -46,7 +46,7 @@ from ..errors import DatasetError, SafetyDPOError
 from ..utils.atomic import atomic_path, atomic_write_text, disk_full_errors, ensure_writable_dir
 from ..utils.lock import OutputLock
 from ..utils.numbers import check_finite_tensors, first_nonfinite
-from .manifest_index import INDEX_NAME, LazyRecords, iter_manifest, open_index
+from .manifest_index import LazyRecords, iter_manifest, open_index
 
 log = logging.getLogger(__name__)
 
