@@ -19,16 +19,13 @@ from pathlib import Path
 
 from . import live_view, paths
 from ._core import core, errors
-from .common import (BOOL, COMBO, FLOAT, GUIDANCE, INT, SEED, SOCKET, Node, apply_lora, category_choices,
+from .common import (BOOL, COMBO, FLOAT, GUIDANCE, INT, SOCKET, Node, apply_lora, category_choices,
                      comfy_progress, comfy_stop, denoiser, lora_model_from_set)
 from .types import DATASET, LORA_MODEL, METRICS
 
 log = logging.getLogger(__name__)
-CONDITIONS = ("unsafe", "safe", "both")
 # objective -> (TrainConfig objective, targets); ESD erases the dataset's unsafe prompts (training/esd.py)
 OBJECTIVES = {"dpo": ("dpo", "attn"), "esd-x": ("esd", "esd-x"), "esd-u": ("esd", "esd-u")}
-# settings that may change between a run and its resume (everything else keys the checkpoint folder)
-_FREE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing")
 
 
 def checkpoint_dir(category: str, settings: dict, dataset_fp: str, model_fp: str) -> Path:
@@ -36,6 +33,23 @@ def checkpoint_dir(category: str, settings: dict, dataset_fp: str, model_fp: str
     blob = json.dumps({"settings": settings, "dataset": dataset_fp, "model": model_fp}, sort_keys=True, default=str)
     key = hashlib.sha256(blob.encode()).hexdigest()[:12]
     return paths.pack_output("checkpoints") / f"{category}-{key}"
+
+
+def setting_inputs(*names: str, default=None) -> dict:
+    """The widgets of these training settings, from their one declaration (``training.config.SETTINGS``):
+    the widget's name, default (or ``default``), range, choices and tooltip."""
+    out = {}
+    for name in names:
+        s = core("training.config").SETTINGS[name]
+        value = s.value_default if default is None else default
+        if s.choices:
+            out[s.node] = COMBO(s.choices, s.help, value)
+        elif s.kind == "bool":
+            out[s.node] = BOOL(value, s.help)
+        else:
+            w = {"min": s.lo, "max": s.hi, **s.widget}
+            out[s.node] = (INT if s.kind == "int" else FLOAT)(value, w.pop("min"), w.pop("max"), s.help, **w)
+    return out
 
 
 class TrainExpert(Node):
@@ -58,32 +72,19 @@ class TrainExpert(Node):
             "clip": SOCKET("CLIP", "The checkpoint's text encoder, to encode the pairs' prompts."),
             "dataset": SOCKET(DATASET, "A preference dataset rendered with this model (render or load-dataset node)."),
             "category": COMBO(category_choices(), "Train on this category's pairs ('all': every pair, one expert)."),
-            "steps": INT(500, 1, 1000000, "Optimiser steps."),
-            "learning_rate": FLOAT(1e-4, 1e-8, 1.0, "AdamW learning rate of the LoRA.", step=1e-6, round=False),
-            "rank": INT(4, 1, 256, "LoRA rank (alpha = rank, so the update's scale is 1)."),
-            "beta": FLOAT(5000.0, 1.0, 1e7, "Diffusion-DPO beta: how strongly the expert may move away from the "
-                                            "reference (larger = closer to the reference).", step=100.0),
-            "condition": COMBO(CONDITIONS, "Which prompt conditions both images of a pair: the unsafe prompt (the "
-                                           "method's default), the safe one, or either at random."),
-            "seed": SEED("Seed of the pair order, noise and timesteps (a resumed run repeats them exactly)."),
-            "gradient_checkpointing": BOOL(False, "Recompute activations in the backward pass: much less memory, "
-                                                  "about a third slower."),
-            "save_every": INT(100, 0, 1000000, "Save a checkpoint every N steps (0 = only at the end and on Cancel)."),
+            **setting_inputs("steps", "lr", "rank", "beta", "condition", "seed", "gradient_checkpointing"),
+            **setting_inputs("checkpoint_every", default=100),
             "resume": BOOL(True, "Continue from the last checkpoint of a run with the same settings, dataset and "
                                  "model (after a Cancel, or to add steps). Off: start again from step 0."),
         }, "optional": {
             "allow_model_mismatch": BOOL(False, "Train even if the dataset was rendered with another model "
                                                 "(its images are then not this model's outputs)."),
-            "preserve_weight": FLOAT(0.0, 0.0, 1e6, "Output preservation: how strongly the expert must keep the "
-                                                    "untouched model's predictions on preservation prompts (0 = off).",
-                                     step=0.1),
-            "preserve_prompts": COMBO(core("training.preservation").PRESERVE_SETS, "Preservation prompts: auto (the safe prompts of the dataset's "
-                                                     "other categories plus everyday prompts), others, or neutral."),
+            **setting_inputs("preserve_weight", "preserve_prompts"),
             "objective": COMBO(list(OBJECTIVES), "dpo: Diffusion-DPO on the pairs (the method). esd-x / esd-u: the ESD "
                                                  "concept-erasure baseline on the cross-attention / all other layers, "
                                                  "erasing the pairs' unsafe prompts (uses no images; beta and "
                                                  "condition do not apply)."),
-            "esd_eta": FLOAT(1.0, 0.01, 100.0, "ESD's negative guidance eta (objective esd-x / esd-u).", step=0.1),
+            **setting_inputs("esd_eta"),
             "guidance": GUIDANCE(),
         }}
 
@@ -113,7 +114,7 @@ class TrainExpert(Node):
 
         ds = open_dataset(data_path, categories=cfg.category, expect_fingerprint=model_fp,
                           on_mismatch="warn" if allow_model_mismatch else "error")
-        keep = {k: v for k, v in cfg.to_dict().items() if k not in _FREE_KEYS}
+        keep = {k: v for k, v in cfg.to_dict().items() if k in core("training.config").RESUME_KEYS}
         if den.guidance is not None:
             keep["guidance"] = den.guidance
         ckpt = checkpoint_dir(category, keep, ds.fingerprint(), model_fp)

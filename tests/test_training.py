@@ -282,3 +282,29 @@ def test_neutral_preservation_prompts_are_not_the_evaluation_prompts(sd15, data)
     assert len(neutral) >= 100 and not set(neutral) & set(load_prompt_set("neutral"))
     auto = preservation_set("auto", data, sd15)
     assert len(auto) == len(neutral) + len(preservation_set("others", data, sd15))
+
+
+def test_each_declared_setting_s_range_and_choices_are_what_train_config_accepts():
+    """The one declaration (config.SETTINGS) that the CLI and the node build their inputs from agrees with
+    TrainConfig's own checks: the ends of each range are accepted, a value just outside is refused."""
+    from safetydpo_core.training.config import RESUME_KEYS, SETTINGS
+
+    assert set(SETTINGS) == {f for f in TrainConfig().to_dict()}
+    assert "grad_accum" in RESUME_KEYS and "mixed_precision" in RESUME_KEYS and "steps" not in RESUME_KEYS
+    for s in SETTINGS.values():
+        if s.kind in ("int", "float") and s.name not in ("seed",):
+            step = 1 if s.kind == "int" else 1e-9
+            if s.lo is not None:
+                if not s.lo_open:
+                    TrainConfig(**{s.name: s.lo})
+                with pytest.raises(ConfigError, match=s.name):
+                    TrainConfig(**{s.name: s.lo if s.lo_open else s.lo - step})
+            if s.hi is not None:
+                with pytest.raises(ConfigError, match=s.name):
+                    TrainConfig(**{s.name: s.hi if s.hi_open else s.hi + step})
+        if s.choices and s.name not in ("mixed_precision",):  # auto is resolved before TrainConfig
+            for c in s.choices:
+                TrainConfig(**{s.name: c})
+            if s.name != "preserve_prompts":  # anything else names a prompts file, read when training starts
+                with pytest.raises(ConfigError, match=s.name):
+                    TrainConfig(**{s.name: "nonsense"})

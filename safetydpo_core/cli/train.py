@@ -17,8 +17,8 @@ import logging
 from pathlib import Path
 
 from ..errors import SafetyDPOError
-from .common import (POSITIVE_INT, Progress, add_model_args, apply_config_file, config_path, given_flags, integer,
-                     load_denoiser, number, output_lock, refuse_existing, refuse_overlaps, write_resolved_config)
+from .common import (Progress, add_model_args, apply_config_file, config_path, given_flags, load_denoiser, number,
+                     output_lock, refuse_existing, refuse_overlaps, write_resolved_config)
 
 log = logging.getLogger(__name__)
 
@@ -32,47 +32,9 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="preference dataset folder (from `safetydpo render` or `dataset from-images`)")
     p.add_argument("--out", required=True, help="output LoRA file (.safetensors)")
     p.add_argument("--config", help="TOML/YAML/JSON file with any of these options (command-line flags win)")
-    p.add_argument("--category", help="train on this category's pairs (comma-separated for several; default: all)")
-    p.add_argument("--steps", type=POSITIVE_INT, default=500, help="optimiser steps (default 500)")
-    p.add_argument("--rank", type=POSITIVE_INT, default=4, help="LoRA rank (default 4, as the paper)")
-    p.add_argument("--alpha", type=number(0, lo_open=True), default=None, help="LoRA alpha (default: = rank)")
-    p.add_argument("--targets", default="attn", help="layers to adapt: attn (the attention projections, default: "
-                                                      "to_q,to_k,to_v,to_out.0 in UNets; both streams in SD3/Flux), "
-                                                      "attn-cross, attn+ff, transformer, esd-x, esd-u, or comma-separated suffixes")
-    p.add_argument("--objective", default="dpo", choices=["dpo", "mapo", "esd"],
-                   help="dpo (default), reference-free mapo, or esd: the ESD erasure baseline on the dataset's unsafe "
-                        "prompts (with --targets esd-u or esd-x; see `safetydpo erase`)")
-    p.add_argument("--esd-eta", type=number(0, lo_open=True), default=1.0, help="esd: negative guidance eta (default 1)")
-    p.add_argument("--esd-sample-steps", type=POSITIVE_INT, default=50,
-                   help="esd: DDIM steps of the partial generation x_t comes from (default 50)")
-    p.add_argument("--esd-guidance", type=number(1), default=3.0, help="esd: its guidance scale (default 3)")
-    p.add_argument("--beta", type=number(0, lo_open=True), default=5000.0, help="DPO beta (default 5000, as the official code)")
-    p.add_argument("--mapo-beta", type=number(0, lo_open=True), default=0.1, help="MaPO beta (default 0.1)")
-    p.add_argument("--sft-weight", type=number(0), default=0.0, help="weight of an extra SFT term on the safe image")
-    p.add_argument("--preserve-weight", type=number(0), default=0.0,
-                   help="output preservation (DUO): weight of the squared distance between the expert's and the "
-                        "untouched model's predictions on preservation prompts (default 0: off)")
-    p.add_argument("--preserve-prompts", default="auto",
-                   help="preservation prompts: auto (others + neutral; default), others (safe prompts of the dataset's "
-                        "other categories), neutral (everyday prompts), or a .txt / .jsonl file")
-    p.add_argument("--condition", default="unsafe", choices=["unsafe", "safe", "both"],
-                   help="prompt that conditions both images (default unsafe)")
-    p.add_argument("--lr", type=number(0, lo_open=True), default=1e-4, help="learning rate (default 1e-4)")
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"])
-    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
-    p.add_argument("--warmup-steps", type=integer(0), default=0)
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=1, help="pairs per micro-step")
-    p.add_argument("--grad-accum", type=POSITIVE_INT, default=1, help="micro-steps per optimiser step")
-    p.add_argument("--max-grad-norm", type=number(0), default=1.0, help="gradient clipping (0 disables)")
-    p.add_argument("--prompt-dropout", type=number(0, 1, hi_open=True), default=0.0, help="probability of an empty prompt (official: 0.2)")
-    p.add_argument("--seed", type=integer(), default=0)
-    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
-                   help="autocast precision (auto: accelerate's --mixed_precision under accelerate launch, else bf16/fp16 "
-                        "on GPUs and no on CPUs)")
+    add_setting_args(p)
     p.add_argument("--tensorboard", default="auto", choices=["auto", "off"],
                    help="also log to <out>.tensorboard/ when the tensorboard package is installed (default auto)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--checkpoint-every", type=integer(0), default=0, help="save a resumable checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this output")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output file and start afresh (the old run's checkpoints are removed)")
@@ -82,6 +44,24 @@ def register(sub) -> None:
     p.add_argument("--allow-model-mismatch", action="store_true",
                    help="train even if the dataset was rendered by another model (warns instead of refusing)")
     p.set_defaults(func=run, _parser=p)
+
+
+def add_setting_args(p: argparse.ArgumentParser) -> None:
+    """One option per training setting the command line exposes, from its declaration (``config.SETTINGS``)."""
+    from ..training.config import SETTINGS
+
+    for s in SETTINGS.values():
+        if not s.cli:
+            continue
+        if s.kind == "bool":
+            p.add_argument(s.flag, action="store_true", help=s.help.rstrip("."))
+            continue
+        default = s.value_default
+        shown = f" (default {default})" if default is not None and "default" not in s.help else ""
+        kw = dict(choices=list(s.choices)) if s.choices and s.name != "preserve_prompts" else {}  # or a file
+        if s.kind in ("int", "float"):
+            kw["type"] = number(**s.range())
+        p.add_argument(s.flag, default=default, help=s.help.rstrip(".") + shown, **kw)
 
 
 class _TensorBoard:
@@ -118,6 +98,7 @@ def _tensorboard(args, out: Path):
 def run(args: argparse.Namespace) -> int:
     from ..denoiser.devices import resolve_mixed_precision
     from ..training import TrainConfig, train_expert
+    from ..training.config import SETTINGS
     from ..training.distributed import from_environment
 
     apply_config_file(args._parser, args, given_flags(getattr(args, "_argv", None)))
@@ -141,15 +122,8 @@ def run(args: argparse.Namespace) -> int:
     mixed = args.mixed_precision
     if mixed == "auto" and env.mixed_precision is not None:
         mixed = env.mixed_precision
-    cfg = TrainConfig(category=args.category, steps=args.steps, rank=args.rank, alpha=args.alpha, targets=args.targets,
-                      objective=args.objective, esd_eta=args.esd_eta, esd_sample_steps=args.esd_sample_steps,
-                      esd_guidance=args.esd_guidance, beta=args.beta, mapo_beta=args.mapo_beta, sft_weight=args.sft_weight,
-                      preserve_weight=args.preserve_weight, preserve_prompts=args.preserve_prompts,
-                      condition=args.condition, lr=args.lr, optimizer=args.optimizer, lr_schedule=args.lr_schedule,
-                      warmup_steps=args.warmup_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                      max_grad_norm=args.max_grad_norm, prompt_dropout=args.prompt_dropout, seed=args.seed,
-                      mixed_precision=resolve_mixed_precision(mixed, denoiser.device),
-                      gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every)
+    given = {s.name: getattr(args, s.name) for s in SETTINGS.values() if s.cli}
+    cfg = TrainConfig(**dict(given, mixed_precision=resolve_mixed_precision(mixed, denoiser.device)))
     world = env.group.world_size
     settings = {"command": "train", "model": str(args.model), "data": str(args.data), "out": str(out),
                 "device": str(denoiser.device), "dtype": str(denoiser.dtype), "processes": world,

@@ -1,4 +1,9 @@
-"""Settings of one safety-expert training run, validated up front with errors that name the setting."""
+"""Settings of one safety-expert training run, validated up front with errors that name the setting.
+
+Each setting is declared once, in :data:`SETTINGS` (default, range, help, choices, whether a resume must keep
+it); ``safetydpo train`` builds its options and the TrainExpert node its widgets from that table, and the
+trainer and the node take the settings a resume must keep from :data:`RESUME_KEYS`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import Any
 from ..categories import normalize_categories
 from ..errors import ConfigError
 from ..utils.numbers import check_number, check_optional
+from .preservation import PRESERVE_SETS
 
 OBJECTIVES = ("dpo", "mapo", "esd")
 CONDITIONS = ("unsafe", "safe", "both")
@@ -110,3 +116,120 @@ class TrainConfig:
         if d.get("timestep_range") is not None:
             d["timestep_range"] = tuple(d["timestep_range"])
         return cls(**d)
+
+
+_FROM_CONFIG: Any = object()  # Setting.default: TrainConfig's own default
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One :class:`TrainConfig` setting as the command line and the TrainExpert node expose it.
+
+    ``lo``/``hi`` (open with ``lo_open``/``hi_open``) are the range :func:`check_number` enforces;
+    ``choices`` the allowed words; ``resume`` whether a resumed run must have the same value (it then keys
+    the node's checkpoint folder too); ``cli`` whether ``safetydpo train`` has the option (``--<name>`` with
+    dashes); ``node`` the node's widget name where the node has one, with ``widget`` its extra bounds
+    (min/max/step: a widget needs finite ends where the range is open).
+    """
+
+    name: str
+    help: str
+    resume: bool
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple[str, ...] | None = None
+    default: Any = _FROM_CONFIG
+    cli: bool = True
+    node: str | None = None
+    widget: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def value_default(self) -> Any:
+        """The default a user sees: the declared one, else :class:`TrainConfig`'s."""
+        if self.default is not _FROM_CONFIG:
+            return self.default
+        f = _FIELDS[self.name]
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+    @property
+    def kind(self) -> str:
+        """``int``, ``float``, ``bool`` or ``str``: how the value is typed (from TrainConfig's annotation)."""
+        t = str(_FIELDS[self.name].type)
+        for kind in ("bool", "int", "float"):
+            if t == kind or t == f"{kind} | None":
+                return kind
+        return "str"
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def range(self) -> dict:
+        """Keyword arguments of :func:`check_number` for this setting."""
+        return dict(lo=self.lo, hi=self.hi, integer=self.kind == "int", lo_open=self.lo_open, hi_open=self.hi_open)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+#: every TrainConfig setting, in the order ``safetydpo train --help`` lists them
+SETTINGS: dict[str, Setting] = {s.name: s for s in (
+    Setting("category", "Train on this category's pairs (several: comma-separated; unset: all).", resume=True),
+    Setting("steps", "Optimiser steps.", resume=False, lo=1, node="steps", widget=dict(max=1000000)),
+    Setting("rank", "LoRA rank (4, as the paper; with alpha = rank the update's scale is 1).", resume=True, lo=1,
+            node="rank", widget=dict(max=256)),
+    Setting("alpha", "LoRA alpha (unset: = rank).", resume=True, lo=0, lo_open=True),
+    Setting("targets", "Layers to adapt: attn (the attention projections, default: to_q,to_k,to_v,to_out.0 in UNets; "
+                       "both streams in SD3/Flux), attn-cross, attn+ff, transformer, esd-x, esd-u, or comma-separated "
+                       "suffixes.", resume=True),
+    Setting("objective", "dpo (default), reference-free mapo, or esd: the ESD erasure baseline on the dataset's unsafe "
+                         "prompts (with targets esd-u or esd-x; see `safetydpo erase`).", resume=True, choices=OBJECTIVES),
+    Setting("esd_eta", "ESD's negative guidance eta (the esd objectives only).", resume=True, lo=0, lo_open=True,
+            node="esd_eta", widget=dict(min=0.01, max=100.0, step=0.1)),
+    Setting("esd_sample_steps", "ESD: DDIM steps of the partial generation x_t comes from.", resume=True, lo=1),
+    Setting("esd_guidance", "ESD: the partial generation's classifier-free guidance scale (1: none).", resume=True,
+            lo=1),
+    Setting("beta", "Diffusion-DPO beta: how strongly the expert may move away from the reference (larger = closer "
+                    "to the reference; 5000 as the official code).", resume=True, lo=0, lo_open=True, node="beta",
+            widget=dict(min=1.0, max=1e7, step=100.0)),
+    Setting("mapo_beta", "MaPO beta.", resume=True, lo=0, lo_open=True),
+    Setting("mapo_snr", "MaPO's signal-to-noise weighting.", resume=True, lo=0, lo_open=True, cli=False),
+    Setting("sft_weight", "Weight of an extra SFT term on the safe image.", resume=True, lo=0),
+    Setting("preserve_weight", "Output preservation (DUO): weight of the squared distance between the expert's and "
+                               "the untouched model's predictions on preservation prompts (0 = off).", resume=True,
+            lo=0, node="preserve_weight", widget=dict(max=1e6, step=0.1)),
+    Setting("preserve_prompts", "Preservation prompts: auto (the safe prompts of the dataset's other categories plus "
+                                "everyday prompts), others, neutral, or (command line only) a .txt / .jsonl prompts "
+                                "file.", resume=True, choices=PRESERVE_SETS, node="preserve_prompts"),
+    Setting("condition", "Which prompt conditions both images of a pair: the unsafe prompt (the method's default), "
+                         "the safe one, or either at random.", resume=True, choices=CONDITIONS, node="condition"),
+    Setting("lr", "Learning rate of the LoRA.", resume=True, lo=0, lo_open=True, node="learning_rate",
+            widget=dict(min=1e-8, max=1.0, step=1e-6, round=False)),
+    Setting("optimizer", "Optimiser of the LoRA.", resume=True, choices=OPTIMIZERS),
+    Setting("weight_decay", "The optimiser's weight decay.", resume=True, lo=0, cli=False),
+    Setting("lr_schedule", "Learning-rate schedule.", resume=True, choices=SCHEDULES),
+    Setting("warmup_steps", "Steps of learning-rate warm-up.", resume=True, lo=0),
+    Setting("batch_size", "Pairs per micro-step.", resume=True, lo=1),
+    # a resume keeps grad_accum x processes (the micro-steps per optimiser step), not grad_accum alone
+    Setting("grad_accum", "Micro-steps per optimiser step.", resume=True, lo=1),
+    Setting("max_grad_norm", "Gradient clipping (0 disables).", resume=True, lo=0),
+    Setting("prompt_dropout", "Probability of an empty prompt (the official code uses 0.2).", resume=True, lo=0, hi=1,
+            hi_open=True),
+    Setting("seed", "Seed of the pair order, noise and timesteps (a resumed run repeats them exactly).", resume=True,
+            node="seed", widget=dict(min=0, max=2 ** 64 - 1)),
+    # autocast precision changes every later step's numbers, so a resumed run keeps it (auto is resolved first)
+    Setting("mixed_precision", "Autocast precision (auto: accelerate's --mixed_precision under accelerate launch, "
+                               "else bf16/fp16 on GPUs and no on CPUs).", resume=True,
+            choices=("auto",) + PRECISIONS, default="auto"),
+    Setting("gradient_checkpointing", "Recompute activations in the backward pass: much less memory, about a third "
+                                      "slower.", resume=False, node="gradient_checkpointing"),
+    Setting("checkpoint_every", "Save a resumable checkpoint every N steps (0 = only at the end and when stopped).",
+            resume=False, lo=0, node="save_every", widget=dict(max=1000000)),
+    Setting("keep_checkpoints", "How many of the newest checkpoints to keep.", resume=False, lo=1, cli=False),
+    Setting("timestep_range", "Train on timesteps lo..hi only.", resume=True, cli=False),
+)}
+assert set(SETTINGS) == set(_FIELDS), "every TrainConfig setting is declared in SETTINGS"
+
+#: the settings a resumed run must keep (the rest may change between a run and its resume)
+RESUME_KEYS: tuple[str, ...] = tuple(n for n, s in SETTINGS.items() if s.resume)

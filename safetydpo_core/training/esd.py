@@ -64,14 +64,14 @@ from ..lora.lora_set import LoraSet
 from . import objectives
 from .checkpoint import load_checkpoint
 from .concept_prompts import ConceptPrompts
-from .config import TrainConfig
+from .config import RESUME_KEYS, TrainConfig
 from .distributed import ProcessGroup
 from .trainer import ExpertTrainer, PairOrder, ProgressFn, StopFn, TrainResult, step_generator
 
 __all__ = ["ConceptPrompts", "EsdTrainer", "train_esd", "partial_generation", "sampling_timesteps"]
 
 # settings a resume must keep, beyond the trainer's own
-_ESD_RESUME_KEYS = ("esd_eta", "esd_sample_steps", "esd_guidance")
+_ESD_RESUME_KEYS = tuple(k for k in RESUME_KEYS if k.startswith("esd_"))
 
 
 def sampling_timesteps(num_train_timesteps: int, steps: int) -> list[int]:

@@ -50,7 +50,7 @@ from ..lora.lora_set import LoraLayer, LoraSet
 from ..lora.targets import check_rank_fits
 from . import objectives
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import RESUME_KEYS, TrainConfig
 from .distributed import ProcessGroup, SingleProcess
 from .metrics import MetricsLog
 
@@ -59,11 +59,9 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int, dict], None]
 StopFn = Callable[[], bool]
 
-# settings that must not change between an interrupted run and its resume
-_RESUME_KEYS = ("rank", "alpha", "targets", "objective", "beta", "mapo_beta", "mapo_snr", "sft_weight", "preserve_weight",
-                "preserve_prompts", "condition",
-                "lr", "optimizer", "weight_decay", "lr_schedule", "warmup_steps", "batch_size",
-                "max_grad_norm", "prompt_dropout", "seed", "category", "timestep_range")
+# settings that must not change between an interrupted run and its resume (declared in config.SETTINGS); the
+# ESD ones are checked by training/esd.py, and grad_accum below, as micro-steps per optimiser step (x processes)
+_RESUME_KEYS = tuple(k for k in RESUME_KEYS if not k.startswith("esd_") and k != "grad_accum")
 
 
 @dataclasses.dataclass
