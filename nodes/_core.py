@@ -3,7 +3,9 @@
 ComfyUI imports the pack under a module name derived from its folder path, with ``safetydpo_core`` as a
 sub-package (``<pack>.safetydpo_core``); tests and tools may import ``nodes/`` on its own next to an
 installed ``safetydpo_core``. :func:`core` returns the right module in both cases, imported on first use,
-so importing a node module stays cheap (ComfyUI imports every pack at start-up).
+so importing a node module stays cheap (ComfyUI imports every pack at start-up). It is the nodes' one way
+to the core: ``core("lora.keys").to_state_dict(...)`` inside a function, or ``_keys = core("lora.keys")`` at
+the top of a module that only the nodes' functions import (comfy_denoiser.py and its helpers).
 """
 
 from __future__ import annotations

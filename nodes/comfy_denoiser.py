@@ -50,23 +50,23 @@ import torch.utils.checkpoint
 
 from . import comfy_transformers as ct
 from .comfy_lora_adapter import ComfyLoraAdapter, lora_from_comfy, lora_to_comfy
+from ._core import core
 
-try:  # inside the pack, as ComfyUI imports it
-    from ..safetydpo_core.denoiser import flow
-    from ..safetydpo_core.denoiser.protocol import Conditioning, check_guidance, uniform_timesteps
-    from ..safetydpo_core.errors import ConfigError, LoraError, ModelError
-    from ..safetydpo_core.lora.targets import select_layers
-    from ..safetydpo_core.lora.transformer_names import BASE_MODEL_VERSIONS, presets
-    from ..safetydpo_core.lora.unet_names import UNetNames, weight_modules
-    from ..safetydpo_core.utils.fingerprint import module_fingerprint, tensor_digest
-except ImportError:  # nodes/ imported on its own (tests, tools) with safetydpo_core installed
-    from safetydpo_core.denoiser import flow
-    from safetydpo_core.denoiser.protocol import Conditioning, check_guidance, uniform_timesteps
-    from safetydpo_core.errors import ConfigError, LoraError, ModelError
-    from safetydpo_core.lora.targets import select_layers
-    from safetydpo_core.lora.transformer_names import BASE_MODEL_VERSIONS, presets
-    from safetydpo_core.lora.unet_names import UNetNames, weight_modules
-    from safetydpo_core.utils.fingerprint import module_fingerprint, tensor_digest
+# the core, whichever way the pack was imported (nodes/_core.py)
+flow = core("denoiser.flow")
+_protocol = core("denoiser.protocol")
+Conditioning, check_guidance = _protocol.Conditioning, _protocol.check_guidance
+uniform_timesteps = _protocol.uniform_timesteps
+_errors = core("errors")
+ConfigError, LoraError, ModelError = _errors.ConfigError, _errors.LoraError, _errors.ModelError
+_targets = core("lora.targets")
+select_layers = _targets.select_layers
+_transformer_names = core("lora.transformer_names")
+BASE_MODEL_VERSIONS, presets = _transformer_names.BASE_MODEL_VERSIONS, _transformer_names.presets
+_unet_names = core("lora.unet_names")
+UNetNames, weight_modules = _unet_names.UNetNames, _unet_names.weight_modules
+_fingerprint = core("utils.fingerprint")
+module_fingerprint, tensor_digest = _fingerprint.module_fingerprint, _fingerprint.tensor_digest
 
 __all__ = ["ComfyDenoiser", "diffusers_unet_config", "lora_from_comfy", "lora_to_comfy",
            "comfy_progress", "comfy_should_stop"]

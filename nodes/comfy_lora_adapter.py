@@ -35,14 +35,15 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-try:  # inside the pack, as ComfyUI imports it
-    from ..safetydpo_core.errors import ConfigError, LoraError, ModelError
-    from ..safetydpo_core.lora.keys import from_state_dict, to_state_dict
-    from ..safetydpo_core.lora.lora_set import LoraLayer, LoraSet
-except ImportError:  # nodes/ imported on its own (tests, tools) with safetydpo_core installed
-    from safetydpo_core.errors import ConfigError, LoraError, ModelError
-    from safetydpo_core.lora.keys import from_state_dict, to_state_dict
-    from safetydpo_core.lora.lora_set import LoraLayer, LoraSet
+from ._core import core
+
+# the core, whichever way the pack was imported (nodes/_core.py)
+_errors = core("errors")
+ConfigError, LoraError, ModelError = _errors.ConfigError, _errors.LoraError, _errors.ModelError
+_keys = core("lora.keys")
+from_state_dict, to_state_dict = _keys.from_state_dict, _keys.to_state_dict
+_lora_set = core("lora.lora_set")
+LoraLayer, LoraSet = _lora_set.LoraLayer, _lora_set.LoraSet
 
 PREFIX = "diffusion_model."
 INITS = ("gaussian", "kaiming", "zeros")

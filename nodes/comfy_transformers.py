@@ -34,16 +34,17 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-try:  # inside the pack, as ComfyUI imports it
-    from ..safetydpo_core.denoiser.flow import FlowSchedule
-    from ..safetydpo_core.errors import ConfigError, LoraError, ModelError
-    from ..safetydpo_core.lora.transformer_names import TransformerNames
-    from ..safetydpo_core.lora.unet_names import weight_modules
-except ImportError:  # nodes/ imported on its own (tests, tools) with safetydpo_core installed
-    from safetydpo_core.denoiser.flow import FlowSchedule
-    from safetydpo_core.errors import ConfigError, LoraError, ModelError
-    from safetydpo_core.lora.transformer_names import TransformerNames
-    from safetydpo_core.lora.unet_names import weight_modules
+from ._core import core
+
+# the core, whichever way the pack was imported (nodes/_core.py)
+_flow = core("denoiser.flow")
+FlowSchedule = _flow.FlowSchedule
+_errors = core("errors")
+ConfigError, LoraError, ModelError = _errors.ConfigError, _errors.LoraError, _errors.ModelError
+_transformer_names = core("lora.transformer_names")
+TransformerNames = _transformer_names.TransformerNames
+_unet_names = core("lora.unet_names")
+weight_modules = _unet_names.weight_modules
 
 SUPPORTED = ("SD1.x, SD2.x and SDXL (UNet), SD3 / SD3.5 (MMDiT) and Flux.1 dev / schnell (and their fine-tunes), "
              "with discrete EPS / V-prediction or flow-matching sampling")
