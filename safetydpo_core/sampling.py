@@ -174,7 +174,7 @@ def sample_prompts(denoiser, prompts: Sequence[EvalPrompt], out: str | os.PathLi
             diff = sorted(k for k in state if old.get(k) != state[k])
             if diff:
                 raise ConfigError(f"Cannot resume {out}: it was made with other settings ({', '.join(diff)}). Use the same "
-                                  f"settings, or --overwrite to start anew.")
+                                  f"settings, or overwrite (--overwrite) to start anew.")
             if manifest.exists() and manifest.stat().st_size:
                 for r in read_run(out, check_extra=False).records:
                     done[(r.variant, r.id)] = r
@@ -182,8 +182,8 @@ def sample_prompts(denoiser, prompts: Sequence[EvalPrompt], out: str | os.PathLi
             shutil.rmtree(out / "images", ignore_errors=True)
             manifest.unlink(missing_ok=True)
         else:
-            raise SafetyDPOError(f"{out} already holds a sampled run. Pass --resume to continue it or --overwrite to "
-                                 f"replace it.")
+            raise SafetyDPOError(f"{out} already holds a sampled run. Set resume (--resume) to continue it or overwrite "
+                                 f"(--overwrite) to replace it.")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / STATE, json.dumps(state, indent=1) + "\n", "sample state")
 

@@ -384,8 +384,8 @@ def evaluate_runs(runs: Sequence[ImageRun], evaluator: Evaluator, out: str | os.
     if cache_path is not None and resume and cache_path.exists():
         state = json.loads(state_path.read_text()) if state_path.exists() else {}
         if state.get("fingerprint") != fp:
-            raise ConfigError(f"Cannot resume in {out}: its results were made with other detectors or weights. Use "
-                              f"--overwrite to start over, or another --out.")
+            raise ConfigError(f"Cannot resume in {out}: its results were made with other detectors or weights. Set "
+                              f"overwrite (--overwrite) to start over, or choose another output folder (--out).")
         for line in cache_path.read_text(encoding="utf-8").splitlines():
             try:
                 d = json.loads(line)

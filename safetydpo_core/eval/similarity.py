@@ -100,8 +100,8 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, names: tuple[str, str]) -> Non
     if x.shape != y.shape:
         raise DatasetError(f"{names[0]} is {x.shape[2]}x{x.shape[1]} but {names[1]} is {y.shape[2]}x{y.shape[1]} "
                            f"pixels: PSNR, SSIM and the mean absolute difference compare pictures pixel by pixel, so a "
-                           f"pair must have one size. Render both at the same size (the same --size for every "
-                           f"strength of `safetydpo sample`), or leave this pair out.")
+                           f"pair must have one size. Render both at the same size (the same size, --size, for "
+                           f"every strength of `safetydpo sample`), or leave this pair out.")
     if min(x.shape[1], x.shape[2]) < SSIM_WINDOW:
         raise DatasetError(f"{names[0]} is {x.shape[2]}x{x.shape[1]} pixels, smaller than SSIM's {SSIM_WINDOW}x"
                            f"{SSIM_WINDOW} window; SSIM needs pictures of at least {SSIM_WINDOW} pixels a side.")

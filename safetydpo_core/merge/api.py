@@ -332,7 +332,7 @@ def merge_files(model: str | os.PathLike | None, expert_paths: Sequence[str | os
     if stats_path is not None and Path(stats_path).exists() and calibrated:
         stats = CalibrationStats.load(stats_path)
     if denoiser is None and model is None:
-        raise ConfigError("Give the base model (--model): it names the experts' layers and checks that they fit.")
+        raise ConfigError("Give the base model (model, --model): it names the experts' layers and checks that they fit.")
     static = None if (denoiser is not None or (calibrated and stats is None)) else _model_names(model)  # type: ignore[arg-type]
     if static is None and denoiser is None:
         from ..denoiser.diffusers_backend import DiffusersDenoiser
@@ -374,8 +374,9 @@ def merge_files(model: str | os.PathLike | None, expert_paths: Sequence[str | os
             pairs = read_pairs_jsonl(calibration)
             prompts = calibration_prompts(pairs, cats, copts.num_inputs, copts.seed, prompt_field, source=str(calibration))
         else:
-            raise ConfigError(f"{method} needs calibration prompts: give --calibration PAIRS.jsonl (the experts' prompt "
-                              f"pairs) or --calibration-dataset DATASET, or --stats with saved statistics.")
+            raise ConfigError(f"{method} needs calibration prompts: give the experts' prompt pairs (--calibration "
+                              f"PAIRS.jsonl) or a preference dataset (dataset, --calibration-dataset DATASET), or saved "
+                              f"statistics (--stats).")
         bar = progress_factory("calibration", copts.num_inputs) if progress_factory else None
         try:
             stats = calibrate(denoiser, prompts, experts=experts, options=copts, inputs=inputs, progress=bar,

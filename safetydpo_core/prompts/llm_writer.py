@@ -65,11 +65,12 @@ def make_backend(llm: str, model: str | None = None, *, api_key_env: str | None 
         from .llm_endpoint import ChatEndpoint, display_url
 
         if not model:
-            raise ConfigError(f"The LLM endpoint {display_url(llm)} needs a model name: pass --llm-model NAME.")
+            raise ConfigError(f"The LLM endpoint {display_url(llm)} needs a model name (--llm-model NAME).")
         return ChatEndpoint(llm, model, api_key_env=api_key_env, timeout=timeout, retries=retries, backoff=backoff,
                             concurrency=concurrency, allow_remote=allow_remote, extra_configs=extra_configs)
     if not llm:
-        raise ConfigError("The LLM writer needs --llm: a model folder, a .gguf file or an http(s) endpoint URL.")
+        raise ConfigError("The LLM writer needs a model (llm_model, --llm): a model folder, a .gguf file or an http(s) "
+                          "endpoint URL.")
     from .llm_local import LocalChatModel
 
     return LocalChatModel(llm, device=device, threads=threads)

@@ -185,8 +185,8 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, resum
     if path.exists() and path.is_dir():
         raise ConfigError(f"The output {path} is a folder; give a file name.")
     if path.exists() and not (overwrite or resume):
-        raise ConfigError(f"The output file {path} already exists. Pass --overwrite to replace it or --resume to "
-                          f"keep its pairs and add to them (overwrite=True / resume=True in Python).")
+        raise ConfigError(f"The output file {path} already exists. Set overwrite (--overwrite) to replace it or "
+                          f"resume (--resume) to keep its pairs and add to them.")
     return path
 
 
