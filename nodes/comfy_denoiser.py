@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -62,22 +61,16 @@ ConfigError, LoraError, ModelError = _errors.ConfigError, _errors.LoraError, _er
 _targets = core("lora.targets")
 select_layers = _targets.select_layers
 _transformer_names = core("lora.transformer_names")
-BASE_MODEL_VERSIONS, presets = _transformer_names.BASE_MODEL_VERSIONS, _transformer_names.presets
+presets = _transformer_names.presets
+base_model_version = core("lora.base_model").base_model_version
 _unet_names = core("lora.unet_names")
 UNetNames, weight_modules = _unet_names.UNetNames, _unet_names.weight_modules
 _fingerprint = core("utils.fingerprint")
 module_fingerprint, tensor_digest = _fingerprint.module_fingerprint, _fingerprint.tensor_digest
 
 __all__ = ["ComfyDenoiser", "diffusers_unet_config", "lora_from_comfy", "lora_to_comfy",
-           "comfy_progress", "comfy_should_stop"]
+           "comfy_progress"]
 
-# kohya's ss_base_model_version for ComfyUI's model configs (comfy/supported_models.py)
-_VERSIONS = {
-    "SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SD21UnclipH": "sd_v2",
-    "SDXL": "sdxl_base_v1-0", "SSD1B": "sdxl_base_v1-0", "Segmind_Vega": "sdxl_base_v1-0",
-    "KOALA_700M": "sdxl_base_v1-0", "KOALA_1B": "sdxl_base_v1-0", "SDXL_instructpix2pix": "sdxl_base_v1-0",
-    "SDXLRefiner": "sdxl_refiner_v1-0",
-}
 _MODEL_KWARGS = ("c_crossattn", "y", "guidance")  # what predict() hands to apply_model
 _SDXL_SIZE_KEYS = ("height", "width", "crop_h", "crop_w", "target_height", "target_width")
 
@@ -106,13 +99,6 @@ def comfy_progress(total: int, node_id=None) -> Callable[..., None]:
         bar.update_absolute(step, total_)
 
     return progress
-
-
-def comfy_should_stop() -> bool:
-    """The core's ``should_stop()``: true once the user pressed Cancel in ComfyUI."""
-    import comfy.model_management
-
-    return comfy.model_management.processing_interrupted()
 
 
 def diffusers_unet_config(unet_config: Mapping) -> dict:
@@ -198,11 +184,10 @@ class ComfyDenoiser:
             self._sigmas = ms.sigmas.detach().float().cpu().clone()
             self.num_train_timesteps = int(self._sigmas.shape[0])
         if self.arch == "unet":
-            self.base_model_version = _VERSIONS.get(arch) or (
-                "sdxl_base_v1-0" if isinstance(base, mb.SDXL) else
-                "sd_v2" if base.model_config.unet_config.get("context_dim") == 1024 else "sd_v1")
+            self.base_model_version = base_model_version(
+                cross_attention_dim=base.model_config.unet_config.get("context_dim"), sdxl=isinstance(base, mb.SDXL))
         else:
-            self.base_model_version = BASE_MODEL_VERSIONS[self.arch]
+            self.base_model_version = base_model_version(family=self.arch)
         self.is_sdxl = isinstance(base, (mb.SDXL, mb.SDXLRefiner))
         self.guidance_input = self.arch == "flux" and bool(base.diffusion_model.params.guidance_embed)
         self.guidance = check_guidance(guidance, self.guidance_input, f"the model {what}")

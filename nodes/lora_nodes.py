@@ -50,19 +50,6 @@ def resolve_lora(name: str) -> Path:
                       f"({', '.join(folder_paths.get_folder_paths('loras'))}).")
 
 
-def guess_base_model(lora_set) -> str:
-    """kohya's ``ss_base_model_version`` from an ldm-named LoRA: SD3 / Flux.1 from their block names, the UNets
-    from the cross-attention width."""
-    family = core("lora.transformer_names").family_of_names(lora_set.layers)
-    if family is not None:
-        return core("lora.transformer_names").BASE_MODEL_VERSIONS[family]
-    for name, layer in lora_set.items():
-        if name.endswith("attn2.to_k"):
-            width = layer.in_features
-            return {2048: "sdxl_base_v1-0", 1280: "sdxl_refiner_v1-0", 1024: "sd_v2"}.get(width, "sd_v1")
-    return "sd_v1"
-
-
 class LoadLoRA(Node):
     DESCRIPTION = ("Loads a LoRA file (kohya, ComfyUI or diffusers/peft keys) from ComfyUI's loras folders as a "
                    "LORA_MODEL for the merge, apply and sampler nodes, checking that it fits the connected MODEL. "
@@ -146,7 +133,7 @@ class SaveLoRA(Node):
                 raise errors().LoraError(f"lora: {err}") from err
         else:
             lora_set = lora_set_from_input(lora, "lora")
-            lora_set.metadata.setdefault("ss_base_model_version", guess_base_model(lora_set))
+            lora_set.metadata.setdefault("ss_base_model_version", core("lora.base_model").base_model_version_of_lora(lora_set))
         save_lora = core("lora.io").save_lora
         base = paths.loras_dir()
         diff = all(k.endswith(".diff") for k in lora)  # full-rank weight diffs (UCE's exact export) stay diffs

@@ -31,13 +31,6 @@ def _categories(text: str) -> list[str]:
     return cats
 
 
-def _summary(pairs) -> str:
-    from collections import Counter
-
-    counts = Counter(c for p in pairs for c in p.category)
-    return f"{len(pairs)} pairs: " + (", ".join(f"{c} {n}" for c, n in sorted(counts.items())) or "none")
-
-
 class BuiltinPairs(Node):
     DESCRIPTION = ("Writes unsafe/safe prompt pairs offline from the pack's concept catalogue: the two prompts of a "
                    "pair are the same sentence with only the unsafe phrase swapped. Deterministic for a seed.")

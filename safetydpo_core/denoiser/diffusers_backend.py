@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..errors import ConfigError, ModelError
+from ..lora.base_model import base_model_version
 from ..lora.peft_adapter import PeftLoraAdapter
 from ..lora.targets import select_layers
 from ..lora.unet_names import UNetNames, weight_modules
@@ -33,13 +34,10 @@ def base_model_version_of(unet_config: Mapping, info: Mapping | None = None) -> 
     if info and info.get("base_model_version"):
         return str(info["base_model_version"])
     cad = unet_config.get("cross_attention_dim")
-    if unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl_base_v1-0"
-    if cad == 1024:
-        return "sd_v2"
-    if cad == 768 and list(unet_config.get("block_out_channels", [])) == [320, 640, 1280, 1280]:
-        return "sd_v1"
-    return "custom"
+    if cad == 768 and list(unet_config.get("block_out_channels", [])) != [320, 640, 1280, 1280]:
+        cad = None  # SD1's width on another UNet: not SD1
+    return base_model_version(cross_attention_dim=cad, sdxl=unet_config.get("addition_embed_type") == "text_time",
+                              default="custom")
 
 
 class DiffusersDenoiser:

@@ -1,8 +1,9 @@
 """Apply LoRA sets to a module's weights at given strengths, for inference, and take them off again.
 
 ``W' = W + sum_i strength_i * (alpha_i / r_i) * up_i @ down_i`` is written into the weights inside a
-``with`` block; the original weights are kept aside and restored bit for bit on exit. This is how the
-renderer, the sampler and the merge calibration run a model with experts applied.
+``with`` block; the original weights are kept aside and restored bit for bit on exit. This is how
+``safetydpo sample`` (sampling.py) and the concept world's evaluation (world/lora_eval.py) run a model
+with experts applied; training, rendering and merge calibration use the denoisers' own adapters instead.
 """
 
 from __future__ import annotations

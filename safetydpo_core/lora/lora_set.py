@@ -75,31 +75,6 @@ class LoraLayer:
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "LoraLayer":
         return LoraLayer(self.down.to(device=device, dtype=dtype), self.up.to(device=device, dtype=dtype), self.alpha)
 
-    def with_scale_folded(self) -> "LoraLayer":
-        """The same update with ``alpha == rank`` (scale 1), the scale folded into ``up``."""
-        return LoraLayer(self.down.clone(), self.up * self.scale, float(self.rank))
-
-    @classmethod
-    def from_delta(cls, delta: torch.Tensor, rank: int, weight_shape: tuple[int, ...] | None = None) -> tuple["LoraLayer", float]:
-        """Best rank-``rank`` factorisation of ``delta`` by SVD (Eckart-Young).
-
-        Returns the layer (alpha = rank, so scale 1) and the relative Frobenius error of the truncation.
-        ``weight_shape`` restores conv factor shapes; ``delta`` is ``[out, in*k*k]``.
-        """
-        if rank <= 0:
-            raise LoraError(f"The output rank must be positive; got {rank}.")
-        d = delta.to(torch.float32)
-        k = min(rank, d.shape[0], d.shape[1])
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
-        up = u[:, :k] * s[:k]
-        down = vh[:k]
-        total = float(torch.linalg.vector_norm(s))
-        err = float(torch.linalg.vector_norm(s[k:])) / total if total > 0 else 0.0
-        if weight_shape is not None and len(weight_shape) == 4:
-            down = down.reshape(k, weight_shape[1], weight_shape[2], weight_shape[3])
-            up = up.reshape(up.shape[0], k, 1, 1)
-        return cls(down.contiguous(), up.contiguous(), float(k)), err
-
 
 @dataclasses.dataclass
 class LoraSet:
@@ -136,9 +111,6 @@ class LoraSet:
     @property
     def alphas(self) -> set[float]:
         return {l.alpha for l in self.layers.values()}
-
-    def num_parameters(self) -> int:
-        return sum(l.down.numel() + l.up.numel() for l in self.layers.values())
 
     def to(self, dtype: torch.dtype | None = None, device=None) -> "LoraSet":
         return LoraSet({n: l.to(dtype, device) for n, l in self.layers.items()}, self.naming, dict(self.metadata))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 
@@ -144,7 +144,6 @@ def diffusers_to_ldm(name: str, config: Mapping) -> str:
             return v + name[len(k):]
     n_levels = len(config.get("block_out_channels", (320, 640, 1280, 1280)))
     layers = _per_level(config.get("layers_per_block", 2), n_levels)
-    down_types = config.get("down_block_types", ())
     up_types = config.get("up_block_types", ())
 
     m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.+)$", name)
@@ -183,6 +182,3 @@ def _resnet_sub(rest: str) -> str:
         return _RESNET_SUB[head] + ("." + tail if tail else "")
     return rest
 
-
-def names_in(naming_names: Iterable[str]) -> set[str]:
-    return set(naming_names)

@@ -7,8 +7,6 @@ precision, so the same checkpoint gives the same fingerprint whether diffusers o
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -33,10 +31,3 @@ def module_fingerprint(tensors: Iterable[torch.Tensor]) -> str:
     h = hashlib.sha256("\n".join(digests).encode())
     return h.hexdigest()[:16]
 
-
-def file_fingerprint(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(Path(path), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
