@@ -49,24 +49,18 @@ import torch.utils.checkpoint
 
 from . import comfy_transformers as ct
 from .comfy_lora_adapter import ComfyLoraAdapter, lora_from_comfy, lora_to_comfy
-from ._core import core
+from ._core import core, from_core
 
 # the core, whichever way the pack was imported (nodes/_core.py)
 flow = core("denoiser.flow")
-_protocol = core("denoiser.protocol")
-Conditioning, check_guidance = _protocol.Conditioning, _protocol.check_guidance
-uniform_timesteps = _protocol.uniform_timesteps
-_errors = core("errors")
-ConfigError, LoraError, ModelError = _errors.ConfigError, _errors.LoraError, _errors.ModelError
-_targets = core("lora.targets")
-select_layers = _targets.select_layers
-_transformer_names = core("lora.transformer_names")
-presets = _transformer_names.presets
-base_model_version = core("lora.base_model").base_model_version
-_unet_names = core("lora.unet_names")
-UNetNames, weight_modules = _unet_names.UNetNames, _unet_names.weight_modules
-_fingerprint = core("utils.fingerprint")
-module_fingerprint, tensor_digest = _fingerprint.module_fingerprint, _fingerprint.tensor_digest
+Conditioning, check_guidance, uniform_timesteps = from_core("denoiser.protocol", "Conditioning", "check_guidance",
+                                                            "uniform_timesteps")
+ConfigError, LoraError, ModelError = from_core("errors", "ConfigError", "LoraError", "ModelError")
+select_layers = from_core("lora.targets", "select_layers")
+presets = from_core("lora.transformer_names", "presets")
+base_model_version = from_core("lora.base_model", "base_model_version")
+UNetNames, weight_modules = from_core("lora.unet_names", "UNetNames", "weight_modules")
+module_fingerprint, tensor_digest = from_core("utils.fingerprint", "module_fingerprint", "tensor_digest")
 
 __all__ = ["ComfyDenoiser", "diffusers_unet_config", "lora_from_comfy", "lora_to_comfy",
            "comfy_progress"]

@@ -35,15 +35,12 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from ._core import core
+from ._core import from_core
 
 # the core, whichever way the pack was imported (nodes/_core.py)
-_errors = core("errors")
-ConfigError, LoraError, ModelError = _errors.ConfigError, _errors.LoraError, _errors.ModelError
-_keys = core("lora.keys")
-from_state_dict, to_state_dict = _keys.from_state_dict, _keys.to_state_dict
-_lora_set = core("lora.lora_set")
-LoraLayer, LoraSet = _lora_set.LoraLayer, _lora_set.LoraSet
+ConfigError, LoraError, ModelError = from_core("errors", "ConfigError", "LoraError", "ModelError")
+from_state_dict, to_state_dict = from_core("lora.keys", "from_state_dict", "to_state_dict")
+LoraLayer, LoraSet = from_core("lora.lora_set", "LoraLayer", "LoraSet")
 
 PREFIX = "diffusion_model."
 INITS = ("gaussian", "kaiming", "zeros")

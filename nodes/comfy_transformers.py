@@ -34,17 +34,13 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from ._core import core
+from ._core import from_core
 
 # the core, whichever way the pack was imported (nodes/_core.py)
-_flow = core("denoiser.flow")
-FlowSchedule = _flow.FlowSchedule
-_errors = core("errors")
-ConfigError, LoraError, ModelError = _errors.ConfigError, _errors.LoraError, _errors.ModelError
-_transformer_names = core("lora.transformer_names")
-TransformerNames = _transformer_names.TransformerNames
-_unet_names = core("lora.unet_names")
-weight_modules = _unet_names.weight_modules
+FlowSchedule = from_core("denoiser.flow", "FlowSchedule")
+ConfigError, LoraError, ModelError = from_core("errors", "ConfigError", "LoraError", "ModelError")
+TransformerNames = from_core("lora.transformer_names", "TransformerNames")
+weight_modules = from_core("lora.unet_names", "weight_modules")
 
 SUPPORTED = ("SD1.x, SD2.x and SDXL (UNet), SD3 / SD3.5 (MMDiT) and Flux.1 dev / schnell (and their fine-tunes), "
              "with discrete EPS / V-prediction or flow-matching sampling")
