@@ -31,14 +31,12 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ._core import from_core
 from .comfy_lora_adapter import ComfyLoraAdapter, IdentityWrapper
 
-try:  # inside the pack, as ComfyUI imports it
-    from ..safetydpo_core.denoiser.protocol import FREE, Conditioning
-    from ..safetydpo_core.errors import ConfigError, ModelError
-except ImportError:  # nodes/ imported on its own (tests, tools) with safetydpo_core installed
-    from safetydpo_core.denoiser.protocol import FREE, Conditioning
-    from safetydpo_core.errors import ConfigError, ModelError
+# the core, whichever way the pack was imported (nodes/_core.py)
+FREE, Conditioning = from_core("denoiser.protocol", "FREE", "Conditioning")
+ConfigError, ModelError = from_core("errors", "ConfigError", "ModelError")
 
 _SDXL_SIZE_KEYS = ("height", "width", "crop_h", "crop_w", "target_height", "target_width")
 BATCH = 64  # sequences per text-encoder forward
