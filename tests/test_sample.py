@@ -121,7 +121,7 @@ def test_interrupt_and_resume_give_the_same_run(den, csv_file, tmp_path):
     with pytest.raises(Interrupted, match="after 2 of 3"):
         sample_prompts(den, prompts, part, s, should_stop=stop)
     assert len(read_run(part).records) == 2
-    with pytest.raises(SafetyDPOError, match="--resume to continue"):
+    with pytest.raises(SafetyDPOError, match=r"resume \(--resume\) to continue"):
         sample_prompts(den, prompts, part, s)
     with pytest.raises(ConfigError, match=r"other settings \(steps\)"):
         sample_prompts(den, prompts, part, SampleSettings(steps=3, batch_size=1), resume=True)
