@@ -297,7 +297,7 @@ def test_the_method_end_to_end_through_the_api(server):
     # the dataset: the format the command line writes, under the output folder
     ds = server.base / "output" / "safetydpo" / "datasets" / "api_set"
     assert {p.name for p in ds.iterdir()} == {"dataset.json", "manifest.jsonl", "shards", "previews", "summary.json",
-                                               "config.json"}
+                                               "config.json", "manifest.index.safetensors"}
     from safetydpo_core.data.preference_dataset import PreferenceDataset
 
     dataset = PreferenceDataset(ds)
