@@ -166,33 +166,8 @@ def from_state_dict(sd: Mapping[str, torch.Tensor], names: UNetNames | None = No
     for raw, p in parts.items():
         if "diff" in p and set(p) == {"diff"}:
             layer = exact_factors(p["diff"], f"{source}: layer {raw!r}")
-            name = raw
-            if fmt == "kohya":
-                if names is None:
-                    raise LoraError(f"{source}: kohya keys need the model's layer names to be read; load it with a model.")
-                layer_naming, name = names.resolve_flat(raw)
-                namings.add(layer_naming)
-                naming_of[name] = layer_naming
-            layers[name] = layer
-            continue
-        extra = set(p) - {"lora_down.weight", "lora_up.weight", "alpha", "lora_A", "lora_B"}
-        if extra:
-            raise LoraError(f"{source}: layer {raw!r} uses {sorted(extra)}, which this pack does not support "
-                            f"(plain LoRA and full weight diffs only: no DoRA, LoCon mid weights or bias diffs).")
-        if fmt == "peft":
-            down, up = p.get("lora_A"), p.get("lora_B")
         else:
-            down, up = p.get("lora_down.weight"), p.get("lora_up.weight")
-        if down is None or up is None:
-            raise LoraError(f"{source}: layer {raw!r} lacks its {'down/A' if down is None else 'up/B'} matrix.")
-        rank = down.shape[0]
-        alpha = p.get("alpha")
-        if alpha is not None:
-            alpha_v = float(alpha.float().item())
-        elif fmt == "peft" and metadata and f"alpha:{raw}" in metadata:
-            alpha_v = float(metadata[f"alpha:{raw}"])
-        else:
-            alpha_v = float(rank)  # ComfyUI and kohya: no alpha key means scale 1
+            layer = _factor_layer(raw, p, fmt, metadata, source)
         name = raw
         if fmt == "kohya":
             if names is None:
@@ -200,8 +175,7 @@ def from_state_dict(sd: Mapping[str, torch.Tensor], names: UNetNames | None = No
             layer_naming, name = names.resolve_flat(raw)
             namings.add(layer_naming)
             naming_of[name] = layer_naming
-        layers[name] = LoraLayer(down.float() if down.dtype not in (torch.float32, torch.float64) else down,
-                                 up.float() if up.dtype not in (torch.float32, torch.float64) else up, alpha_v)
+        layers[name] = layer
     if fmt == "kohya":
         if len(namings) > 1:
             assert names is not None
@@ -214,3 +188,27 @@ def from_state_dict(sd: Mapping[str, torch.Tensor], names: UNetNames | None = No
         else:
             naming = namings.pop()
     return LoraSet(layers, naming, dict(metadata or {}))
+
+
+def _factor_layer(raw: str, p: Mapping[str, torch.Tensor], fmt: str, metadata, source: str) -> LoraLayer:
+    """One layer's down/up/alpha tensors (kohya/comfy or peft names) as a float :class:`LoraLayer`."""
+    extra = set(p) - {"lora_down.weight", "lora_up.weight", "alpha", "lora_A", "lora_B"}
+    if extra:
+        raise LoraError(f"{source}: layer {raw!r} uses {sorted(extra)}, which this pack does not support "
+                        f"(plain LoRA and full weight diffs only: no DoRA, LoCon mid weights or bias diffs).")
+    if fmt == "peft":
+        down, up = p.get("lora_A"), p.get("lora_B")
+    else:
+        down, up = p.get("lora_down.weight"), p.get("lora_up.weight")
+    if down is None or up is None:
+        raise LoraError(f"{source}: layer {raw!r} lacks its {'down/A' if down is None else 'up/B'} matrix.")
+    rank = down.shape[0]
+    alpha = p.get("alpha")
+    if alpha is not None:
+        alpha_v = float(alpha.float().item())
+    elif fmt == "peft" and metadata and f"alpha:{raw}" in metadata:
+        alpha_v = float(metadata[f"alpha:{raw}"])
+    else:
+        alpha_v = float(rank)  # ComfyUI and kohya: no alpha key means scale 1
+    return LoraLayer(down.float() if down.dtype not in (torch.float32, torch.float64) else down,
+                     up.float() if up.dtype not in (torch.float32, torch.float64) else up, alpha_v)
