@@ -97,7 +97,10 @@ def test_esd_presets_pick_the_layers_in_both_namings(den):
     assert x and all(".attn2." in n for n in x) and {n.rsplit("attn2.", 1)[1] for n in x} == {
         "to_q", "to_k", "to_v", "to_out.0"}
     every = {n for n, m in den.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-    assert set(u) == {n for n in every if ".attn2." not in n} and {"conv_in", "conv_out"} <= set(u)
+    # as the official code's 'noxattn': no cross-attention, no top-level time embedding, no output layer
+    left_out = {n for n in every if ".attn2." in n or n.startswith("time_embedding.") or n == "conv_out"}
+    assert left_out > {n for n in every if ".attn2." in n} and "conv_out" in left_out
+    assert set(u) == every - left_out and "conv_in" in u and any(".time_emb_proj" in n for n in u)
     assert any(n.endswith("attn1.to_q") for n in u) and any(n.endswith("resnets.0.conv1") for n in u)
     from safetydpo_core.lora.targets import select_layers
 

@@ -74,6 +74,10 @@ def comfy_dirs(tmp_path_factory):
     folder_paths.set_temp_directory(str(root / "temp"))
     folder_paths.models_dir = str(root / "models")
     folder_paths.folder_names_and_paths["loras"] = ([str(root / "models" / "loras")], {".safetensors"})
+    # the pack's own model folders are registered on first use under models_dir: an earlier module (or a
+    # node listed outside this fixture) may have registered them under another models folder
+    for name in ("LLM", "safetydpo_eval"):
+        folder_paths.folder_names_and_paths.pop(name, None)
     folder_paths.filename_list_cache.clear()
     yield root
     out, inp, tmp, models, names = saved

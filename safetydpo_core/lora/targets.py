@@ -10,10 +10,12 @@ The presets here are the UNets'; the flow-matching transformers have their own, 
 (:data:`safetydpo_core.lora.transformer_names.PRESETS`), which their denoisers pass to :func:`select_layers`.
 
 The two ESD presets (Gandikota et al., ICCV 2023; see :mod:`..training.esd`) follow the official code's
-parameter choice: ``esd-x`` is every cross-attention projection (``attn2``), ``esd-u`` every linear and
-convolution layer *outside* cross-attention (self-attention, feed-forward, transformer projections,
-ResNet convolutions, time embedding, ``conv_in``/``conv_out``). ``esd-u`` is a rule over module names
-rather than a list of suffixes, so it works on diffusers and LDM (ComfyUI) names alike (UNets only).
+parameter choice: ``esd-x`` is every cross-attention projection (``attn2``), ``esd-u`` ("noxattn") every
+linear and convolution layer *outside* cross-attention (self-attention, feed-forward, transformer
+projections, ResNet convolutions, ``conv_in``) except, as there, the top-level time embedding and the
+output layer (LDM ``time_embed``/``out``, diffusers ``time_embedding``/``conv_out``). ``esd-u`` is a rule
+over module names rather than a list of suffixes, so it works on diffusers and LDM (ComfyUI) names alike
+(UNets only).
 """
 
 from __future__ import annotations
@@ -33,9 +35,18 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "esd-x": ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
 }
 # presets chosen by a rule over module names (not suffixes)
-RULE_PRESETS: dict[str, Callable[[str], bool]] = {
-    "esd-u": lambda name: "attn2" not in name.split("."),  # every adaptable layer outside cross-attention
-}
+_ESD_U_LEFT_OUT = ("time_embed", "time_embedding", "out", "conv_out")  # the official code's 'noxattn' exclusions
+
+
+def _esd_u(name: str) -> bool:
+    """Every adaptable layer outside cross-attention, the time embedding and the output layer."""
+    parts = name.split(".")
+    if parts[0] == "diffusion_model":
+        parts = parts[1:]
+    return "attn2" not in parts and parts[0] not in _ESD_U_LEFT_OUT
+
+
+RULE_PRESETS: dict[str, Callable[[str], bool]] = {"esd-u": _esd_u}
 DEFAULT_TARGETS = "attn"
 _ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
 
