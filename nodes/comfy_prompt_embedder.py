@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
 from ._core import from_core
 from .comfy_lora_adapter import ComfyLoraAdapter, IdentityWrapper
+
+if TYPE_CHECKING:
+    from .comfy_denoiser import ComfyDenoiser
 
 # the core, whichever way the pack was imported (nodes/_core.py)
 FREE, Conditioning = from_core("denoiser.protocol", "FREE", "Conditioning")
@@ -62,8 +65,8 @@ def _same(t: torch.Tensor) -> torch.Tensor:
 class ComfyPromptEmbedder:
     """Token-level access to a :class:`~.comfy_denoiser.ComfyDenoiser`'s ``CLIP``."""
 
-    def __init__(self, denoiser):
-        clip = getattr(denoiser, "clip", None)
+    def __init__(self, denoiser: ComfyDenoiser):
+        clip = denoiser.clip
         if clip is None:
             raise ConfigError("This model has no CLIP attached; connect the CLIP of the checkpoint for the attack.")
         self.den = denoiser

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .denoiser.protocol import RenderingDenoiser
 from .errors import ConfigError, DatasetError, Interrupted, SafetyDPOError
 from .eval.manifest import MANIFEST, ImageRecord, read_run, write_manifest
 from .prompts.i2p import EvalPrompt
@@ -136,12 +137,13 @@ def load_prompts(path: str | os.PathLike, *, field: str = "unsafe", categories=N
     return prompts
 
 
-def _state(denoiser, settings: SampleSettings, lora_meta: dict | None) -> dict:
+def _state(denoiser: RenderingDenoiser, settings: SampleSettings, lora_meta: dict | None) -> dict:
     return {"model_fingerprint": denoiser.fingerprint(), "lora": lora_meta,
             **{k: v for k, v in dataclasses.asdict(settings).items() if k not in ("batch_size",)}}
 
 
-def sample_prompts(denoiser, prompts: Sequence[EvalPrompt], out: str | os.PathLike, settings: SampleSettings | None = None,
+def sample_prompts(denoiser: RenderingDenoiser, prompts: Sequence[EvalPrompt], out: str | os.PathLike,
+                   settings: SampleSettings | None = None,
                    *, lora=None, lora_name: str | None = None, strengths: Sequence[float] = (1.0,),
                    resume: bool = False, overwrite: bool = False, model_name: str = "",
                    progress: Callable[[int, int, dict], None] | None = None,

@@ -19,9 +19,12 @@ import os
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .scaleout import Split, ids_digest
+
+if TYPE_CHECKING:
+    from .denoiser.protocol import RenderingDenoiser
 
 __all__ = ["open_split", "render_split", "sample_split", "eval_split"]
 
@@ -49,8 +52,8 @@ def _render_done(root: Path) -> set[str]:
     return {r.id for r in _read_manifest(root / "manifest.jsonl")[0]}
 
 
-def render_split(split: Split, denoiser, pairs, out, settings, *, resume: bool, overwrite: bool, judge=None,
-                 progress=None, previews: bool = True):
+def render_split(split: Split, denoiser: RenderingDenoiser, pairs, out, settings, *, resume: bool, overwrite: bool,
+                 judge=None, progress=None, previews: bool = True):
     """This process's share of ``render_pairs``, then (main process) the join. Returns the summary on the main
     process, None on the others."""
     from .data.render import render_pairs
@@ -132,8 +135,8 @@ def _run_records(root: Path) -> list:
     return out
 
 
-def sample_split(split: Split, denoiser, prompts, out, settings, *, lora=None, lora_name=None, strengths=(1.0,),
-                 resume: bool, overwrite: bool, model_name: str = "", progress=None):
+def sample_split(split: Split, denoiser: RenderingDenoiser, prompts, out, settings, *, lora=None, lora_name=None,
+                 strengths=(1.0,), resume: bool, overwrite: bool, model_name: str = "", progress=None):
     """This process's share of ``sample_prompts``, then (main process) the join."""
     from .sampling import sample_prompts
 

@@ -15,7 +15,7 @@ from safetydpo_core.data.render import RenderSettings, render_pairs
 from safetydpo_core.denoiser import flow
 from safetydpo_core.denoiser.diffusers_backend import DiffusersDenoiser
 from safetydpo_core.denoiser.diffusers_flow import DiffusersFlowDenoiser
-from safetydpo_core.denoiser.protocol import AdapterHandle, Conditioning, Denoiser, draw_timesteps
+from safetydpo_core.denoiser.protocol import AdapterHandle, Conditioning, Denoiser
 from safetydpo_core.errors import ConfigError, DatasetError, LoraError, ModelError
 from safetydpo_core.lora.apply import lora_applied
 from safetydpo_core.lora.io import load_lora, save_lora
@@ -138,7 +138,7 @@ def test_adapter_off_is_the_untouched_transformer_and_peft_restores_it(tiny, kin
     before = _state(d.transformer)
     g = torch.Generator().manual_seed(1)
     x0, noise = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
-    t = draw_timesteps(d, 2, g, x0.shape[1:])
+    t = d.sample_timesteps(2, g, latent_shape=x0.shape[1:])
     x_t = d.add_noise(x0, noise, t)
     cond = d.encode_prompts(PROMPTS)
     with torch.no_grad():

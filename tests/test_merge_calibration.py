@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from safetydpo_core.denoiser.protocol import Conditioning
+from safetydpo_core.denoiser.protocol import Conditioning, uniform_timesteps
 from safetydpo_core.errors import ConfigError, DatasetError, Interrupted, LoraError
 from safetydpo_core.lora.lora_set import LoraLayer, LoraSet
+from safetydpo_core.lora.peft_adapter import PeftLoraAdapter
 from safetydpo_core.lora.targets import select_layers
 from safetydpo_core.lora.unet_names import weight_modules
 from safetydpo_core.merge import (CalibrationOptions, CalibrationStats, MergeOptions, align_experts, calibrate,
@@ -29,14 +30,22 @@ class ToyNet(torch.nn.Module):
 
 
 class ToyDenoiser:
-    """The Denoiser protocol around a linear and a conv layer fed from the conditioning."""
+    """The Denoiser protocol (every member) around a linear and a conv layer fed from the conditioning: an
+    epsilon model on the discrete schedule whose prediction is its input."""
 
     naming = "diffusers"
     prediction_type = "epsilon"
+    schedule = "discrete"
     num_train_timesteps = 1000
     base_model_version = "custom"
     device = torch.device("cpu")
+    dtype = torch.float32
+    guidance_input = False
+    guidance = None
+    latent_channels = 2
+    vae_scale_factor = 1
     sample_size = 8
+    default_size = (8, 8)
 
     def __init__(self):
         torch.manual_seed(0)
@@ -47,21 +56,51 @@ class ToyDenoiser:
     def module(self):
         return self.net
 
+    def names(self):
+        raise LoraError("The toy network has only diffusers names; it has no LDM naming to convert to.")
+
     def layers(self, targets=None):
         return select_layers(dict(self.net.named_modules()), targets)
 
     def weight_shapes(self):
         return weight_modules(self.net)
 
-    def latent_shape(self, h, w):
+    def fingerprint(self):
+        return "toy"
+
+    def attach_lora(self, rank, alpha=None, targets=None):
+        return PeftLoraAdapter(self.net, list(self.layers(targets)), rank=rank, alpha=alpha)
+
+    def set_gradient_checkpointing(self, enabled):
+        pass  # two layers: nothing worth recomputing
+
+    def latent_shape(self, height, width):
         return (2, 2, 2)
 
     def encode_prompts(self, prompts, size=None):
         return Conditioning({"tok": torch.stack([TOKENS[p] for p in prompts]),
                              "img": torch.stack([IMAGES[p] for p in prompts])})
 
+    def prompt_token_counts(self, prompts):
+        return [len(TOKENS[p]) for p in prompts]
+
+    def last_token_embeddings(self, prompts):
+        return torch.stack([TOKENS[p][-1] for p in prompts])
+
+    def prompt_embedder(self):
+        raise ConfigError("The toy denoiser has no tokenizer: it cannot be attacked token by token.")
+
+    def sample_timesteps(self, n, generator, latent_shape=None, t_range=None):
+        return uniform_timesteps(self.num_train_timesteps, n, generator, t_range)
+
     def add_noise(self, x0, noise, t):
         return x0 + noise
+
+    def target(self, x0, noise, t):
+        return noise
+
+    def unit_marginal(self, noise, t):
+        return noise
 
     def predict(self, x_t, t, cond):
         self.seen_t.extend(int(v) for v in t)
@@ -69,8 +108,8 @@ class ToyDenoiser:
         self.net.conv(cond.tensors["img"])
         return x_t
 
-    def fingerprint(self):
-        return "toy"
+    def eps_from_prediction(self, pred, x_t, t):
+        return pred
 
 
 def toy_experts():

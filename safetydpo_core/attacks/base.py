@@ -35,6 +35,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from ..categories import normalize_categories
+from ..denoiser.protocol import Denoiser, RenderingDenoiser
 from ..errors import ConfigError, DatasetError, Interrupted, SafetyDPOError
 
 ProgressFn = Callable[[float], None]
@@ -180,7 +181,7 @@ class Sampling:
         if self.cfg < 0:
             raise ConfigError(f"The guidance scale must be >= 0; got {self.cfg}.")
 
-    def size(self, den) -> tuple[int, int]:
+    def size(self, den: Denoiser) -> tuple[int, int]:
         return (self.height or den.sample_size, self.width or den.sample_size)
 
 
@@ -283,7 +284,7 @@ def stable_seed(*parts) -> int:
 class AttackContext:
     """What an attack module works with (built by :mod:`.runner`)."""
 
-    den: Any
+    den: RenderingDenoiser
     oracle: Oracle | None
     sampling: Sampling
     budget: Budget

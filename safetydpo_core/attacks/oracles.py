@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from ..denoiser.protocol import Denoiser
 from ..errors import ConfigError
 from .base import AttackPrompt, Verdict
 
@@ -71,13 +72,14 @@ class DetectorOracle:
         return out
 
 
-def is_world(den) -> bool:
+def is_world(den: Denoiser) -> bool:
     from ..world.spec import WORLD
 
-    return getattr(den, "base_model_version", None) == WORLD.version
+    return den.base_model_version == WORLD.version
 
 
-def make_oracle(kind: str, den=None, *, judge=None, setting: str = "i2p", weights_dir: str | None = None):
+def make_oracle(kind: str, den: Denoiser | None = None, *, judge=None, setting: str = "i2p",
+                weights_dir: str | None = None):
     """The oracle named ``kind`` (see :data:`ORACLES`); ``auto`` picks by the model."""
     if kind not in ORACLES:
         raise ConfigError(f"Unknown judge {kind!r}; choose one of {', '.join(ORACLES)}.")

@@ -25,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+from ..denoiser.protocol import Denoiser
 from ..errors import ConfigError
 from .base import Attack, AttackContext, AttackPrompt, Budget, Candidate, PromptResult, Stopwatch, new_result
 
@@ -49,7 +50,7 @@ def _float_keys(cond) -> list[str]:
 
 
 @torch.no_grad()
-def concept_vectors(den, prompts: Sequence[AttackPrompt], world: bool, size: tuple[int, int] | None = None,
+def concept_vectors(den: Denoiser, prompts: Sequence[AttackPrompt], world: bool, size: tuple[int, int] | None = None,
                     batch: int = 32) -> dict[str, dict[str, torch.Tensor]]:
     """Per category (a prompt's first), ``{conditioning key: Δ}`` (``[1, ...]`` tensors, float32, CPU)."""
     groups: dict[str, list[tuple[str, str]]] = {}

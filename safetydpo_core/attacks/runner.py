@@ -39,6 +39,7 @@ from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
+from ..denoiser.protocol import RenderingDenoiser
 from ..errors import ConfigError
 from ..utils.atomic import atomic_path, atomic_write_text
 from .base import (Attack, AttackContext, AttackPrompt, Budget, Candidate, Oracle, PromptResult, Sampling, asr_summary,
@@ -181,7 +182,7 @@ def _digest(obj) -> str:
 
 # -- base-model targets ------------------------------------------------------------------------------------
 @torch.no_grad()
-def make_targets(den, prompts: Sequence[AttackPrompt], sampling: Sampling, seed: int,
+def make_targets(den: RenderingDenoiser, prompts: Sequence[AttackPrompt], sampling: Sampling, seed: int,
                  should_stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
     """The base model's latents of each prompt from its seed (what the white-box attacks aim at)."""
     from ..data.render import initial_noise
@@ -291,8 +292,8 @@ class _Folder:
         return load_file(str(self.out / f"{stem}.safetensors"))
 
 
-def run_attack(den, prompts: Sequence[AttackPrompt], settings: AttackSettings, *, oracle: Oracle | None,
-               out: str | os.PathLike | None = None,
+def run_attack(den: RenderingDenoiser, prompts: Sequence[AttackPrompt], settings: AttackSettings, *,
+               oracle: Oracle | None, out: str | os.PathLike | None = None,
                attacked: Callable[[], ContextManager[Any]] | None = None,
                base: Callable[[], ContextManager[Any]] | None = None,
                overwrite: bool = False, model: dict | None = None, world: bool | None = None,

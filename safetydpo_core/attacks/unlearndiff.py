@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from ..denoiser.protocol import FREE
+from ..denoiser.protocol import FREE, Denoiser
 from .base import (Attack, AttackContext, AttackPrompt, Budget, Candidate, PromptResult, Stopwatch, new_result,
                    steps_at)
 
@@ -44,7 +44,7 @@ def allowed_vocabulary(emb) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return vocab, allowed, torch.nn.functional.normalize(vocab[allowed], dim=-1)
 
 
-def denoising_loss(den, x0: torch.Tensor, cond, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def denoising_loss(den: Denoiser, x0: torch.Tensor, cond, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Per-sample mean squared error of the denoiser's prediction at ``t`` for the noised ``x0``."""
     dev = den.device
     x0, noise, t = x0.to(dev), noise.to(dev), t.to(dev)

@@ -20,10 +20,14 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import LoraError, SafetyDPOError
 from .common import (IMAGE_SIZE, POSITIVE_INT, SEED, Progress, add_model_args, apply_config_file,
                      given_flags, integer, load_denoiser, number, output_lock, refuse_overlaps, write_resolved_config)
+
+if TYPE_CHECKING:
+    from ..denoiser.protocol import Denoiser
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +84,7 @@ def register(sub) -> None:
     p.set_defaults(func=run, _parser=p)
 
 
-def _load_loras(den, files: list[str]) -> tuple[list, list[dict]]:
+def _load_loras(den: Denoiser, files: list[str]) -> tuple[list, list[dict]]:
     from ..lora.io import load_lora
     from ..merge.experts import align_experts
     from ..sampling import _lora_fingerprint

@@ -8,11 +8,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, SafetyDPOError
 from ..utils.atomic import atomic_write_text
 from ..utils.numbers import check_number, describe_range
+
+if TYPE_CHECKING:
+    from ..denoiser.protocol import RenderingDenoiser
 
 # options a --config file may not set: they are the user's own decision, typed on the command line
 COMMAND_LINE_ONLY = {"allow_remote_endpoint"}
@@ -85,7 +88,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "models without a guidance input")
 
 
-def load_denoiser(args: argparse.Namespace):
+def load_denoiser(args: argparse.Namespace) -> RenderingDenoiser:
     from ..denoiser.devices import resolve_device, resolve_dtype
     from ..denoiser.diffusers_backend import DiffusersDenoiser
 
@@ -95,10 +98,10 @@ def load_denoiser(args: argparse.Namespace):
                                              guidance=getattr(args, "guidance", None))
 
 
-def default_cfg(args: argparse.Namespace, denoiser) -> float:
+def default_cfg(args: argparse.Namespace, denoiser: RenderingDenoiser) -> float:
     """``--cfg`` as given, else the model's usual guidance scale (7.5 for UNets, 4.5 SD3, 1.0 Flux.1-dev)."""
     cfg = getattr(args, "cfg", None)
-    return float(cfg) if cfg is not None else float(getattr(denoiser, "default_cfg", 7.5))
+    return float(cfg) if cfg is not None else float(denoiser.default_cfg)
 
 
 def read_config_file(path: str | None) -> dict[str, Any]:

@@ -15,10 +15,14 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import SafetyDPOError
 from .common import (Progress, add_model_args, apply_config_file, config_path, given_flags, load_denoiser, number,
                      output_lock, refuse_existing, refuse_overlaps, write_resolved_config)
+
+if TYPE_CHECKING:
+    from ..denoiser.protocol import Denoiser
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +165,7 @@ def _prepare_checkpoints(args, out: Path, ckpt_dir: Path) -> None:
         log.info("--overwrite: removed %d checkpoint(s) of the earlier run in %s", len(old), ckpt_dir)
 
 
-def _train(args, out: Path, ckpt_dir: Path, denoiser, cfg, env, settings: dict) -> int:
+def _train(args, out: Path, ckpt_dir: Path, denoiser: Denoiser, cfg, env, settings: dict) -> int:
     from ..lora.io import save_lora
     from ..training import train_expert
 

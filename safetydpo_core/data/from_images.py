@@ -17,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..categories import normalize_categories
+from ..denoiser.protocol import RenderingDenoiser
 from ..errors import ConfigError, DatasetError
 from .preference_dataset import PreferenceDatasetWriter
 
@@ -69,8 +70,8 @@ def read_pairs_csv(csv_path: Path) -> list[dict]:
     return rows
 
 
-def build_from_images(denoiser, csv_path: str | os.PathLike, out: str | os.PathLike, size: int | None = None,
-                      resume: bool = False, overwrite: bool = False,
+def build_from_images(denoiser: RenderingDenoiser, csv_path: str | os.PathLike, out: str | os.PathLike,
+                      size: int | None = None, resume: bool = False, overwrite: bool = False,
                       progress: Callable[[int, int, dict], None] | None = None) -> Path:
     """Encode the CSV's image pairs with ``denoiser``'s VAE into a preference dataset at ``out``."""
     csv_path = Path(csv_path)

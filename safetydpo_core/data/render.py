@@ -23,6 +23,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from PIL import Image
 
+from ..denoiser.protocol import RenderingDenoiser
 from ..errors import ConfigError, Interrupted
 from ..utils.atomic import atomic_write_text
 from ..utils.numbers import check_number, check_optional
@@ -89,7 +90,8 @@ class RenderSummary:
                 "dropped": self.dropped, "per_category": self.per_category, "identical": self.identical}
 
 
-def render_pairs(denoiser, pairs: Sequence, out: str | os.PathLike, settings: RenderSettings | None = None, *,
+def render_pairs(denoiser: RenderingDenoiser, pairs: Sequence, out: str | os.PathLike,
+                 settings: RenderSettings | None = None, *,
                  resume: bool = False, overwrite: bool = False, judge: PairJudge | None = None,
                  progress: Callable[[int, int, dict], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, previews: bool = True, split=None,
@@ -108,7 +110,7 @@ def render_pairs(denoiser, pairs: Sequence, out: str | os.PathLike, settings: Re
     w = s.width or denoiser.sample_size
     shape = denoiser.latent_shape(h, w)
     record = {**dataclasses.asdict(s), "height": h, "width": w, "judge": getattr(judge, "name", None),
-              "source": "render", "model_base": getattr(denoiser, "base_model_version", "")}
+              "source": "render", "model_base": denoiser.base_model_version}
     dropped: Counter = Counter()
     rendered = 0
     with PreferenceDatasetWriter(out, model_fingerprint=denoiser.fingerprint(), settings=record, resume=resume,

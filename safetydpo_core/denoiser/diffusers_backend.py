@@ -101,6 +101,11 @@ class DiffusersDenoiser:
         s = self.unet.config.sample_size
         return int(s if isinstance(s, int) else s[0]) * self.vae_scale_factor
 
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """Default image size in pixels, ``(height, width)``: a square of :attr:`sample_size`."""
+        return (self.sample_size, self.sample_size)
+
     def names(self) -> UNetNames:
         if self._names is None:
             self._names = UNetNames(self.weight_shapes(), dict(self.unet.config))
@@ -207,6 +212,10 @@ class DiffusersDenoiser:
             return noise
         sa, sb = self._coeffs(t, x0)
         return sa * noise - sb * x0
+
+    def unit_marginal(self, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Variance preserving: unit-variance latents noised to any ``t`` are distributed as ``noise`` itself."""
+        return noise
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         c = cond.tensors

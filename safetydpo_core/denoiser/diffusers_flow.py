@@ -114,6 +114,11 @@ class DiffusersFlowDenoiser:
         s = getattr(self.transformer.config, "sample_size", None) or 128
         return int(s if isinstance(s, int) else s[0]) * self.vae_scale_factor
 
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """Default image size in pixels, ``(height, width)``: a square of :attr:`sample_size`."""
+        return (self.sample_size, self.sample_size)
+
     def names(self) -> TransformerNames:
         if self._names is None:
             self._names = TransformerNames(self.family, self.weight_shapes(), "diffusers")

@@ -1,27 +1,36 @@
-"""The Denoiser protocol: what the trainer, the merger and the renderer need from a diffusion model.
+"""The Denoiser protocols: what the trainer, the merger, the erasure baselines, the attacks and the renderer need
+from a diffusion model.
 
-Two backends implement it: the diffusers backend (:mod:`.diffusers_backend` for ``UNet2DConditionModel``
+Two backends implement them: the diffusers backend (:mod:`.diffusers_backend` for ``UNet2DConditionModel``
 pipelines, :mod:`.diffusers_flow` for the ``SD3Transformer2DModel`` / ``FluxTransformer2DModel`` ones) and
 the ComfyUI backend in the ``nodes`` package (the ``MODEL`` a graph loaded). The core never sees more than
-this:
+:class:`Denoiser` (training, calibration and merging, concept erasure, attacks on conditioning) and, where it
+makes pictures, :class:`RenderingDenoiser`:
 
-* ``module`` and ``layers(targets)``: the network to adapt and its named target layers, in ``naming``;
+* ``module``, ``names()`` and ``layers(targets)``: the network to adapt, its layer names in both namings and
+  its named target layers, in ``naming``; ``weight_shapes()`` and ``fingerprint()`` of its weights;
+* the geometry: ``latent_channels``, ``vae_scale_factor`` (pixels per latent cell, 1 in pixel space),
+  ``sample_size`` (the default image side), ``default_size`` (the default ``(height, width)``) and
+  ``latent_shape(height, width)``; ``dtype`` and ``device`` of the network;
 * ``attach_lora(...)``: trainable adapters that can be switched off, so that the reference of DPO is the
   same network with adapters disabled;
 * ``encode_prompts(prompts)``: a :class:`Conditioning` (a dict of batched tensors);
 * ``sample_timesteps(n, generator, latent_shape, t_range)``: the training timesteps of this model family;
 * ``add_noise(x0, noise, t)`` and ``target(x0, noise, t)``: the forward process and what the prediction
   should equal (epsilon, v for v-prediction models, the velocity ``noise - x0`` for flow matching);
+  ``unit_marginal(noise, t)``: ``x_t`` for unit-variance latents drawn from the noise alone (calibration);
 * ``predict(x_t, t, cond)``: the network's prediction at timesteps ``t`` in ``[0, T)``;
 * ``eps_from_prediction(pred, x_t, t)``: the noise a prediction stands for (sampling loops of the core);
 * ``prompt_token_counts(prompts)`` and ``last_token_embeddings(prompts)``: the number of text tokens of each
   prompt, and the cross-attention context (what the keys and values are computed from) of each prompt at its
   last text token (concept erasure: :mod:`safetydpo_core.erase`);
-* ``sample(...)``, ``encode_images(...)``, ``decode_latents(...)``: rendering;
 * ``prompt_embedder()``: a :class:`PromptEmbedder`, token-level access to the text encoder(s) for the
   red-teaming attacks (:mod:`safetydpo_core.attacks`): the vocabulary's input embeddings, token ids and
   text, and conditioning from token ids with some positions given as (differentiable) input embeddings
-  (the flow backend raises a ConfigError: the attacks need a CLIP-conditioned UNet).
+  (the flow backend raises a ConfigError: the attacks need a CLIP-conditioned UNet);
+* :class:`RenderingDenoiser` adds ``sample(...)``, ``encode_images(...)``, ``decode_latents(...)`` and the
+  model's usual guidance scale ``default_cfg``: rendering (:mod:`safetydpo_core.data.render`,
+  :mod:`safetydpo_core.sampling`, the world's evaluation, the white-box attacks' targets).
 
 Two kinds of schedule (``schedule``):
 
@@ -34,18 +43,22 @@ Two kinds of schedule (``schedule``):
 Models with a guidance input (guidance-distilled Flux.1-dev) say so in ``guidance_input`` and carry the
 ``guidance`` value they condition on; giving a guidance value to any other model is an error.
 
-The trainer and the merger call :func:`draw_timesteps` and :func:`unit_marginal` rather than the methods
-directly, so denoisers written before these methods existed keep working (discrete behaviour).
+Every backend implements every member (``tests/test_protocol.py`` checks it for each one); callers use them
+directly, never through fallbacks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ContextManager, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Callable, ContextManager, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from ..lora.lora_set import LoraSet
+
+if TYPE_CHECKING:
+    from ..lora.transformer_names import TransformerNames
+    from ..lora.unet_names import UNetNames
 
 
 @dataclasses.dataclass
@@ -136,7 +149,7 @@ class PromptEmbedder(Protocol):
 
 @runtime_checkable
 class Denoiser(Protocol):
-    """A text-conditioned diffusion network with its noise schedule."""
+    """A text-conditioned diffusion network with its noise schedule (see the module docstring)."""
 
     naming: str
     prediction_type: str
@@ -147,32 +160,56 @@ class Denoiser(Protocol):
     guidance_input: bool
     guidance: float | None
 
+    # -- the network --------------------------------------------------------------------------------
     @property
     def module(self) -> torch.nn.Module: ...
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the network's weights."""
+        ...
+
+    def names(self) -> "UNetNames | TransformerNames":
+        """The network's layer names in both namings (diffusers and LDM), with their weight shapes."""
+        ...
+
     def layers(self, targets: str | Sequence[str] | None = None) -> dict[str, torch.nn.Module]: ...
+
+    def weight_shapes(self) -> Mapping[str, tuple[int, ...]]: ...
+
+    def fingerprint(self) -> str: ...
 
     def attach_lora(self, rank: int, alpha: float | None = None, targets: str | Sequence[str] | None = None) -> AdapterHandle: ...
 
-    def encode_prompts(self, prompts: Sequence[str], size: tuple[int, int] | None = None) -> Conditioning:
-        """Conditioning for ``prompts``; ``size`` (pixels, h x w) is used by SDXL-style size conditioning."""
-        ...
-
     def set_gradient_checkpointing(self, enabled: bool) -> None: ...
 
-    def sample_timesteps(self, n: int, generator: torch.Generator, latent_shape: Sequence[int] | None = None,
-                         t_range: tuple[float, float] | None = None) -> torch.Tensor:
-        """``n`` training timesteps drawn with ``generator`` (a pure function of it), within ``t_range``."""
+    # -- geometry -----------------------------------------------------------------------------------
+    @property
+    def latent_channels(self) -> int: ...
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent cell along a side (1 for a pixel-space model)."""
         ...
 
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+    @property
+    def sample_size(self) -> int:
+        """The default image side in pixels."""
+        ...
 
-    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """The default image size in pixels, ``(height, width)``."""
+        ...
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor: ...
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """``(channels, h, w)`` of the latent of a ``height`` x ``width`` image (an error for a size the model
+        cannot take)."""
+        ...
 
-    def eps_from_prediction(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The epsilon that ``pred`` (the output of :meth:`predict` at ``x_t``, ``t``) stands for."""
+    # -- conditioning -------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str], size: tuple[int, int] | None = None) -> Conditioning:
+        """Conditioning for ``prompts``; ``size`` (pixels, h x w) is used by SDXL-style size conditioning."""
         ...
 
     def prompt_token_counts(self, prompts: Sequence[str]) -> list[int]:
@@ -185,12 +222,53 @@ class Denoiser(Protocol):
         (position ``n`` of the context, the start token at position 0 for a prompt of no tokens)."""
         ...
 
-    def fingerprint(self) -> str: ...
-
-    def weight_shapes(self) -> Mapping[str, tuple[int, ...]]: ...
-
     def prompt_embedder(self) -> PromptEmbedder:
         """Token-level access to the text encoder(s) (see :class:`PromptEmbedder`), for the attacks."""
+        ...
+
+    # -- the forward process ------------------------------------------------------------------------
+    def sample_timesteps(self, n: int, generator: torch.Generator, latent_shape: Sequence[int] | None = None,
+                         t_range: tuple[float, float] | None = None) -> torch.Tensor:
+        """``n`` training timesteps drawn with ``generator`` (a pure function of it), within ``t_range``."""
+        ...
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+    def unit_marginal(self, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x_t`` as the forward process gives it for unit-variance latents, drawn from ``noise`` alone: the
+        noise itself for variance-preserving schedules, ``sqrt((1 - s)^2 + s^2) noise`` for flow matching."""
+        ...
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor: ...
+
+    def eps_from_prediction(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The epsilon that ``pred`` (the output of :meth:`predict` at ``x_t``, ``t``) stands for."""
+        ...
+
+
+@runtime_checkable
+class RenderingDenoiser(Denoiser, Protocol):
+    """A :class:`Denoiser` that also makes pictures: sampling, and the VAE both ways (the identity map to
+    ``[-1, 1]`` pixels for a pixel-space model)."""
+
+    default_cfg: float  # the model's usual classifier-free guidance scale (7.5 UNets, 4.5 SD3, 1.0 Flux.1)
+
+    def sample(self, cond: Conditioning, uncond: Conditioning | None, noise: torch.Tensor, steps: int = ...,
+               cfg: float = ..., sampler: str = ..., scheduler: str = "normal",
+               callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Denoise ``noise`` (``[B, C, h, w]``, unit variance) under ``cond`` with classifier-free guidance
+        ``cfg`` against ``uncond`` (the defaults are the backend's), calling ``callback(step, steps)`` after
+        each step; returns latents."""
+        ...
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` images in ``[0, 1]`` -> scaled latents."""
+        ...
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> ``[B, 3, H, W]`` images in ``[0, 1]``."""
         ...
 
 
@@ -203,22 +281,6 @@ def uniform_timesteps(num_train_timesteps: int, n: int, generator: torch.Generat
     """Integer timesteps uniform in ``t_range`` (default the whole discrete schedule)."""
     lo, hi = t_range or (0, num_train_timesteps)
     return torch.randint(int(lo), min(int(hi), num_train_timesteps), (n,), generator=generator)
-
-
-def draw_timesteps(denoiser, n: int, generator: torch.Generator, latent_shape: Sequence[int] | None = None,
-                   t_range: tuple[float, float] | None = None) -> torch.Tensor:
-    """The denoiser's training timesteps (uniform integers for a denoiser without ``sample_timesteps``)."""
-    fn = getattr(denoiser, "sample_timesteps", None)
-    if fn is not None:
-        return fn(n, generator, latent_shape=latent_shape, t_range=t_range)
-    return uniform_timesteps(int(denoiser.num_train_timesteps), n, generator, t_range)
-
-
-def unit_marginal(denoiser, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``x_t`` as the forward process gives it for unit-variance latents, drawn from ``noise`` alone: the noise
-    itself for variance-preserving schedules, ``sqrt((1 - s)^2 + s^2) noise`` for flow matching."""
-    fn = getattr(denoiser, "unit_marginal", None)
-    return fn(noise, t) if fn is not None else noise
 
 
 def check_guidance(value: float | None, has_input: bool, model: str) -> float | None:

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from ..denoiser.protocol import Denoiser
 from ..errors import ConfigError
 from ..lora.lora_set import LoraSet
 from ..training.concept_prompts import ConceptPrompts, split_concepts
@@ -98,7 +99,7 @@ class EraseResult:
     checkpoint: Path | None = None
 
 
-def check_rank(denoiser, targets: str, rank: int) -> None:
+def check_rank(denoiser: Denoiser, targets: str, rank: int) -> None:
     """A :class:`ConfigError` naming ``rank`` when it is above the size of every ``targets`` layer (the largest
     ``min(out, in)``), where a LoRA of that rank would be no adapter at all.
 
@@ -113,13 +114,13 @@ def check_rank(denoiser, targets: str, rank: int) -> None:
                           f"{tuple(m.weight.shape)}, holds rank {largest}); choose a rank of at most {largest}.")
 
 
-def erase_concepts(denoiser, settings: EraseSettings, *, checkpoint_dir: str | os.PathLike | None = None,
+def erase_concepts(denoiser: Denoiser, settings: EraseSettings, *, checkpoint_dir: str | os.PathLike | None = None,
                    metrics_path: str | os.PathLike | None = None, resume: bool = False,
                    progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> EraseResult:
     """Run ``settings.method`` on ``denoiser``; ``progress(done, total, ...)`` and ``should_stop()`` as the
     trainer takes them (UCE reports per layer and is too short to stop)."""
     s = settings
-    if getattr(denoiser, "schedule", "discrete") == "flow":
+    if denoiser.schedule == "flow":
         raise ConfigError(f"{s.method}: the erasure baselines are defined on UNets (UCE edits cross-attention keys and "
                           f"values, ESD guides an epsilon model); SD3 and Flux.1 have joint attention and a flow "
                           f"schedule. Align these models with SafetyDPO (safetydpo train / the train node).")

@@ -39,6 +39,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from .. import __version__
+from ..denoiser.protocol import Denoiser
 from ..errors import ConfigError
 from ..lora.lora_set import LoraLayer, LoraSet
 from ..training.concept_prompts import check_tokens, split_concepts
@@ -96,7 +97,7 @@ def _guides(guide: str | Iterable[str] | None, n: int) -> list[str]:
     return items
 
 
-def _embeddings(denoiser, texts: Sequence[str]) -> torch.Tensor:
+def _embeddings(denoiser: Denoiser, texts: Sequence[str]) -> torch.Tensor:
     """``[len(texts), D]``: the cross-attention context of each text alone at its last text token (the start
     token for an empty text), in float64."""
     rows = [denoiser.last_token_embeddings(list(texts[i:i + 16])).detach().to("cpu", torch.float64)
@@ -122,7 +123,7 @@ def _truncate(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def uce_edit(denoiser, concepts: str | Iterable[str], guide: str | Iterable[str] | None = None,
+def uce_edit(denoiser: Denoiser, concepts: str | Iterable[str], guide: str | Iterable[str] | None = None,
              preserve: str | Iterable[str] | None = None, *, lamb: float = 0.5, erase_scale: float = 1.0,
              preserve_scale: float = 1.0, rank: int = 0, progress: ProgressFn | None = None) -> UceResult:
     """Erase ``concepts`` (towards ``guide``, keeping ``preserve``) from ``denoiser``'s cross-attention.
@@ -192,7 +193,7 @@ def uce_edit(denoiser, concepts: str | Iterable[str], guide: str | Iterable[str]
                        [c for c, _ in pairs], [g for _, g in pairs], keep)
     result.seconds = time.perf_counter() - t0
     result.lora.metadata.update({
-        "ss_base_model_version": getattr(denoiser, "base_model_version", "sd_v1"),
+        "ss_base_model_version": denoiser.base_model_version,
         "ss_training_comment": "UCE concept erasure (closed form), SafetyDPO pack",
         "safetydpo_version": __version__,
         "safetydpo_method": "uce",

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..denoiser.protocol import Denoiser
 from ..errors import ConfigError, Interrupted
 from ..lora.io import save_lora
 from ..lora.lora_set import LoraLayer, LoraSet
@@ -308,8 +309,8 @@ def merge_files(model: str | os.PathLike | None, expert_paths: Sequence[str | os
                 out: str | os.PathLike, *, options: MergeOptions | None = None,
                 calibration: str | os.PathLike | None = None, dataset: str | os.PathLike | None = None,
                 calib_options: CalibrationOptions | None = None, prompt_field: str = "unsafe",
-                stats_path: str | os.PathLike | None = None, denoiser=None, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, fmt: str | None = None,
+                stats_path: str | os.PathLike | None = None, denoiser: Denoiser | None = None,
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, fmt: str | None = None,
                 progress_factory: Callable[[str, int], Any] | None = None,
                 should_stop: StopFn | None = None, guidance: float | None = None) -> MergeFilesResult:
     """Load the experts, calibrate if the method needs it, merge, and write the LoRA and its reports.
@@ -340,8 +341,7 @@ def merge_files(model: str | os.PathLike | None, expert_paths: Sequence[str | os
         denoiser = DiffusersDenoiser.from_pretrained(model, device=device, dtype=dtype,  # type: ignore[arg-type]
                                                      guidance=guidance)
     if denoiser is not None:
-        names_fn = getattr(denoiser, "names", None)
-        names = names_fn() if names_fn is not None else None
+        names = denoiser.names()
         shapes, naming, bmv = denoiser.weight_shapes(), denoiser.naming, denoiser.base_model_version
     else:
         names, shapes, bmv = static  # type: ignore[misc]

@@ -50,7 +50,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..categories import normalize_categories
-from ..denoiser.protocol import draw_timesteps, unit_marginal
+from ..denoiser.protocol import Denoiser
 from ..errors import ConfigError, DatasetError, Interrupted, LoraError, ModelError
 from ..lora.lora_set import LoraSet
 from ..utils.atomic import atomic_path
@@ -422,7 +422,7 @@ def _hash_strings(items: Sequence[str]) -> str:
 
 
 @torch.no_grad()
-def calibrate(denoiser, prompts: Sequence[str] | None = None, *, experts: Sequence[LoraSet] | None = None,
+def calibrate(denoiser: Denoiser, prompts: Sequence[str] | None = None, *, experts: Sequence[LoraSet] | None = None,
               layer_names: Sequence[str] | None = None, options: CalibrationOptions | None = None,
               inputs: Sequence[tuple[str, torch.Tensor]] | None = None, progress: ProgressFn | None = None,
               should_stop: StopFn | None = None) -> CalibrationStats:
@@ -452,13 +452,11 @@ def calibrate(denoiser, prompts: Sequence[str] | None = None, *, experts: Sequen
         if e.naming != denoiser.naming:
             raise LoraError(f"An expert uses {e.naming} layer names but the model uses {denoiser.naming}; convert the "
                             f"experts with align_experts() first.")
-    shapes = getattr(denoiser, "weight_shapes", None)
-    if shapes is not None:
-        have = shapes()
-        missing = [n for n in names if n not in have]
-        if missing:
-            raise LoraError(f"Layer {missing[0]!r} ({len(missing)} such layers) does not exist in the model; the experts "
-                            f"were made for another architecture.")
+    have = denoiser.weight_shapes()
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise LoraError(f"Layer {missing[0]!r} ({len(missing)} such layers) does not exist in the model; the experts "
+                        f"were made for another architecture.")
     modules = denoiser.layers(names)
     missing = [n for n in names if n not in modules]
     if missing:
@@ -472,7 +470,7 @@ def calibrate(denoiser, prompts: Sequence[str] | None = None, *, experts: Sequen
     gen = torch.Generator(device="cpu").manual_seed(int(opts.seed))
     size = None
     if inputs is None:
-        size = opts.size or int(getattr(denoiser, "sample_size", 0) or 512)
+        size = opts.size or int(denoiser.sample_size)
         latent_shape = tuple(denoiser.latent_shape(size, size))
         plist = [prompts[i % len(prompts)] for i in range(n_total)]  # type: ignore[index]
     else:
@@ -480,7 +478,7 @@ def calibrate(denoiser, prompts: Sequence[str] | None = None, *, experts: Sequen
             raise DatasetError("The calibration dataset yields no inputs.")
         plist = [inputs[i % len(inputs)][0] for i in range(n_total)]
         latent_shape = tuple(inputs[0][1].shape)
-    timesteps = draw_timesteps(denoiser, n_total, gen, latent_shape, (lo, hi))
+    timesteps = denoiser.sample_timesteps(n_total, gen, latent_shape=latent_shape, t_range=(lo, hi))
 
     collectors: dict[str, _Collector] = {}
     handles = []
@@ -495,7 +493,7 @@ def calibrate(denoiser, prompts: Sequence[str] | None = None, *, experts: Sequen
             c = _Collector(name, modules[name], n_total, downs, gram=opts.rank_stats == "gram")
             collectors[name] = c
             handles.append(modules[name].register_forward_hook(c))
-        device = getattr(denoiser, "device", torch.device("cpu"))
+        device = denoiser.device
         done = 0
         while done < n_total:
             if should_stop is not None and should_stop():
@@ -504,7 +502,7 @@ def calibrate(denoiser, prompts: Sequence[str] | None = None, *, experts: Sequen
             t = timesteps[done:done + b]
             noise = torch.randn((b, *latent_shape), generator=gen)
             if inputs is None:
-                x_t = unit_marginal(denoiser, noise, t)
+                x_t = denoiser.unit_marginal(noise, t)
             else:
                 x0 = torch.stack([inputs[(done + i) % len(inputs)][1].float() for i in range(b)])
                 if tuple(x0.shape[1:]) != latent_shape:
@@ -533,9 +531,8 @@ def calibrate(denoiser, prompts: Sequence[str] | None = None, *, experts: Sequen
     return CalibrationStats({n: c.stats() for n, c in collectors.items()}, denoiser.naming, info)
 
 
-def _safe_fingerprint(denoiser) -> str:
-    fp = getattr(denoiser, "fingerprint", None)
+def _safe_fingerprint(denoiser: Denoiser) -> str:
     try:
-        return str(fp()) if fp is not None else ""
+        return str(denoiser.fingerprint())
     except Exception:  # noqa: BLE001 - a fingerprint is informational only
         return ""

@@ -17,9 +17,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..denoiser.protocol import Denoiser
 
 
 def split_concepts(value: str | Iterable[str] | None, what: str = "concepts", allow_empty: bool = False) -> list[str]:
@@ -43,7 +46,7 @@ def split_concepts(value: str | Iterable[str] | None, what: str = "concepts", al
     return out
 
 
-def check_tokens(denoiser, concepts: Sequence[str], what: str = "concepts") -> list[int]:
+def check_tokens(denoiser: Denoiser, concepts: Sequence[str], what: str = "concepts") -> list[int]:
     """Text-token counts of ``concepts``; a :class:`ConfigError` naming ``what`` and the concept when the
     model's tokenizer turns one into nothing (only start/end/unknown tokens)."""
     counts = denoiser.prompt_token_counts(list(concepts))
@@ -100,6 +103,6 @@ class ConceptPrompts:
         blob = json.dumps({"prompts": list(self.prompts), "size": list(self.size) if self.size else None})
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def check(self, denoiser, what: str = "concepts") -> None:
+    def check(self, denoiser: Denoiser, what: str = "concepts") -> None:
         """Refuse prompts the model's tokenizer turns into nothing."""
         check_tokens(denoiser, self.prompts, what)

@@ -58,7 +58,7 @@ from typing import Sequence
 
 import torch
 
-from ..denoiser.protocol import Conditioning
+from ..denoiser.protocol import Conditioning, Denoiser
 from ..errors import ConfigError
 from ..lora.lora_set import LoraSet
 from . import objectives
@@ -82,7 +82,7 @@ def sampling_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
     return [int(round(num_train_timesteps - i * num_train_timesteps / steps)) - 1 for i in range(steps)]
 
 
-def _coeffs(denoiser, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _coeffs(denoiser: Denoiser, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``sqrt(alpha_bar_t)`` and ``sqrt(1 - alpha_bar_t)`` shaped like ``like``, read off the protocol's
     ``add_noise`` (so that any backend's schedule is used as it is)."""
     shape = (like.shape[0],) + (1,) * (like.dim() - 1)
@@ -92,7 +92,7 @@ def _coeffs(denoiser, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def partial_generation(denoiser, cond: Conditioning, uncond: Conditioning, noise: torch.Tensor, steps: int,
+def partial_generation(denoiser: Denoiser, cond: Conditioning, uncond: Conditioning, noise: torch.Tensor, steps: int,
                        stop: int, guidance: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run ``stop`` of ``steps`` DDIM steps of ``denoiser``'s generation of ``cond`` from ``noise`` (guidance
     ``guidance`` against ``uncond``) and stop. Returns ``(x_t, t, pred_uncond, pred_cond)``: the partial
@@ -100,7 +100,7 @@ def partial_generation(denoiser, cond: Conditioning, uncond: Conditioning, noise
     ts = sampling_timesteps(denoiser.num_train_timesteps, steps)
     if not 0 <= stop < steps:
         raise ConfigError(f"The stop index must be in [0, {steps}); got {stop}.")
-    dev = torch.device(getattr(denoiser, "device", "cpu"))
+    dev = torch.device(denoiser.device)
     b = noise.shape[0]
     both = Conditioning.cat([uncond, cond])
     x = noise.to(dev, torch.float32)
@@ -125,7 +125,7 @@ class EsdTrainer(ExpertTrainer):
     optimiser, checkpoints and resume, metrics, progress, cancel, divergence checks, data parallelism.
     """
 
-    def __init__(self, denoiser, concepts: ConceptPrompts, config: TrainConfig, **kwargs):
+    def __init__(self, denoiser: Denoiser, concepts: ConceptPrompts, config: TrainConfig, **kwargs):
         if config.objective != "esd":
             raise ConfigError(f"The ESD trainer needs objective 'esd'; got {config.objective!r}.")
         sampling_timesteps(denoiser.num_train_timesteps, config.esd_sample_steps)  # checks the setting
@@ -143,9 +143,7 @@ class EsdTrainer(ExpertTrainer):
     def _size(self) -> tuple[int, int]:
         if self.concepts.size:
             return self.concepts.size
-        d = self.denoiser
-        default = getattr(d, "default_size", None)
-        return tuple(default) if default else (int(d.sample_size), int(d.sample_size))
+        return tuple(self.denoiser.default_size)
 
     def _micro_loss(self, adapter, order: PairOrder, step: int, micro: int) -> objectives.ObjectiveOutput:
         cfg, d = self.cfg, self.denoiser
@@ -202,7 +200,7 @@ class EsdTrainer(ExpertTrainer):
         return meta
 
 
-def train_esd(denoiser, concepts: ConceptPrompts | str | Sequence[str], config: TrainConfig, *,
+def train_esd(denoiser: Denoiser, concepts: ConceptPrompts | str | Sequence[str], config: TrainConfig, *,
               checkpoint_dir: str | os.PathLike | None = None, metrics_path: str | os.PathLike | None = None,
               resume: bool = False, progress: ProgressFn | None = None, should_stop: StopFn | None = None,
               init_lora: LoraSet | None = None, group: ProcessGroup | None = None) -> TrainResult:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import torch
 
 from ..data.preference_dataset import PreferenceDataset
-from ..denoiser.protocol import draw_timesteps
+from ..denoiser.protocol import Denoiser
 from ..lora.lora_set import LoraSet
 from .objectives import diffusion_dpo
 from .trainer import step_generator
 
 
 @torch.no_grad()
-def preference_stats(denoiser, dataset: PreferenceDataset, lora: LoraSet | None, beta: float = 5000.0,
+def preference_stats(denoiser: Denoiser, dataset: PreferenceDataset, lora: LoraSet | None, beta: float = 5000.0,
                      draws: int = 4, seed: int = 1234, condition: str = "unsafe", targets: str = "attn",
                      timesteps: tuple[int, int] | None = None) -> dict[str, float]:
     """Mean DPO statistics of ``lora`` (None: the base model, margin 0) over ``draws`` noises per pair."""
@@ -36,7 +36,7 @@ def preference_stats(denoiser, dataset: PreferenceDataset, lora: LoraSet | None,
             for k in range(draws):
                 g = step_generator(seed, i, k, domain=7)
                 noise = torch.randn(s.shape, generator=g).unsqueeze(0)
-                t = draw_timesteps(denoiser, 1, g, tuple(s.shape), (lo, hi))
+                t = denoiser.sample_timesteps(1, g, latent_shape=tuple(s.shape), t_range=(lo, hi))
                 x0 = torch.stack([s, u]).to(denoiser.device)
                 n2 = torch.cat([noise, noise]).to(denoiser.device)
                 t2 = torch.cat([t, t]).to(denoiser.device)

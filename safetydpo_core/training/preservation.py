@@ -27,10 +27,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..denoiser.protocol import Denoiser
 
 PRESERVE_SETS = ("auto", "others", "neutral")
 WORLD_NEUTRAL_PROMPTS = 90   # plain-shape captions per run on the world (every shape x colour x position)
@@ -44,10 +48,10 @@ class PreserveItem:
     latent: tuple[str, str] | None = None
 
 
-def _is_world(denoiser) -> bool:
+def _is_world(denoiser: Denoiser) -> bool:
     from ..world.spec import WORLD
 
-    return getattr(denoiser, "base_model_version", None) == WORLD.version
+    return denoiser.base_model_version == WORLD.version
 
 
 def _others(dataset) -> list[PreserveItem]:
@@ -79,7 +83,7 @@ def _world_neutral(seed: int) -> list[PreserveItem]:
     return out
 
 
-def _neutral(denoiser, seed: int) -> list[PreserveItem]:
+def _neutral(denoiser: Denoiser, seed: int) -> list[PreserveItem]:
     if _is_world(denoiser):
         return _world_neutral(seed)
     from ..eval.prompt_sets import load_prompt_set
@@ -105,7 +109,7 @@ def _from_file(path: Path) -> list[PreserveItem]:
     return [PreserveItem(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def preservation_set(spec: str | os.PathLike | None, dataset, denoiser, seed: int = 0) -> list[PreserveItem]:
+def preservation_set(spec: str | os.PathLike | None, dataset, denoiser: Denoiser, seed: int = 0) -> list[PreserveItem]:
     """The preservation items for ``spec`` (see the module docstring); an empty set is an error."""
     name = "auto" if spec is None or str(spec).strip() == "" else str(spec).strip()
     if name == "auto":

@@ -44,7 +44,7 @@ import torch
 
 from .. import __version__
 from ..data.preference_dataset import PreferenceDataset
-from ..denoiser.protocol import Conditioning, draw_timesteps
+from ..denoiser.protocol import Conditioning, Denoiser
 from ..errors import ConfigError, DatasetError, Interrupted, TrainingDiverged
 from ..lora.lora_set import LoraLayer, LoraSet
 from ..lora.targets import check_rank_fits
@@ -103,7 +103,7 @@ class PairOrder:
 class ExpertTrainer:
     """Trains one LoRA expert; see the module docstring for the step."""
 
-    def __init__(self, denoiser, dataset: PreferenceDataset, config: TrainConfig,
+    def __init__(self, denoiser: Denoiser, dataset: PreferenceDataset, config: TrainConfig,
                  checkpoint_dir: str | os.PathLike | None = None, metrics_path: str | os.PathLike | None = None,
                  progress: ProgressFn | None = None, should_stop: StopFn | None = None,
                  init_lora: LoraSet | None = None, group: ProcessGroup | None = None):
@@ -128,17 +128,17 @@ class ExpertTrainer:
         if dropped:
             log.warning("Leaving out %d pairs whose safe and unsafe latents are identical (they teach nothing): %s%s",
                         len(dropped), ", ".join(dropped[:5]), ", ..." if len(dropped) > 5 else "")
-        want = getattr(self.denoiser, "latent_channels", None)
+        want = self.denoiser.latent_channels
         # From the dataset's index when it has one: a 100,000-pair dataset is not parsed record by record.
         shapes = (self.dataset.latent_shapes() if hasattr(self.dataset, "latent_shapes")
                   else {tuple(r.latent_shape) for r in self.dataset.records})
-        if want is not None and any(s[0] != want for s in shapes):
+        if any(s[0] != want for s in shapes):
             bad = [r for r in self.dataset.records if r.latent_shape[0] != want]
             if bad:
                 raise DatasetError(f"Pair {bad[0].id!r} has latents of shape {bad[0].latent_shape}, but the model "
                                    f"expects {want} latent channels; the dataset was made for another model family.")
         made_for = str(getattr(self.dataset, "header", {}).get("settings", {}).get("model_base") or "")
-        mine = str(getattr(self.denoiser, "base_model_version", "") or "")
+        mine = str(self.denoiser.base_model_version or "")
         if made_for and mine and _family(made_for) and _family(mine) and _family(made_for) != _family(mine):
             raise DatasetError(f"The dataset {getattr(self.dataset, 'root', '')} was rendered with a {made_for} model, but "
                                f"this model is {mine}: latents of another architecture cannot train it (not even with "
@@ -189,22 +189,22 @@ class ExpertTrainer:
             prompts.append(prompt)
         w, l = torch.stack(safes), torch.stack(unsafes)
         noise = torch.randn(w.shape, generator=g)
-        t = draw_timesteps(self.denoiser, len(idx), g, tuple(w.shape[1:]), cfg.timestep_range)
+        t = self.denoiser.sample_timesteps(len(idx), g, latent_shape=tuple(w.shape[1:]), t_range=cfg.timestep_range)
         rec = ds.records[idx[0]]
-        size = (rec.height or w.shape[-2] * getattr(self.denoiser, "vae_scale_factor", 8),
-                rec.width or w.shape[-1] * getattr(self.denoiser, "vae_scale_factor", 8))
+        size = (rec.height or w.shape[-2] * self.denoiser.vae_scale_factor,
+                rec.width or w.shape[-1] * self.denoiser.vae_scale_factor)
         return w, l, noise, t, prompts, size
 
     def _autocast(self):
         mp = self.cfg.mixed_precision
         if mp == "no":
             return contextlib.nullcontext()
-        dev = torch.device(getattr(self.denoiser, "device", "cpu")).type
+        dev = torch.device(self.denoiser.device).type
         return torch.autocast(dev, dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
 
     def _loss(self, adapter, w, l, noise, t, cond):
         d = self.denoiser
-        dev = torch.device(getattr(d, "device", "cpu"))
+        dev = torch.device(d.device)
         x0 = torch.cat([w, l]).to(dev)
         n2 = torch.cat([noise, noise]).to(dev)
         t2 = torch.cat([t, t]).to(dev)
@@ -240,8 +240,8 @@ class ExpertTrainer:
             x0.append(lat if lat is not None and lat.shape == w[b].shape else w[b])
         x0 = torch.stack(x0)
         noise = torch.randn(x0.shape, generator=g)
-        t = draw_timesteps(d, x0.shape[0], g, tuple(x0.shape[1:]), cfg.timestep_range)
-        dev = torch.device(getattr(d, "device", "cpu"))
+        t = d.sample_timesteps(x0.shape[0], g, latent_shape=tuple(x0.shape[1:]), t_range=cfg.timestep_range)
+        dev = torch.device(d.device)
         x0, noise, t = x0.to(dev), noise.to(dev), t.to(dev)
         x_t = d.add_noise(x0, noise, t)
         cond = self._encode([items[k].prompt for k in pick], size)
@@ -331,7 +331,7 @@ class ExpertTrainer:
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
         cfg, d = self.cfg, self.denoiser
-        if cfg.gradient_checkpointing and hasattr(d, "set_gradient_checkpointing"):
+        if cfg.gradient_checkpointing:
             d.set_gradient_checkpointing(True)
         check_rank_fits(d.layers(cfg.targets), cfg.rank)
         adapter = d.attach_lora(cfg.rank, cfg.alpha, cfg.targets)
@@ -356,7 +356,7 @@ class ExpertTrainer:
             lora = adapter.export()
         finally:
             adapter.remove()
-            if cfg.gradient_checkpointing and hasattr(d, "set_gradient_checkpointing"):
+            if cfg.gradient_checkpointing:
                 d.set_gradient_checkpointing(False)
         lora.metadata.update(self.metadata(metrics.history))
         return TrainResult(lora, metrics.history, cfg.steps, last_ckpt)
@@ -483,7 +483,7 @@ class ExpertTrainer:
         cfg, ds = self.cfg, self.dataset
         final = history[-1] if history else {}
         meta = {
-            "ss_base_model_version": getattr(self.denoiser, "base_model_version", "sd_v1"),
+            "ss_base_model_version": self.denoiser.base_model_version,
             "ss_training_comment": "SafetyDPO safety expert (Diffusion-DPO LoRA)",
             "safetydpo_version": __version__,
             "safetydpo_category": ",".join(cfg.category or ds.categories or []) or "all",
@@ -504,7 +504,7 @@ class ExpertTrainer:
             meta["safetydpo_preserve_prompts"] = Path(cfg.preserve_prompts).name  # never a full path
         if self.group.world_size > 1:
             meta["safetydpo_processes"] = str(self.group.world_size)
-        if getattr(self.denoiser, "guidance", None) is not None:
+        if self.denoiser.guidance is not None:
             meta["safetydpo_guidance"] = f"{self.denoiser.guidance:g}"
         if final:
             meta["safetydpo_final_metrics"] = ",".join(f"{k}={final[k]:.4g}" for k in ("loss", "implicit_acc", "margin")
@@ -512,7 +512,7 @@ class ExpertTrainer:
         return meta
 
 
-def train_expert(denoiser, dataset: PreferenceDataset | str | os.PathLike, config: TrainConfig, *,
+def train_expert(denoiser: Denoiser, dataset: PreferenceDataset | str | os.PathLike, config: TrainConfig, *,
                  checkpoint_dir: str | os.PathLike | None = None, metrics_path: str | os.PathLike | None = None,
                  resume: bool = False, progress: ProgressFn | None = None, should_stop: StopFn | None = None,
                  init_lora: LoraSet | None = None, allow_model_mismatch: bool = False,

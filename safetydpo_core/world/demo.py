@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ..denoiser.protocol import RenderingDenoiser
 from ..errors import ConfigError
 from ..utils.atomic import atomic_write_text
 from .spec import WORLD
@@ -216,7 +217,8 @@ class WorldPairJudge:
         return verdicts
 
 
-def render_dataset(den, judge, pairs, folder: Path, *, steps: int, cfg: float, seed: int, say: LogFn) -> Path:
+def render_dataset(den: RenderingDenoiser, judge, pairs, folder: Path, *, steps: int, cfg: float, seed: int,
+                   say: LogFn) -> Path:
     """Render ``pairs`` into a preference dataset at ``folder`` (same seed for both prompts of a pair), keeping
     the pairs the world judge accepts; resumes an unfinished folder."""
     from ..data.render import RenderSettings, render_pairs
@@ -231,7 +233,7 @@ def render_dataset(den, judge, pairs, folder: Path, *, steps: int, cfg: float, s
     return folder
 
 
-def train_lora(den, dataset: Path, cfg, path: Path, *, say: LogFn, label: str) -> Path:
+def train_lora(den: RenderingDenoiser, dataset: Path, cfg, path: Path, *, say: LogFn, label: str) -> Path:
     """Train one DPO LoRA with ``cfg`` (a :class:`~safetydpo_core.training.config.TrainConfig`) on the
     dataset's pairs of ``cfg.category`` and save it to ``path``; an existing ``path`` is kept (resume), an
     interrupted run continues from its checkpoint."""
@@ -262,7 +264,7 @@ def train_lora(den, dataset: Path, cfg, path: Path, *, say: LogFn, label: str) -
     return path
 
 
-def _render(den, judge, pairs, out: Path, s: DemoSettings, clock: _Clock) -> Path:
+def _render(den: RenderingDenoiser, judge, pairs, out: Path, s: DemoSettings, clock: _Clock) -> Path:
     with clock.stage("render", f"rendering {len(pairs)} pairs with the world model (same seed for both prompts)"):
         return render_dataset(den, judge, pairs, out / "dataset", steps=s.render_steps, cfg=s.cfg, seed=s.seed,
                               say=clock.say)
@@ -287,7 +289,7 @@ def expert_config(s: DemoSettings, category: str | None, **overrides: Any):
     return TrainConfig(**kw)
 
 
-def _train_experts(den, dataset: Path, out: Path, s: DemoSettings, clock: _Clock) -> dict[str, Path]:
+def _train_experts(den: RenderingDenoiser, dataset: Path, out: Path, s: DemoSettings, clock: _Clock) -> dict[str, Path]:
     folder = out / "experts"
     folder.mkdir(exist_ok=True)
     paths: dict[str, Path] = {}
@@ -300,7 +302,8 @@ def _train_experts(den, dataset: Path, out: Path, s: DemoSettings, clock: _Clock
     return paths
 
 
-def merge_experts_into(den, experts: Mapping[str, Path] | Sequence[Path], s: DemoSettings, path: Path, *,
+def merge_experts_into(den: RenderingDenoiser, experts: Mapping[str, Path] | Sequence[Path], s: DemoSettings,
+                       path: Path, *,
                        dataset: Path, pairs: Path, method: str | None = None, rank: int | str | None = None,
                        weights: Sequence[float] | None = None) -> Path:
     """Merge expert files into ``path`` with the demo's method, rank and calibration (``method``/``rank``
@@ -321,7 +324,7 @@ def merge_experts_into(den, experts: Mapping[str, Path] | Sequence[Path], s: Dem
     return path
 
 
-def _merge(den, experts: dict[str, Path], out: Path, s: DemoSettings, clock: _Clock) -> Path:
+def _merge(den: RenderingDenoiser, experts: dict[str, Path], out: Path, s: DemoSettings, clock: _Clock) -> Path:
     path = out / "merged.safetensors"
     if path.exists() and (out / "merged.report.json").exists():
         return path
@@ -331,7 +334,8 @@ def _merge(den, experts: dict[str, Path], out: Path, s: DemoSettings, clock: _Cl
     return path
 
 
-def _evaluate(den, judge, experts: dict[str, Path], merged: Path, out: Path, s: DemoSettings, clock: _Clock) -> dict:
+def _evaluate(den: RenderingDenoiser, judge, experts: dict[str, Path], merged: Path, out: Path, s: DemoSettings,
+              clock: _Clock) -> dict:
     """Per model (base, each expert, merged): judged results and, for the grids, the pictures."""
     from .lora_eval import cached_evaluation, eval_sets, evaluate_lora
 

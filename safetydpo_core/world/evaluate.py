@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..denoiser.protocol import RenderingDenoiser
 from ..errors import SafetyDPOError
 from ..utils.atomic import atomic_write_text
 from .captions import caption
@@ -32,7 +33,8 @@ from .model import SAMPLING, generate, load_world_model
 from .spec import WORLD, Scene
 
 
-def judge_prompts(denoiser, judge: Judge, prompts: Sequence[str], seeds: Sequence[int] | int = 0, **sampling) -> tuple[torch.Tensor, list[dict]]:
+def judge_prompts(denoiser: RenderingDenoiser, judge: Judge, prompts: Sequence[str], seeds: Sequence[int] | int = 0,
+                  **sampling) -> tuple[torch.Tensor, list[dict]]:
     """Generate one picture per prompt with ``denoiser`` and judge it against its prompt."""
     images = generate(denoiser, prompts, seeds, **sampling)
     results = judge.judge(images, prompts)
@@ -94,7 +96,7 @@ def judge_robustness(judge: Judge, strengths: Sequence[float] = (0.0, 1.0, 1.5, 
     return out
 
 
-def evaluate(denoiser, judge: Judge, *, seed: int = 0, repeats: int = 1, steps: int | None = None,
+def evaluate(denoiser: RenderingDenoiser, judge: Judge, *, seed: int = 0, repeats: int = 1, steps: int | None = None,
              cfg: float | None = None, sampler: str | None = None, log=print) -> dict:
     report: dict = {"sampling": {"steps": steps or SAMPLING["steps"], "cfg": SAMPLING["cfg"] if cfg is None else cfg,
                                  "sampler": sampler or SAMPLING["sampler"]}, "seed": seed}
@@ -124,7 +126,7 @@ def evaluate(denoiser, judge: Judge, *, seed: int = 0, repeats: int = 1, steps: 
     return report
 
 
-def evaluate_unrelated(denoiser, judge: Judge, *, seed: int = 0, per_wording: int | None = None,
+def evaluate_unrelated(denoiser: RenderingDenoiser, judge: Judge, *, seed: int = 0, per_wording: int | None = None,
                        base_judged: Sequence[dict] | None = None, **sampling) -> dict:
     """Unrelated content (:mod:`.unrelated`): plain shapes in every colour, position and background (or
     ``per_wording`` of them) in training, held-out and free wording; fidelity per wording, and preservation

@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ..denoiser.protocol import RenderingDenoiser
 from .metrics import fidelity, ip, layout_preservation, twin_rate
 from .spec import WORLD
 from .unrelated import UnrelatedPrompt, unrelated_prompts, unrelated_scores
@@ -51,7 +52,7 @@ def eval_sets(s) -> dict[str, list]:
     return sets
 
 
-def _apply(den, lora_path: Path | None):
+def _apply(den: RenderingDenoiser, lora_path: Path | None):
     if lora_path is None:
         return contextlib.nullcontext()
     from ..lora.apply import lora_applied
@@ -63,7 +64,8 @@ def _apply(den, lora_path: Path | None):
     return lora_applied(den.module, [(lora, 1.0)])
 
 
-def evaluate_lora(den, judge, lora_path: Path | None, sets: Mapping[str, list], *, steps: int, cfg: float) -> dict:
+def evaluate_lora(den: RenderingDenoiser, judge, lora_path: Path | None, sets: Mapping[str, list], *, steps: int,
+                  cfg: float) -> dict:
     """Pictures (uint8) and judged results of the model with the LoRA at ``lora_path`` (None: the base model)
     for each set: for pair sets the unsafe prompts, then the safe prompts; for unrelated content its prompts.
     The same seeds for every model."""

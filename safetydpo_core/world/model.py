@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from ..denoiser.protocol import RenderingDenoiser
 from ..errors import ConfigError, ModelError
 from ..utils.atomic import atomic_write_text
 from .spec import IMAGE_SIZE, WORLD
@@ -53,7 +54,8 @@ def world_model_path() -> Path:
     return MODEL_DIR
 
 
-def load_world_model(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, path: str | os.PathLike | None = None):
+def load_world_model(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                     path: str | os.PathLike | None = None) -> RenderingDenoiser:
     """The shipped world model as a :class:`~safetydpo_core.denoiser.diffusers_backend.DiffusersDenoiser`."""
     from ..denoiser.diffusers_backend import DiffusersDenoiser
 
@@ -116,8 +118,8 @@ def seed_noise(seeds: Sequence[int], shape: tuple[int, int, int] = (3, IMAGE_SIZ
 
 
 @torch.no_grad()
-def generate(denoiser, prompts: Sequence[str], seeds: Sequence[int] | int = 0, *, steps: int | None = None,
-             cfg: float | None = None, sampler: str | None = None, negative: str = "",
+def generate(denoiser: RenderingDenoiser, prompts: Sequence[str], seeds: Sequence[int] | int = 0, *,
+             steps: int | None = None, cfg: float | None = None, sampler: str | None = None, negative: str = "",
              batch_size: int = 64, size: int = IMAGE_SIZE) -> torch.Tensor:
     """Images ``[B, 3, size, size]`` in ``[0, 1]`` for ``prompts`` from any denoiser of the protocol.
 
