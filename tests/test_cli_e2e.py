@@ -24,7 +24,7 @@ HAS_NUDENET = importlib.util.find_spec("nudenet") is not None
 def test_every_subcommand_has_help(capsys):
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     built = set(sub.choices)
-    assert {"pairs", "render", "train", "merge", "sample", "eval"} <= built
+    assert {"pairs", "render", "train", "merge", "sample", "eval", "workflow"} <= built
     for name in sorted(built):
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])

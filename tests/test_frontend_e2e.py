@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from safetydpo_core import workflow_api as wa  # noqa: E402
+from safetydpo_workflows import workflow_api as wa  # noqa: E402
 
 from comfyui_support import ComfyServer, comfyui_server  # noqa: E402
 

@@ -106,7 +106,8 @@ def test_the_archive_holds_everything_the_pack_needs(packed):
 
     # the package data setuptools ships (pyproject's package-data patterns), as it is in the working tree
     data = {str(p.relative_to(ROOT)) for pattern in ("*.json", "*.txt", "*.safetensors", "*.md")
-            for p in (ROOT / "safetydpo_core").rglob(pattern) if "__pycache__" not in p.parts}
+            for package in ("safetydpo_core", "safetydpo_workflows")
+            for p in (ROOT / package).rglob(pattern) if "__pycache__" not in p.parts}
     data |= {str(p.relative_to(ROOT)) for p in (ROOT / "safetydpo_core" / "world" / "weights").rglob("*")
              if p.is_file()}
     assert not sorted(data - names), f"package data missing from the archive: {sorted(data - names)[:10]}"
@@ -116,6 +117,9 @@ def test_the_archive_holds_everything_the_pack_needs(packed):
                  "judge.json"):
         assert weights + need in names, need
     assert {"web/safetydpo_live.js", "__init__.py", "requirements.txt", "pyproject.toml"} <= names
+    # the `safetydpo workflow` command's package (beside the core) and its kept ComfyUI core-node definitions
+    assert {"safetydpo_workflows/__init__.py", "safetydpo_workflows/workflow_api.py", "safetydpo_workflows/cli.py",
+            "safetydpo_workflows/comfy_core_nodes.json"} <= names
     flows = {n for n in names if n.startswith("workflows/")}
     assert flows == {str(p.relative_to(ROOT)) for p in (ROOT / "workflows").iterdir() if p.is_file()}
     assert any(n.endswith(".json") for n in flows) and any(n.endswith(".jpg") for n in flows)

@@ -1,9 +1,9 @@
 """The shipped workflows (``workflows/*.json``), checked without ComfyUI (CI): the files are UI-format JSON 0.4
 with a JPEG thumbnail each, stock model names listed under ``models``, ``properties.cnr_id`` on every pack
 node, fixed seeds and a MarkdownNote; every node type exists in the pack or in the kept list of ComfyUI core
-nodes (``safetydpo_core/comfy_core_nodes.json``); ``widgets_values`` fit each node's widgets in count, order and
-type (control values included); every link joins matching types; the converter
-(:mod:`safetydpo_core.workflow_api`) turns each one into an API graph that passes the server's checks,
+nodes (``safetydpo_workflows/comfy_core_nodes.json``); ``widgets_values`` fit each node's widgets in count,
+order and type (control values included); every link joins matching types; the converter
+(:mod:`safetydpo_workflows.workflow_api`) turns each one into an API graph that passes the server's checks,
 re-implemented here independently. Plus the converter's own rules on small graphs (control values,
 Reroute, PrimitiveNode, bypassed and muted nodes, list values, upload widgets) and the CLI.
 
@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from safetydpo_core import workflow_api as wa  # noqa: E402
+from safetydpo_workflows import workflow_api as wa  # noqa: E402
 
 WORKFLOWS = ROOT / "workflows"
-CORE_NODES = ROOT / "safetydpo_core" / "comfy_core_nodes.json"
+CORE_NODES = ROOT / "safetydpo_workflows" / "comfy_core_nodes.json"
 PACK_ID = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["name"]
 SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"

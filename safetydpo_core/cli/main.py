@@ -1,8 +1,9 @@
 """Entry point of the ``safetydpo`` command: parses arguments and dispatches to the sub-command modules.
 
-Each sub-command lives in ``safetydpo_core/cli/<name>.py`` and exposes ``register(subparsers)``. Errors a
-user can fix (:class:`~safetydpo_core.errors.SafetyDPOError`) are printed without a traceback and exit
-with status 2; Ctrl-C exits with 130 after the command has saved what it can.
+Each sub-command lives in ``safetydpo_core/cli/<name>.py`` (``safetydpo workflow``: in the ComfyUI tooling
+package, ``safetydpo_workflows/cli.py``) and exposes ``register(subparsers)``; :data:`COMMANDS` names them.
+Errors a user can fix (:class:`~safetydpo_core.errors.SafetyDPOError`) are printed without a traceback and
+exit with status 2; Ctrl-C exits with 130 after the command has saved what it can.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import sys
 from .. import __version__
 from ..errors import SafetyDPOError
 
-COMMANDS = ("pairs", "render", "dataset", "train", "erase", "merge", "sample", "eval", "attack", "demo", "workflow")
+# sub-command -> the module whose ``register(subparsers)`` adds it: this package's own modules (".name"), and the
+# ComfyUI workflow tooling, which lives outside the neutral core (safetydpo_workflows) and is imported only here
+COMMANDS = {name: f".{name}" for name in ("pairs", "render", "dataset", "train", "erase", "merge", "sample", "eval",
+                                          "attack", "demo")} | {"workflow": "safetydpo_workflows.cli"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"safetydpo {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"{__package__}.{name}").register(sub)
+    for module in COMMANDS.values():
+        importlib.import_module(module, __package__).register(sub)
     return parser
 
 

@@ -5,10 +5,11 @@
 * ``safetydpo workflow check UI.json ...``: the checks the pack's shipped workflows pass (node types exist,
   ``widgets_values`` fit the widgets in count, order and type, fixed seeds, links join matching types).
 
-Node definitions: this pack's own nodes when ``safetydpo_core`` sits in the pack's folder, plus every
+Node definitions: this pack's own nodes when ``safetydpo_workflows`` sits in the pack's folder, plus every
 ``--object-info`` given: a running ComfyUI's URL (``http://127.0.0.1:8188``) or a saved ``/object_info`` JSON
-(by default ComfyUI 0.8.0's common core nodes, kept in ``safetydpo_core/comfy_core_nodes.json``).
-See :mod:`safetydpo_core.workflow_api`.
+(by default ComfyUI 0.8.0's common core nodes, kept in ``safetydpo_workflows/comfy_core_nodes.json``).
+See :mod:`safetydpo_workflows.workflow_api`. The ``safetydpo`` command table (``safetydpo_core/cli/main.py``)
+names this module; :func:`register` adds the sub-command, the converter is imported when it runs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import ConfigError
+from safetydpo_core.errors import ConfigError
 
 
 def register(sub) -> None:
@@ -64,7 +65,7 @@ _HINT = (" Give the definitions with --object-info: a running ComfyUI's URL (htt
 
 
 def _definitions(args) -> dict:
-    from .. import workflow_api as wa
+    from . import workflow_api as wa
 
     infos = [] if args.no_core else [wa.core_object_info()]
     if not args.no_pack and wa.pack_root() is not None:
@@ -88,8 +89,9 @@ def _read(path: str) -> dict:
 
 
 def _to_api(args) -> int:
-    from .. import workflow_api as wa
-    from ..utils.atomic import atomic_write_text
+    from safetydpo_core.utils.atomic import atomic_write_text
+
+    from . import workflow_api as wa
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -107,7 +109,7 @@ def _to_api(args) -> int:
 
 
 def _check(args) -> int:
-    from .. import workflow_api as wa
+    from . import workflow_api as wa
 
     defs = _definitions(args)
     bad = 0

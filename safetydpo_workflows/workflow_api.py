@@ -7,9 +7,9 @@ Where node definitions come from (:func:`load_object_info`, :func:`merge_object_
 * a running ComfyUI: ``load_object_info("http://127.0.0.1:8188")`` (reads ``/object_info``), exact for that
   install, other packs included;
 * a saved ``/object_info`` JSON file (the pack keeps ComfyUI 0.8.0's common core nodes in
-  ``safetydpo_core/comfy_core_nodes.json``, in that form, used by default);
+  ``safetydpo_workflows/comfy_core_nodes.json``, in that form, used by default);
 * this pack's own nodes, from their ``INPUT_TYPES`` called without ComfyUI (:func:`pack_object_info`; only
-  where ``safetydpo_core`` sits inside the pack's folder, as in a ComfyUI install).
+  where ``safetydpo_workflows`` sits inside the pack's folder, as in a ComfyUI install or a checkout).
 
 What the conversion does, as the frontend's ``graphToPrompt`` (comfyui-frontend-package 1.35.9) does it:
 
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .errors import ConfigError
+from safetydpo_core.errors import ConfigError
 
 FRONTEND_ONLY = frozenset({"Note", "MarkdownNote", "Reroute", "PrimitiveNode"})
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
@@ -117,7 +117,7 @@ def merge_object_info(*infos: Mapping | None) -> dict:
 
 
 def pack_root() -> Path | None:
-    """The pack's folder when ``safetydpo_core`` sits in it (a ComfyUI install or a checkout), else None."""
+    """The pack's folder when ``safetydpo_workflows`` sits in it (a ComfyUI install or a checkout), else None."""
     root = Path(__file__).resolve().parents[1]
     return root if (root / "__init__.py").is_file() and (root / "nodes" / "__init__.py").is_file() else None
 
@@ -170,8 +170,8 @@ def pack_object_info(root: str | os.PathLike | None = None) -> dict:
     as ``lora_name`` then hold only a placeholder)."""
     root = Path(root) if root is not None else pack_root()
     if root is None or not (Path(root) / "__init__.py").is_file():
-        raise WorkflowError("The pack's node definitions are not available here (safetydpo_core is not inside the "
-                            "ComfyUI-SafetyDPO folder); pass a running ComfyUI's URL or a saved /object_info file.")
+        raise WorkflowError("The pack's node definitions are not available here (safetydpo_workflows is not inside "
+                            "the ComfyUI-SafetyDPO folder); pass a running ComfyUI's URL or a saved /object_info file.")
     modname = "_safetydpo_pack_for_object_info"
     with _HiddenModules():
         mod = sys.modules.get(modname)
