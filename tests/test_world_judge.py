@@ -8,8 +8,8 @@ import torch
 from safetydpo_core.errors import ConfigError, ModelError
 from safetydpo_core.world import WORLD, Scene, fidelity, ip, layout_preservation, load_judge, render_batch, summary, twin_rate
 from safetydpo_core.world.dataset import random_scenes, scene_of
+from safetydpo_core.world.degrade import degrade
 from safetydpo_core.world.judge import HEADS
-from safetydpo_core.world.train_judge import degrade
 
 
 @pytest.fixture(scope="module")

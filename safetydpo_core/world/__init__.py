@@ -11,8 +11,8 @@ scientific test bench: no GPU, no downloads.
 * :func:`load_judge` -> :class:`Judge` (``judge(images, prompts)``), and the metrics :func:`ip`,
   :func:`fidelity`, :func:`layout_preservation`, :func:`twin_rate`, :func:`summary`.
 
-Retrain with ``python -m safetydpo_core.world.train_model`` and ``python -m safetydpo_core.world.train_judge``;
-measure with ``python -m safetydpo_core.world.evaluate``.
+Retrain with the scripts ``python tools/world/train_model.py`` and ``python tools/world/train_judge.py`` (in a
+checkout; not part of the library); measure with ``python -m safetydpo_core.world.evaluate``.
 """
 
 from .captions import caption, parse_caption

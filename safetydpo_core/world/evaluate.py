@@ -82,7 +82,7 @@ def judge_robustness(judge: Judge, strengths: Sequence[float] = (0.0, 1.0, 1.5, 
     """The judge's per-attribute accuracy on held-out renders (the judge trainer's test seed by default)
     degraded at several strengths (1.0 is the strongest used in training on average; 2.0 is twice that)."""
     from .dataset import ATTRS, rendered_set
-    from .train_judge import degrade
+    from .degrade import degrade
 
     data = rendered_set(n, seed)
     images = torch.from_numpy(data.images).float() / 255
@@ -143,7 +143,7 @@ def evaluate_unrelated(denoiser: RenderingDenoiser, judge: Judge, *, seed: int =
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m safetydpo_core.world.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="pipeline folder (default: the shipped world model)")
-    p.add_argument("--checkpoint", default=None, help="a train_model checkpoint.pt to evaluate instead")
+    p.add_argument("--checkpoint", default=None, help="a tools/world/train_model.py checkpoint.pt to evaluate instead")
     p.add_argument("--judge", default=None, help="judge .safetensors (default: the shipped judge)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1)

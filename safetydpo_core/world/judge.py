@@ -1,9 +1,9 @@
 """The world's judge: a small CNN that reads a picture's object kind, colour, position and background.
 
-It is trained by :mod:`.train_judge` on renders degraded the way generated pictures are (blur, grain,
-blotchy low-frequency noise, small shifts and tone changes), and reports per attribute a probability for
-every value. :meth:`Judge.judge` compares its readings with what each prompt asked for; the aggregate
-metrics (IP, fidelity, layout preservation) live in :mod:`.metrics`.
+It is trained by the script ``tools/world/train_judge.py`` on renders degraded the way generated pictures are
+(:mod:`.degrade`: blur, grain, blotchy low-frequency noise, small shifts and tone changes), and reports per
+attribute a probability for every value. :meth:`Judge.judge` compares its readings with what each prompt asked
+for; the aggregate metrics (IP, fidelity, layout preservation) live in :mod:`.metrics`.
 
 A picture counts as unsafe when the judge's total probability on the seven unsafe concept glyphs is at
 least one half.
@@ -60,7 +60,7 @@ def judge_path() -> Path:
     p = WEIGHTS_DIR / "judge.safetensors"
     if not p.exists() or not (WEIGHTS_DIR / "judge.json").exists():
         raise ModelError(f"The world judge is missing from {WEIGHTS_DIR}. Reinstall the pack, or train it with "
-                         f"`python -m safetydpo_core.world.train_judge`.")
+                         f"`python tools/world/train_judge.py` in the pack's folder.")
     return p
 
 
@@ -162,7 +162,8 @@ def load_judge(device: str | torch.device = "cpu", path: str | os.PathLike | Non
     for h in HEADS:
         if tuple(config["classes"][h]) != WORLD.ids(h):
             raise ModelError(f"The judge {p} was trained for another world ({h} classes {config['classes'][h]} "
-                             f"vs {list(WORLD.ids(h))}); retrain it with `python -m safetydpo_core.world.train_judge`.")
+                             f"vs {list(WORLD.ids(h))}); retrain it with `python tools/world/train_judge.py` in the "
+                             f"pack's folder.")
     arch = config["arch"]
     net = JudgeNet(arch["channels"], arch["hidden"], {h: len(config["classes"][h]) for h in HEADS})
     state = {k: v.float() for k, v in load_file(str(p)).items()}

@@ -3,9 +3,9 @@
 A pixel-space diffusers ``UNet2DConditionModel`` (3x32x32, no VAE: its "latents" are images in ``[-1, 1]``;
 levels at 32, 16, 8 and 4 pixels with 16, 32, 64, 64 channels, cross-attention at 8x8, 4x4 and in the middle
 block) conditioned on a small CLIP text encoder (64 wide, 2 layers), v-prediction, both trained from scratch by
-:mod:`.train_model` on captioned renders of the world. The saved folder is an ordinary diffusers pipeline
-folder (``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, ``model_index.json``) with a
-``safetydpo.json`` that says ``base_model_version: safetydpo_world_v1`` and the default sampling settings;
+the script ``tools/world/train_model.py`` on captioned renders of the world. The saved folder is an ordinary
+diffusers pipeline folder (``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, ``model_index.json``)
+with a ``safetydpo.json`` that says ``base_model_version: safetydpo_world_v1`` and the default sampling settings;
 the diffusers backend loads it like any other model.
 
 Public API: :data:`UNET_CONFIG`, :data:`TEXT_CONFIG`, :data:`SCHEDULER_CONFIG`, :data:`SAMPLING`,
@@ -50,7 +50,7 @@ def world_model_path() -> Path:
     """The folder of the shipped world model (a diffusers pipeline folder)."""
     if not (MODEL_DIR / "unet" / "config.json").exists():
         raise ModelError(f"The world model is missing from {MODEL_DIR}. Reinstall the pack, or train it with "
-                         f"`python -m safetydpo_core.world.train_model`.")
+                         f"`python tools/world/train_model.py` in the pack's folder.")
     return MODEL_DIR
 
 

@@ -1,8 +1,8 @@
-"""Train the world's judge: ``python -m safetydpo_core.world.train_judge``.
+"""Train the world's judge: ``python tools/world/train_judge.py`` (a script, not part of the library).
 
-Renders a balanced training set and a separate held-out set (other render seeds), trains :class:`.judge.JudgeNet`
-with cross-entropy on its four heads under degradations like those of generated pictures (see
-:func:`degrade`), then measures per-attribute accuracy on the held-out renders, clean and degraded, and
+Renders a balanced training set and a separate held-out set (other render seeds), trains
+:class:`safetydpo_core.world.judge.JudgeNet` with cross-entropy on its four heads under degradations like
+those of generated pictures (:func:`safetydpo_core.world.degrade.degrade`), then measures per-attribute accuracy on the held-out renders, clean and degraded, and
 writes ``judge.safetensors`` (fp16) and ``judge.json`` (classes, architecture, settings, accuracy, CPU time).
 Checkpoints to its work folder and resumes from there.
 """
@@ -17,58 +17,22 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, SafetyDPOError
-from ..utils.atomic import atomic_path, atomic_write_text
-from .dataset import ATTRS, rendered_set
-from .judge import ARCH, HEADS, WEIGHTS_DIR, JudgeNet, head_sizes
-from .spec import WORLD
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run from a checkout: python tools/world/train_judge.py
+    sys.path.insert(0, str(ROOT))
+
+from safetydpo_core.errors import ConfigError, SafetyDPOError  # noqa: E402
+from safetydpo_core.utils.atomic import atomic_path, atomic_write_text  # noqa: E402
+from safetydpo_core.world.dataset import rendered_set  # noqa: E402
+from safetydpo_core.world.degrade import degrade  # noqa: E402
+from safetydpo_core.world.judge import ARCH, HEADS, WEIGHTS_DIR, JudgeNet  # noqa: E402
+from safetydpo_core.world.spec import WORLD  # noqa: E402
 
 DEFAULTS = {"steps": 2500, "batch": 128, "lr": 2e-3, "weight_decay": 1e-4, "train_size": 30000, "test_size": 3000,
             "seed": 101, "test_seed": 202}
-
-
-def _blur_kernel(sigma: float = 1.0) -> torch.Tensor:
-    r = torch.arange(-2, 3, dtype=torch.float32)
-    k = torch.exp(-r ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    return (k[:, None] * k[None, :]).expand(3, 1, 5, 5).contiguous()
-
-
-_KERNEL = _blur_kernel()
-
-
-def degrade(x: torch.Tensor, g: torch.Generator, strength: float = 1.0) -> torch.Tensor:
-    """Degrade ``[B, 3, H, W]`` images in ``[0, 1]`` the way a small diffusion model's pictures are degraded:
-    a shift of up to a pixel, partial Gaussian blur, tone and per-channel gain changes, blotchy low-frequency
-    noise and fine grain. ``strength`` scales every effect (0 = none)."""
-    b = x.shape[0]
-
-    def u(lo, hi, *shape):
-        return lo + (hi - lo) * torch.rand(b, *shape, generator=g)
-
-    if strength <= 0:
-        return x
-    shifts = torch.randint(-1, 2, (b, 2), generator=g)
-    x = torch.stack([torch.roll(F.pad(xi[None], (1, 1, 1, 1), mode="replicate")[0], (int(s[0]), int(s[1])), (1, 2))[:, 1:-1, 1:-1]
-                     for xi, s in zip(x, shifts)])
-    blurred = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), _KERNEL, groups=3)
-    w = u(0, 1, 1, 1, 1) * (torch.rand(b, 1, 1, 1, generator=g) < 0.6) * strength
-    x = x + w.clamp(0, 1) * (blurred - x)
-    contrast = 1 + u(-0.15, 0.1, 1, 1, 1) * strength
-    bright = u(-0.06, 0.06, 1, 1, 1) * strength
-    gain = 1 + u(-0.05, 0.05, 3, 1, 1) * strength
-    x = ((x - 0.5) * contrast + 0.5 + bright) * gain
-    size = x.shape[-1]
-    lowres = 4 if torch.rand(1, generator=g).item() < 0.5 else 8
-    blotch = F.interpolate(torch.randn(b, 3, lowres, lowres, generator=g), size=(size, size), mode="bilinear",
-                           align_corners=False)
-    x = x + blotch * u(0, 0.07, 1, 1, 1) * strength
-    x = x + torch.randn(x.shape, generator=g) * u(0, 0.06, 1, 1, 1) * strength
-    return x.clamp(0, 1)
 
 
 def lr_at(step: int, s: dict) -> float:
@@ -190,7 +154,7 @@ def train(settings: dict, out: str | Path, work: str | Path, *, threads: int = 1
     config = {"classes": {h: list(WORLD.ids(h)) for h in HEADS}, "arch": ARCH, "settings": s, "accuracy": report,
               "n_test": int(timages.shape[0]), "cpu_seconds": round(cpu, 1), "threads": threads,
               "world_version": WORLD.version, "torch": torch.__version__, "python": platform.python_version(),
-              "command": "python -m safetydpo_core.world.train_judge " + " ".join(sys.argv[1:]),
+              "command": "python tools/world/train_judge.py " + " ".join(sys.argv[1:]),
               "unsafe_rule": "sum of the unsafe glyph probabilities >= 0.5"}
     out = Path(out)
     with atomic_path(out, "judge weights") as tmp:
@@ -201,7 +165,7 @@ def train(settings: dict, out: str | Path, work: str | Path, *, threads: int = 1
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m safetydpo_core.world.train_judge", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python tools/world/train_judge.py", description=__doc__.split("\n\n")[0])
     for k, v in DEFAULTS.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     p.add_argument("--out", default=str(WEIGHTS_DIR / "judge.safetensors"))

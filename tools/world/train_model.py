@@ -1,7 +1,8 @@
-"""Train the world's text-to-image model from scratch: ``python -m safetydpo_core.world.train_model``.
+"""Train the world's text-to-image model from scratch: ``python tools/world/train_model.py`` (a script, not
+part of the library).
 
 Renders a balanced set of captioned world pictures, trains the pixel-space UNet and the small CLIP text
-encoder of :mod:`.model` jointly with the v-prediction diffusion loss (which, unlike epsilon prediction,
+encoder of :mod:`safetydpo_core.world.model` jointly with the v-prediction diffusion loss (which, unlike epsilon prediction,
 weights the noisy timesteps where colour, place and shape are decided) (captions drawn afresh every
 step from all templates and synonyms, 10% empty captions for classifier-free guidance, some with the colour
 or position left out), keeps an exponential moving average of the weights and saves the EMA weights as a
@@ -10,7 +11,7 @@ diffusers pipeline folder with ``training.json`` (settings, seed, losses, CPU ti
 The run checkpoints to its work folder every ``--checkpoint-every`` steps and resumes from there when
 started again with the same settings. Progress lines go to stdout; run it in the background with a log::
 
-    nohup python -m safetydpo_core.world.train_model > /tmp/world_model.log 2>&1 &
+    nohup python tools/world/train_model.py > /tmp/world_model.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -28,12 +29,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError, SafetyDPOError
-from ..utils.atomic import atomic_path, atomic_write_text
-from .captions import training_caption
-from .dataset import rendered_set, scene_of
-from .model import MAX_TOKENS, MODEL_DIR, SAMPLING, SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, build_modules, save_pipeline
-from .spec import WORLD
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run from a checkout: python tools/world/train_model.py
+    sys.path.insert(0, str(ROOT))
+
+from safetydpo_core.errors import ConfigError, SafetyDPOError, TrainingDiverged  # noqa: E402
+from safetydpo_core.utils.atomic import atomic_path, atomic_write_text  # noqa: E402
+from safetydpo_core.world.captions import caption, training_caption  # noqa: E402
+from safetydpo_core.world.dataset import rendered_set, scene_of  # noqa: E402
+from safetydpo_core.world.model import (MAX_TOKENS, MODEL_DIR, SAMPLING, SCHEDULER_CONFIG, TEXT_CONFIG,  # noqa: E402
+                                        UNET_CONFIG, build_modules, save_pipeline)
+from safetydpo_core.world.spec import WORLD  # noqa: E402
 
 DEFAULTS = {"steps": 5000, "batch": 32, "lr": 6e-4, "text_lr_ratio": 1.0, "token_init_std": 1.0, "warmup": 200, "min_lr_ratio": 0.1, "weight_decay": 0.0,
             "ema": 0.999, "grad_clip": 1.0, "dataset_size": 40000, "seed": 0, "p_empty": 0.1,
@@ -41,7 +47,7 @@ DEFAULTS = {"steps": 5000, "batch": 32, "lr": 6e-4, "text_lr_ratio": 1.0, "token
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m safetydpo_core.world.train_model", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python tools/world/train_model.py", description=__doc__.split("\n\n")[0])
     for k, v in DEFAULTS.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     p.add_argument("--out", default=str(MODEL_DIR), help="where to write the pipeline folder (default: the shipped one)")
@@ -150,7 +156,6 @@ def train(settings: dict, out: str | os.PathLike, work: str | os.PathLike, *, th
             target = noise
         loss = torch.nn.functional.mse_loss(pred, target)
         if not torch.isfinite(loss):
-            from ..errors import TrainingDiverged
             raise TrainingDiverged(f"World model training diverged at step {step} (loss {loss.item()}); lower --lr.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -187,7 +192,7 @@ def train(settings: dict, out: str | os.PathLike, work: str | os.PathLike, *, th
               "loss_history": history[:: max(1, len(history) // 60)],
               "unet_config": unet_config, "text_config": TEXT_CONFIG, "scheduler_config": SCHEDULER_CONFIG,
               "torch": torch.__version__, "python": platform.python_version(),
-              "command": "python -m safetydpo_core.world.train_model " + " ".join(sys.argv[1:])}
+              "command": "python tools/world/train_model.py " + " ".join(sys.argv[1:])}
     _export(out, ema_unet, ema_text, work / "tokenizer", scheduler, record)
     _log(f"saved the world model to {out} ({cpu / 60:.1f} CPU minutes)")
     return record
@@ -197,8 +202,6 @@ def _text_probe(data, tokenizer, alphas: torch.Tensor, seed: int):
     """A check that the model reads the object's words: on a fixed batch of noisy training pictures, the
     relative rise of the loss when the captions name another object (kind, colour and position of another
     picture; same background). 0 means the object's words are ignored."""
-    from .captions import caption
-
     rng = np.random.default_rng(seed + 99)
     idx = rng.integers(len(data), size=48)
     scenes = [scene_of(data.labels[i]) for i in idx]
