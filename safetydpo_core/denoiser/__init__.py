@@ -1,6 +1,7 @@
-"""Denoisers: the protocol (:mod:`.protocol`) and the diffusers backend (:mod:`.diffusers_backend`).
-The ComfyUI backend lives with the nodes, since only they may import ComfyUI."""
+"""Denoisers: the protocols (:mod:`.protocol`: :class:`Denoiser` and :class:`RenderingDenoiser`) and the diffusers
+backends (:mod:`.diffusers_backend`, :mod:`.diffusers_flow`). The ComfyUI backend lives with the nodes, since
+only they may import ComfyUI."""
 
-from .protocol import FREE, AdapterHandle, Conditioning, Denoiser, PromptEmbedder
+from .protocol import FREE, AdapterHandle, Conditioning, Denoiser, PromptEmbedder, RenderingDenoiser
 
-__all__ = ["FREE", "AdapterHandle", "Conditioning", "Denoiser", "PromptEmbedder"]
+__all__ = ["FREE", "AdapterHandle", "Conditioning", "Denoiser", "PromptEmbedder", "RenderingDenoiser"]
