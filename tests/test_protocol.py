@@ -15,7 +15,7 @@ import inspect
 import pytest
 import torch
 
-from comfyui_support import COMFYUI_PATH, backend_module, tiny_flux, tiny_sd3, tiny_sd15, tiny_sdxl
+from comfyui_support import backend_module, requires_comfyui, tiny_flux, tiny_sd3, tiny_sd15, tiny_sdxl
 from safetydpo_core.denoiser.protocol import SCHEDULES, AdapterHandle, Denoiser, PromptEmbedder, RenderingDenoiser
 
 # what the core calls beyond the forward process (issue 14: these were called without being declared)
@@ -150,9 +150,7 @@ def test_every_diffusers_backend_has_every_member(request, kind):
         assert torch.equal(d.unit_marginal(noise, t), noise)
 
 
-@pytest.mark.comfyui
-@pytest.mark.skipif(COMFYUI_PATH is None, reason="COMFYUI_PATH is not set: the ComfyUI backend is built from real "
-                                                  "ComfyUI objects; set COMFYUI_PATH to a ComfyUI 0.8.0 checkout")
+@requires_comfyui
 @pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3", "flux"])
 def test_the_comfyui_backend_has_every_member(kind):
     build = {"sd15": tiny_sd15, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}[kind]
