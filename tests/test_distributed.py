@@ -12,7 +12,6 @@ then we measured differences up to 2e-6 on weights of size ~0.5 after 3 Adam ste
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -61,17 +60,6 @@ def _env() -> dict:
     return env
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Run in-process training with one thread, as each launched process (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tiny_sd15, tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("dist") / "data", DiffusersDenoiser.from_pretrained(tiny_sd15))
@@ -113,9 +101,11 @@ def test_two_processes_equal_one_process_with_twice_the_accumulation(tiny_sd15, 
     # a two-process checkpoint resumes in one process with the same micro-steps per step (1 x 2)
     (tmp_path / "two.checkpoints" / "checkpoint-0000003.pt").unlink()
     resumed = tmp_path / "two.safetensors"
-    with _one_thread():
-        assert main(["train", "--model", str(tiny_sd15), "--data", str(data), "--out", str(resumed), "--device", "cpu",
-                     "--grad-accum", "2", "--resume", *STEPS]) == 0
+    # in a process of its own under the same environment as both sides above (MKL_CBWR: see _env)
+    res = subprocess.run([sys.executable, "-m", "safetydpo_core.cli", "train", "--model", str(tiny_sd15), "--data",
+                          str(data), "--out", str(resumed), "--device", "cpu", "--grad-accum", "2", "--resume", *STEPS],
+                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=420)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     c = load_file(str(resumed))
     for k in a:
         assert torch.allclose(a[k], c[k], rtol=1e-5, atol=1e-6), k

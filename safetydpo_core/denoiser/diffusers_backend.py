@@ -22,6 +22,7 @@ from ..lora.peft_adapter import PeftLoraAdapter
 from ..lora.targets import select_layers
 from ..lora.unet_names import UNetNames, weight_modules
 from ..utils.fingerprint import module_fingerprint
+from .devices import weight_dtype
 from .loading import DiffusersComponents, load_components
 from .protocol import Conditioning, check_guidance, uniform_timesteps
 
@@ -89,7 +90,7 @@ class DiffusersDenoiser:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return weight_dtype(self.unet)
 
     @property
     def latent_channels(self) -> int:

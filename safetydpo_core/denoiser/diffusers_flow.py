@@ -30,6 +30,7 @@ from ..lora.transformer_names import BASE_MODEL_VERSIONS, TransformerNames, fami
 from ..lora.unet_names import weight_modules
 from ..utils.fingerprint import module_fingerprint
 from . import flow
+from .devices import weight_dtype
 from .loading import DiffusersComponents
 from .protocol import Conditioning, check_guidance
 
@@ -95,7 +96,7 @@ class DiffusersFlowDenoiser:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        return weight_dtype(self.transformer)
 
     @property
     def latent_channels(self) -> int:

@@ -202,30 +202,52 @@ class ExpertTrainer:
         dev = torch.device(self.denoiser.device).type
         return torch.autocast(dev, dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
 
-    def _loss(self, adapter, w, l, noise, t, cond):
+    def _predictions(self, adapter, inputs: Sequence[tuple[torch.Tensor, torch.Tensor, Conditioning]],
+                     reference: Sequence[bool]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """The adapted prediction for each ``(x_t, t, cond)`` of ``inputs``, and the adapter-off (reference)
+        prediction for those marked in ``reference``: one forward for all policy inputs and one for all
+        reference inputs when their conditioning tensors stack (the DPO pair and the preservation prompts of a
+        step), since a tiny model's step is mostly per-call overhead and a GPU's is kernel launches."""
+        d = self.denoiser
+        stackable = len({tuple((k, tuple(v.shape[1:])) for k, v in sorted(c.tensors.items())) for _, _, c in inputs}) == 1
+
+        def run(chosen: list[tuple[torch.Tensor, torch.Tensor, Conditioning]]) -> list[torch.Tensor]:
+            if not chosen:
+                return []
+            if not stackable or len(chosen) == 1:
+                return [d.predict(x, t, c) for x, t, c in chosen]
+            out = d.predict(torch.cat([x for x, _, _ in chosen]), torch.cat([t for _, t, _ in chosen]),
+                            Conditioning.cat([c for _, _, c in chosen]))
+            return list(out.split([len(x) for x, _, _ in chosen]))
+
+        want = [inp for inp, r in zip(inputs, reference) if r]
+        with torch.no_grad(), adapter.disabled(), self._autocast():
+            refs = iter(run(want))
+        with self._autocast():
+            preds = run(list(inputs))
+        return preds, [next(refs) if r else None for r in reference]
+
+    def _dpo_input(self, w, l, noise, t, cond):
+        """Noised safe and unsafe latents (one noise, one timestep per pair), their target, the conditioning."""
         d = self.denoiser
         dev = torch.device(d.device)
         x0 = torch.cat([w, l]).to(dev)
         n2 = torch.cat([noise, noise]).to(dev)
         t2 = torch.cat([t, t]).to(dev)
-        x_t = d.add_noise(x0, n2, t2)
-        target = d.target(x0, n2, t2)
-        cond2 = cond.repeat(2)
+        return (d.add_noise(x0, n2, t2), t2, cond.repeat(2)), d.target(x0, n2, t2)
+
+    def _objective(self, pred: torch.Tensor, ref: torch.Tensor | None, target: torch.Tensor) -> objectives.ObjectiveOutput:
         cfg = self.cfg
         if cfg.objective == "dpo":
-            with torch.no_grad(), adapter.disabled(), self._autocast():
-                ref = d.predict(x_t, t2, cond2)
-            with self._autocast():
-                pred = d.predict(x_t, t2, cond2)
             return objectives.diffusion_dpo(pred, ref, target, cfg.beta, cfg.sft_weight)
-        with self._autocast():
-            pred = d.predict(x_t, t2, cond2)
-        return objectives.mapo(pred, target, cfg.mapo_beta, cfg.mapo_snr, d.num_train_timesteps, cfg.sft_weight)
+        return objectives.mapo(pred, target, cfg.mapo_beta, cfg.mapo_snr, self.denoiser.num_train_timesteps,
+                               cfg.sft_weight)
 
-    def _preserve_loss(self, adapter, w: torch.Tensor, step: int, micro: int, size: tuple[int, int]) -> torch.Tensor:
-        """Output preservation (:mod:`.preservation`): mean squared distance between the adapted and the
-        adapter-off prediction for ``len(w)`` preservation prompts, on inputs noised with their own noise and
-        timestep from their own latents (or, for prompts without one, from the batch's safe latents ``w``)."""
+    def _preserve_input(self, w: torch.Tensor, step: int, micro: int, size: tuple[int, int]):
+        """Output preservation's input (:mod:`.preservation`): ``len(w)`` preservation prompts, on inputs noised
+        with their own noise and timestep from their own latents (or, for prompts without one, from the batch's
+        safe latents ``w``). Its loss is the mean squared distance between the adapted and the adapter-off
+        prediction there."""
         from .preservation import preservation_set
 
         d, cfg = self.denoiser, self.cfg
@@ -243,21 +265,21 @@ class ExpertTrainer:
         t = d.sample_timesteps(x0.shape[0], g, latent_shape=tuple(x0.shape[1:]), t_range=cfg.timestep_range)
         dev = torch.device(d.device)
         x0, noise, t = x0.to(dev), noise.to(dev), t.to(dev)
-        x_t = d.add_noise(x0, noise, t)
-        cond = self._encode([items[k].prompt for k in pick], size)
-        with torch.no_grad(), adapter.disabled(), self._autocast():
-            ref = d.predict(x_t, t, cond)
-        with self._autocast():
-            pred = d.predict(x_t, t, cond)
-        return objectives.per_sample_mse(pred, ref).mean()
+        return d.add_noise(x0, noise, t), t, self._encode([items[k].prompt for k in pick], size)
 
     def _micro_loss(self, adapter, order: PairOrder, step: int, micro: int) -> objectives.ObjectiveOutput:
         """The objective of global micro-step ``micro`` of ``step``, with the output-preservation term when
         ``preserve_weight`` is set (ESD replaces this: :mod:`.esd`)."""
         w, l, noise, t, prompts, size = self._batch(order, step, micro)
-        out = self._loss(adapter, w, l, noise, t, self._encode(prompts, size))
+        pair, target = self._dpo_input(w, l, noise, t, self._encode(prompts, size))
+        inputs, reference = [pair], [self.cfg.objective == "dpo"]
         if self.cfg.preserve_weight:
-            kept = self._preserve_loss(adapter, w, step, micro, size)
+            inputs.append(self._preserve_input(w, step, micro, size))
+            reference.append(True)
+        preds, refs = self._predictions(adapter, inputs, reference)
+        out = self._objective(preds[0], refs[0], target)
+        if self.cfg.preserve_weight:
+            kept = objectives.per_sample_mse(preds[1], refs[1]).mean()
             out.loss = out.loss + self.cfg.preserve_weight * kept
             out.stats["preserve"] = float(kept.detach())
         return out
