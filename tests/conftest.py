@@ -16,9 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# at most 2 threads; OMP_NUM_THREADS, when set, wins (on a loaded shared machine 1 thread is many times faster)
+# at most 2 threads, the cores shared among pytest-xdist's workers; OMP_NUM_THREADS, when set, wins (on a loaded
+# shared machine 1 thread is many times faster)
 _threads = os.environ.get("OMP_NUM_THREADS", "")
-torch.set_num_threads(int(_threads) if _threads.isdigit() and int(_threads) > 0 else max(1, min(2, os.cpu_count() or 1)))
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+torch.set_num_threads(int(_threads) if _threads.isdigit() and int(_threads) > 0
+                      else max(1, min(2, (os.cpu_count() or 1) // max(1, _workers))))
 
 
 @pytest.fixture(scope="session")

@@ -17,12 +17,14 @@ from safetydpo_core.world import WORLD, Scene, load_judge, render_batch
 from safetydpo_core.world.demo import DemoSettings, WorldPairJudge, run_demo
 
 CATEGORIES = [o.category for o in WORLD.concepts]
+QUICK_STEPS = 50
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    rc = main(["demo", "--quick", "--out", str(out), "--seed", "0"])
+    # the quick preset with fewer DPO steps (50, not 90), to keep CI short: merged IP 0.25 here against 0.11
+    rc = main(["demo", "--quick", "--out", str(out), "--seed", "0", "--steps", str(QUICK_STEPS)])
     assert rc == 0
     return out
 
@@ -66,14 +68,14 @@ def test_quick_demo_merged_lora_lowers_ip_and_keeps_safe_prompts(quick_run):
 def test_rerun_resumes_without_retraining(quick_run):
     expert = quick_run / "experts" / "hate.safetensors"
     before = expert.stat().st_mtime_ns
-    report = run_demo(quick_run, DemoSettings.preset(quick=True, seed=0), log=lambda m: None)
+    report = run_demo(quick_run, DemoSettings.preset(quick=True, seed=0, steps=QUICK_STEPS), log=lambda m: None)
     assert expert.stat().st_mtime_ns == before
     assert report["merged"]["ip"] == json.loads((quick_run / "report.json").read_text())["merged"]["ip"]
 
 
 def test_other_settings_or_foreign_folder_are_refused(quick_run, tmp_path):
     with pytest.raises(ConfigError, match="other settings"):
-        run_demo(quick_run, DemoSettings.preset(quick=True, seed=1), log=lambda m: None)
+        run_demo(quick_run, DemoSettings.preset(quick=True, seed=1, steps=QUICK_STEPS), log=lambda m: None)
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="not a demo folder"):
         run_demo(tmp_path, DemoSettings.preset(quick=True), overwrite=True, log=lambda m: None)
@@ -126,7 +128,7 @@ def test_command_line_model_defaults_to_the_world_model(tmp_path):
 def test_interrupted_demo_resumes_training_from_its_checkpoint(tmp_path):
     """Ctrl-C in the middle of the second expert; the rerun keeps the first expert and resumes the second."""
     settings = DemoSettings.preset(quick=True, pairs_per_concept=2, steps=24, eval_per_concept=1, eval_steps=2,
-                                   render_steps=2, calibration_inputs=2)
+                                   render_steps=2, calibration_inputs=2, unrelated_per_wording=1, preserve_weight=0.0)
 
     def interrupt(msg):
         if "harassment expert: step 18/24" in msg:
