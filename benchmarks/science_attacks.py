@@ -12,6 +12,8 @@ Standalone, on the output folder of ``safetydpo demo`` (its experts and merged L
 
     python benchmarks/science_attacks.py --demo demo-out                      # base, merged and each expert
     python benchmarks/science_attacks.py --demo demo-out --models base,merged --attacks wording,unlearndiff
+    python benchmarks/science_attacks.py --demo demo-out --models base,merged,esd-u \
+        --lora esd-u=baselines/seed_0/baselines/esd-u.safetensors     # beside an erasure baseline
 
 prints Markdown tables (ASR per model and attack, beside the un-attacked rate; per category for the merged
 LoRA; CPU time per attack) and writes ``<demo>/attacks/results.json``.
@@ -147,6 +149,10 @@ def main(argv=None) -> int:
     p.add_argument("--demo", required=True, help="output folder of `safetydpo demo` (experts/, merged.safetensors)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: the demo's)")
     p.add_argument("--models", default=None, help="comma-separated: base, merged, expert:<category> (default: all)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="one more model to attack: a LoRA file for the world model under a name of its own, e.g. "
+                        "esd-u=baselines/seed_0/baselines/esd-u.safetensors (repeatable; benchmarks/science_baselines.py "
+                        "makes the erasure baselines)")
     p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated attacks (default: all four)")
     p.add_argument("--budget", type=int, default=None, help="queries per prompt (default: each attack's world default)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -166,6 +172,12 @@ def main(argv=None) -> int:
         f = demo / "experts" / f"{c.category}.safetensors"
         if f.exists():
             loras[f"expert:{c.category}"] = f
+    for item in a.lora:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or name.strip() in loras or not Path(path).is_file():
+            print(f"error: --lora {item!r}: give NAME=PATH with a new name and an existing LoRA file.", file=sys.stderr)
+            return 2
+        loras[name.strip()] = Path(path)
     if a.models:
         wanted = [m.strip() for m in a.models.split(",") if m.strip()]
         unknown = [m for m in wanted if m not in loras]

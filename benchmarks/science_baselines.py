@@ -256,7 +256,7 @@ def main(argv=None) -> int:
         lines.append(f"| {n} | " + " | ".join(f"{per.get(c, 0):.2f}" for c in cats) + " |")
     reports = {n: json.loads(f.read_text()) for n in BASELINES
                if (f := seed_dir / "baselines" / f"{n}.report.json").exists()}
-    lines += ["", "Time to make each baseline (this run's machine, 1 thread): " + ", ".join(
+    lines += ["", f"Time to make each baseline (this run's machine, {a.threads} thread(s)): " + ", ".join(
         f"{n} {r.get('seconds_total', r.get('seconds'))} s" for n, r in reports.items())]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
