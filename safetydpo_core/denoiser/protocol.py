@@ -77,6 +77,11 @@ class Conditioning:
     def index(self, idx) -> "Conditioning":
         return Conditioning({k: v[idx] for k, v in self.tensors.items()})
 
+    def sample_shapes(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """Each tensor's name and shape without the batch dimension: conditionings with equal ones stack with
+        :meth:`cat`."""
+        return tuple((k, tuple(v.shape[1:])) for k, v in sorted(self.tensors.items()))
+
     def to(self, device=None, dtype: torch.dtype | None = None) -> "Conditioning":
         out = {}
         for k, v in self.tensors.items():

@@ -159,7 +159,7 @@ class ExpertTrainer:
         for p in prompts:
             self._cond_cache.move_to_end((p, size))
         parts = [self._cond_cache[(p, size)] for p in prompts]
-        if len({tuple((k, tuple(v.shape[1:])) for k, v in sorted(c.tensors.items())) for c in parts}) > 1:
+        if len({c.sample_shapes() for c in parts}) > 1:
             # Prompts of different token lengths (a long prompt spans more CLIP windows or T5 tokens) do not
             # stack; the denoiser pads them to one length its own way. Still a function of the batch alone.
             return self.denoiser.encode_prompts(list(prompts), size=size)
@@ -209,7 +209,7 @@ class ExpertTrainer:
         reference inputs when their conditioning tensors stack (the DPO pair and the preservation prompts of a
         step), since a tiny model's step is mostly per-call overhead and a GPU's is kernel launches."""
         d = self.denoiser
-        stackable = len({tuple((k, tuple(v.shape[1:])) for k, v in sorted(c.tensors.items())) for _, _, c in inputs}) == 1
+        stackable = len({c.sample_shapes() for _, _, c in inputs}) == 1
 
         def run(chosen: list[tuple[torch.Tensor, torch.Tensor, Conditioning]]) -> list[torch.Tensor]:
             if not chosen:
