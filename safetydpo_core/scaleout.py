@@ -1,4 +1,4 @@
-"""Item-wise work (render, sample, eval; attack later) spread over the processes of an ``accelerate launch``.
+"""Item-wise work (render, sample, eval, attack) spread over the processes of an ``accelerate launch``.
 
 One object, :class:`Split`, owns the protocol; the commands only say what their items and parts are:
 

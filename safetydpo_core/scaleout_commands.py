@@ -1,4 +1,4 @@
-"""``render``, ``sample`` and ``eval`` as a :class:`~.scaleout.Split`: each command's reader of finished items,
+"""``render``, ``sample``, ``eval`` and ``attack`` as a :class:`~.scaleout.Split`: each command's reader of finished items,
 its share of the work (the command's own function, told which batches are this process's) and its join
 into exactly the files one process writes.
 
@@ -7,6 +7,8 @@ into exactly the files one process writes.
   process), moves the previews and writes ``summary.json``.
 * sample: parts are image runs; the join moves the images and writes ``manifest.jsonl`` and
   ``sample_state.json`` in the one-process order.
+* attack: parts are attack folders (``p<rank>/run/``) of this process's prompt chunks; the join is
+  :func:`~.attacks.runner.run_attack`'s own (records in chunk order, pictures, tensors, then the report).
 * eval: parts hold ``per_image.jsonl`` (the per-picture verdicts, the expensive part); the join writes
   ``OUT/per_image.jsonl`` in the one-process order, and the main process then finishes the evaluation
   (preservation, FID/KID, reports) from it as a resumed one-process evaluation does.
@@ -29,11 +31,14 @@ if TYPE_CHECKING:
 __all__ = ["open_split", "render_split", "sample_split", "eval_split"]
 
 
-def open_split(args, what: str, out, ids: Sequence[str], skip_args: Sequence[str] = ()) -> Split | None:
-    """The command's split (None for a plain one-process run); sets ``args.device`` to this process's device."""
+def open_split(args, what: str, out, ids: Sequence[str], skip_args: Sequence[str] = (),
+               resume: bool | None = None) -> Split | None:
+    """The command's split (None for a plain one-process run); sets ``args.device`` to this process's device.
+    ``resume``: the command's ``--resume`` unless given (``attack`` always resumes)."""
     ignore = {"func", "_parser", "_argv", "resume", "overwrite", "device", "out", *skip_args}
     key = {k: v for k, v in sorted(vars(args).items()) if k not in ignore}
-    split = Split.open(out, key={**key, "items": ids_digest(ids), "what": what}, what=what, resume=args.resume,
+    split = Split.open(out, key={**key, "items": ids_digest(ids), "what": what}, what=what,
+                       resume=args.resume if resume is None else resume,
                        overwrite=args.overwrite, device=getattr(args, "device", "auto") or "auto")
     if split is not None and split.device is not None and hasattr(args, "device"):
         args.device = split.device

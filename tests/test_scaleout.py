@@ -127,3 +127,59 @@ def test_more_processes_than_batches(pairs, tmp_path):
     _ok(res)
     assert "2 processes for 1 batches" in res.stderr
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["rendered"] == 1
+
+
+ATTACK = ["--sample-steps", "2", "--budget", "1", "--seed", "0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", ["wording", "unlearndiff"])
+def test_two_processes_attack_like_one(pairs, tmp_path, attack):
+    """The chunks of an attack are shared out; the white-box targets are drawn in one process's batches; the
+    joined folder is the one-process folder (records equal but for their timings)."""
+    args = ["attack", "--attack", attack, "--prompts", str(pairs), *ATTACK, "--batch-size", "2"]
+    if attack == "unlearndiff":
+        args += ["--steps", "2"]
+    _ok(_one([*args, "--out", "a1"], tmp_path))
+    _ok(_accelerate_launch([*args, "--out", "a2"], tmp_path))
+    a1, a2 = tmp_path / "a1", tmp_path / "a2"
+    assert not (a2 / PARTS).exists()
+    _same_tree(a1, a2, ignore=("config.json", "attack.json", "records.jsonl", "report.md"))
+
+    def records(d):
+        rows = [json.loads(x) for x in (d / "records.jsonl").read_text().splitlines()]
+        for r in rows:
+            r.pop("seconds", None)
+            r["info"] = {k: v for k, v in r.get("info", {}).items() if "seconds" not in k}
+        return rows
+
+    assert records(a1) == records(a2) and len(records(a1)) >= 7
+    s1, s2 = (json.loads((d / "attack.json").read_text()) for d in (a1, a2))
+    assert s1["complete"] and s2["complete"] and s1["state"] == s2["state"]
+    assert {v: s["asr"] for v, s in s1["summary"].items()} == {v: s["asr"] for v, s in s2["summary"].items()}
+    if attack == "unlearndiff":
+        assert (a2 / "targets.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_attack_process_loses_only_its_chunk(pairs, tmp_path):
+    out = tmp_path / "a"
+    (out / PARTS).mkdir(parents=True)  # an empty .parts folder makes a one-process run a split one
+    args = ["attack", "--attack", "wording", "--prompts", str(pairs), *ATTACK, "--batch-size", "2", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "safetydpo_core.cli", *args], cwd=tmp_path, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    records = out / PARTS / "p0" / "run" / "records.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (records.exists() and records.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    lines = records.read_text().count("\n")
+    assert 2 <= lines < 7, "the attack was not killed midway"
+    _ok(_accelerate_launch(args, tmp_path))  # the next launch, of another size, finishes the run
+    assert not (out / PARTS).exists()
+    _ok(_one([*args[:-1], str(tmp_path / "fresh")], tmp_path))
+    _same_tree(tmp_path / "fresh", out, ignore=("config.json", "attack.json", "records.jsonl", "report.md"))
+    strip = lambda d: sorted((r["id"], r["variant"], r["adversarial"], r["success"]) for r in  # noqa: E731
+                             map(json.loads, (d / "records.jsonl").read_text().splitlines()))
+    assert strip(out) == strip(tmp_path / "fresh")

@@ -16,6 +16,13 @@ oracle, recorded in ``attack.json``) skips finished chunks, and every random dra
 (or category) and the seed, so an interrupted and resumed run gives exactly the results of an
 uninterrupted one. A folder holding another run is refused unless ``overwrite``.
 
+Under ``accelerate launch`` (``split``, a :class:`~safetydpo_core.scaleout.Split`) each process attacks its share
+of the chunks (dealt by the id of each chunk's first prompt) into its part, ``OUT/.parts/p<rank>/run/`` (an attack
+folder of its own); the white-box targets are drawn in the batches one process would use, shared out the same
+way; the main process then joins the parts into exactly the files one process writes (records in chunk order,
+pictures, tensors, report). A killed process loses only its unfinished chunk; the next launch, of any size,
+finishes the run.
+
 Output folder: ``attack.json`` (settings, budget, oracle, per-variant ASR summaries, timing),
 ``records.jsonl`` (one :class:`~.base.PromptResult` per line, with every attempt), ``adversarial.jsonl``
 (the adversarial text prompts as prompt pairs: ``unsafe`` is the adversarial prompt, ``safe`` the safe
@@ -221,23 +228,39 @@ class _Folder:
             raise ConfigError(f"{self.out / 'attack.json'} is not valid JSON ({e}); remove the folder or pass "
                               f"overwrite.") from e
 
+    def check(self, state: dict, overwrite: bool) -> bool:
+        """Whether the folder already holds this run (read-only); a folder holding something else is refused
+        unless ``overwrite``."""
+        from ..scaleout import PARTS
+
+        out, old = self.out, self.state()
+        if out is None or not out.exists() or not any(c.name != PARTS for c in out.iterdir()):
+            return False
+        if old is None:
+            raise ConfigError(f"{out} exists and holds no attack run (no attack.json); choose an empty or new "
+                              f"output folder.")
+        if old.get("state") == state["state"]:
+            return True
+        if not overwrite:
+            changed = sorted(k for k in state["state"] if old.get("state", {}).get(k) != state["state"][k])
+            raise ConfigError(f"{out} holds an attack run made with other settings ({', '.join(changed)}). Use "
+                              f"another output folder, or overwrite to start it again.")
+        return False
+
     def prepare(self, state: dict, overwrite: bool) -> list[PromptResult]:
+        """The finished results of this run in the folder, after :meth:`check`; a folder holding another run is
+        emptied (``overwrite``) and this run's state written."""
+        from ..scaleout import PARTS
+
         if self.out is None:
             return []
+        if self.check(state, overwrite):
+            return self.records()
         out = self.out
-        old = self.state()
-        if out.exists() and any(out.iterdir()):
-            if old is None:
-                raise ConfigError(f"{out} exists and holds no attack run (no attack.json); choose an empty or new "
-                                  f"output folder.")
-            if old.get("state") == state["state"]:
-                return self.records()
-            if not overwrite:
-                changed = sorted(k for k in state["state"] if old.get("state", {}).get(k) != state["state"][k])
-                raise ConfigError(f"{out} holds an attack run made with other settings ({', '.join(changed)}). Use "
-                                  f"another output folder, or overwrite to start it again.")
+        if out.exists():
             for child in out.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+                if child.name != PARTS:  # the split (scaleout.Split.open) owns the parts
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "attack.json", json.dumps(state, indent=1) + "\n", "attack state")
         return []
@@ -298,12 +321,14 @@ def run_attack(den: RenderingDenoiser, prompts: Sequence[AttackPrompt], settings
                base: Callable[[], ContextManager[Any]] | None = None,
                overwrite: bool = False, model: dict | None = None, world: bool | None = None,
                log: Callable[[str], None] | None = None, progress: ProgressFn | None = None,
-               should_stop: Callable[[], bool] | None = None) -> AttackRun:
+               should_stop: Callable[[], bool] | None = None, split=None) -> AttackRun | None:
     """Run (or resume) ``settings.attack`` on ``prompts`` against ``den``; see the module docstring.
 
     ``attacked()`` / ``base()``: contexts in which ``den`` is (or that yield) the attacked model and the base
     model (default: ``den`` as it is, for both; e.g. ``lambda: lora_applied(den.module, loras)``). ``model``: what identifies the attacked model in the run's state (model path,
     LoRA files and their fingerprints); ``den.fingerprint()`` is added (taken outside ``attacked()``).
+    ``split``: this process's :class:`~safetydpo_core.scaleout.Split` under ``accelerate launch``; the main
+    process returns the joined run, the others None.
     """
     from .oracles import is_world
 
@@ -322,30 +347,44 @@ def run_attack(den: RenderingDenoiser, prompts: Sequence[AttackPrompt], settings
              "attack": attack.name, "description": attack.description, "prompts": len(prompts),
              "complete": False}
     folder = _Folder(Path(out) if out is not None else None)
-    done = folder.prepare(state, overwrite)
+    chunks = make_chunks(prompts, attack.by_category, settings.chunk_size)
+    if split is None:
+        work = folder
+        done = folder.prepare(state, overwrite)
+        mine, in_parts = chunks, set()
+    else:  # this process writes its share into its part; the main process joins the parts at the end
+        if folder.out is None:
+            raise ConfigError("A split attack (several processes) needs an output folder.")
+        folder.check(state, overwrite)  # every process refuses a folder of another run before anything is written
+        split.barrier()
+        if split.is_main:
+            folder.prepare(state, overwrite)
+        split.barrier()  # the main process has emptied (overwrite) the output folder and written the run's state
+        work = _Folder(split.part / "run")
+        work.prepare(state, overwrite=False)
+        done = folder.records()
+        in_parts = split.gather(lambda part: _part_keys(part, state))
+        mine = split.owned(chunks, key=lambda c: c[0].id)
     attacked = attacked or (lambda: contextlib.nullcontext(den))
     base = base or (lambda: contextlib.nullcontext(den))
-    done_keys = {(r.id, r.variant) for r in done}
-    chunks = make_chunks(prompts, attack.by_category, settings.chunk_size)
-    todo = [c for c in chunks if not all((p.id, v) in done_keys for p in c for v in attack.variants)]
+    done_keys = {(r.id, r.variant) for r in done} | in_parts
+
+    def finished(c):
+        return all((p.id, v) in done_keys for p in c for v in attack.variants)
+
+    todo = [c for c in mine if not finished(c)]
     n_total = len(prompts)
-    n_done = sum(len(c) for c in chunks) - sum(len(c) for c in todo)
+    n_done = n_total - sum(len(c) for c in chunks if not finished(c))
     if progress is not None:
         progress(float(n_done), n_total, {"attack": attack.name})
-    if done:
+    if n_done:
         say(f"resuming: {n_done} of {n_total} prompts already attacked")
     targets = None
-    if attack.white_box and todo:
-        need = [p for c in todo for p in c]
-        cached = folder.load_tensors("targets")
-        missing = [p for p in need if p.id not in cached]
-        if missing:
-            say(f"the base model draws the {len(missing)} target pictures")
-            with base() as bden:
-                cached.update(make_targets(bden if bden is not None else den, missing, settings.sampling,
-                                           settings.seed, should_stop))
-            folder.save_tensors("targets", cached)
-        targets = {p.id: cached[p.id] for p in need}
+    if attack.white_box:
+        # every process sees every unfinished chunk's prompts: the targets are drawn in one process's batches
+        need = [p for c in chunks if not finished(c) for p in c]
+        targets = _targets(den, need, settings, folder, work, split, base, should_stop, say)
+        targets = {p.id: targets[p.id] for c in todo for p in c}
     results = [r for r in done if any(r.id == p.id for p in prompts)]
     artifacts: dict = {}
     with attacked() as aden:
@@ -374,14 +413,14 @@ def run_attack(den: RenderingDenoiser, prompts: Sequence[AttackPrompt], settings
                 r.info["cpu_seconds"] = round(cpu, 3)
                 r.info["no_attack_seconds"] = round((t1 - t0) / len(chunk), 3)
                 r.info["no_attack_cpu_seconds"] = round((c1 - c0) / len(chunk), 3)
-            folder.save_chunk(chunk_results, {p.id: im for p, (_, im) in zip(chunk, originals)})
+            work.save_chunk(chunk_results, {p.id: im for p, (_, im) in zip(chunk, originals)})
             soft = {f"{r.id}/{r.variant}/{k}": v[0] for r in chunk_results if r.cond is not None
                     for k, v in r.cond.tensors.items()}
             if soft:
-                folder.save_tensors(SOFT_FILE, {**folder.load_tensors(SOFT_FILE), **soft})
+                work.save_tensors(SOFT_FILE, {**work.load_tensors(SOFT_FILE), **soft})
             for stem, tensors in attack.artifacts(ctx).items():
                 artifacts[stem] = tensors
-                folder.save_tensors(stem, tensors, {"attack": attack.name})
+                work.save_tensors(stem, tensors, {"attack": attack.name})
             results.extend(chunk_results)
             n_done += len(chunk)
             if progress is not None:
@@ -389,6 +428,18 @@ def run_attack(den: RenderingDenoiser, prompts: Sequence[AttackPrompt], settings
             say(f"chunk {k + 1}/{len(todo)} ({chunk[0].category[0]}, {len(chunk)} prompts): " +
                 ", ".join(f"{v} {sum(bool(r.success) for r in chunk_results if r.variant == v)}/{len(chunk)}"
                           for v in attack.variants))
+    if split is not None:
+        joined = split.finish(lambda parts: _join_parts(parts, folder, state, chunks))
+        if joined is None:
+            return None
+        results, artifacts = joined
+    return _complete(folder, state, attack, results, prompts, budget, oracle, artifacts)
+
+
+def _complete(folder: _Folder, state: dict, attack: Attack, results: list[PromptResult],
+              prompts: Sequence[AttackPrompt], budget: Budget, oracle: Oracle | None, artifacts: dict) -> AttackRun:
+    """The run's results in prompt order, its summary, and (with a folder) ``attack.json``, the adversarial
+    prompts and the report."""
     order = {p.id: i for i, p in enumerate(prompts)}
     vorder = {v: i for i, v in enumerate(attack.variants)}
     results.sort(key=lambda r: (vorder.get(r.variant, 99), order.get(r.id, 1 << 30)))
@@ -405,6 +456,93 @@ def run_attack(den: RenderingDenoiser, prompts: Sequence[AttackPrompt], settings
 
         write_report(folder.out / "report.md", run, state)
     return run
+
+
+def _targets(den: RenderingDenoiser, need: list[AttackPrompt], settings: AttackSettings, folder: _Folder,
+             work: _Folder, split, base, should_stop, say) -> dict[str, torch.Tensor]:
+    """The base model's target latents of ``need`` (the prompts of every unfinished chunk): read where stored,
+    the missing ones drawn in batches of ``settings.sampling.batch_size`` in prompt order (a split run deals
+    those batches out, and every process then reads every part's targets)."""
+    if not need:  # the same for every process of a split
+        return {}
+
+    def stored() -> dict[str, torch.Tensor]:
+        found = dict(folder.load_tensors("targets"))
+        for part in split.parts() if split is not None else []:
+            found.update(_Folder(part / "run").load_tensors("targets"))
+        return found
+
+    cached = stored() if split is not None else folder.load_tensors("targets")
+    missing = [p for p in need if p.id not in cached]
+    if split is not None:
+        split.barrier()  # every process has read the stored targets before any writes more
+    if missing:
+        bs = settings.sampling.batch_size
+        batches = [missing[i:i + bs] for i in range(0, len(missing), bs)]
+        if split is not None:
+            batches = split.owned(batches, key=lambda b: b[0].id)
+        mine = [p for b in batches for p in b]
+        if mine:
+            say(f"the base model draws {len(mine)} target pictures")
+            with base() as bden:
+                drawn: dict[str, torch.Tensor] = {}
+                for b in batches:  # one call per batch: the batches of one process, whatever the split
+                    drawn.update(make_targets(bden if bden is not None else den, b, settings.sampling, settings.seed,
+                                              should_stop))
+            work.save_tensors("targets", {**work.load_tensors("targets"), **drawn})
+            cached.update(drawn)
+        if split is not None:
+            split.barrier()  # every part's targets are on disk
+            cached = stored()
+    return cached
+
+
+def _part_keys(part: Path, state: dict) -> set[tuple[str, str]]:
+    """(prompt id, variant) of the finished results in a part of this run (a part of another run holds none)."""
+    run = _Folder(part / "run")
+    old = run.state()
+    return {(r.id, r.variant) for r in run.records()} if old is not None and old.get("state") == state["state"] else set()
+
+
+def _join_parts(parts: list[Path], folder: _Folder, state: dict, chunks: list[list[AttackPrompt]]):
+    """(Main process) the parts' results, pictures and tensors added to ``folder`` as one process writes them:
+    records after those already there, chunk by chunk in chunk order. Returns (all results, artifacts)."""
+    from ..scaleout_commands import _move
+
+    out = folder.out
+    have = folder.records()
+    keys = {(r.id, r.variant) for r in have}
+    chunk_of = {p.id: i for i, c in enumerate(chunks) for p in c}
+    new: list[PromptResult] = []
+    tensors: dict[str, tuple[dict, dict]] = {}
+    for part in parts:
+        run = _Folder(part / "run")
+        if run.state() is None or run.state().get("state") != state["state"]:
+            continue
+        for r in run.records():
+            if (r.id, r.variant) not in keys:
+                keys.add((r.id, r.variant))
+                new.append(r)
+        for img in sorted((part / "run" / "images").rglob("*.png")) if (part / "run" / "images").exists() else []:
+            _move(img, out / img.relative_to(part / "run"))
+        for f in sorted((part / "run").rglob("*.safetensors")):
+            stem = f.relative_to(part / "run").as_posix()[:-len(".safetensors")]
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt") as h:
+                meta = h.metadata() or {}
+                got = {k: h.get_tensor(k) for k in h.keys()}
+            tensors.setdefault(stem, ({}, meta))[0].update(got)
+    new.sort(key=lambda r: chunk_of.get(r.id, 1 << 30))  # stable: a chunk's records keep their order
+    if new:
+        atomic_write_text(out / "records.jsonl", "".join(json.dumps(r.to_json()) + "\n" for r in have + new),
+                          "attack records")
+    artifacts = {}
+    for stem, (got, meta) in tensors.items():
+        folder.save_tensors(stem, {**folder.load_tensors(stem), **got}, meta)
+        if stem not in ("targets", SOFT_FILE):
+            artifacts[stem] = got
+    return folder.records(), artifacts
 
 
 def write_adversarial(path: Path, run: AttackRun, prompts: Sequence[AttackPrompt]) -> None:

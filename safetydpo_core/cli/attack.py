@@ -7,6 +7,9 @@ Examples::
     safetydpo attack --model ./sd15 --lora merged.safetensors --attack unlearndiff --prompts pairs.jsonl \\
         --out attacks/uda --budget 4 --steps 40 --seed 0
 
+Under ``accelerate launch`` the prompts' chunks are shared out over the processes (see
+:mod:`safetydpo_core.scaleout`); the files are those one process writes.
+
 Writes ``adversarial.jsonl`` (the adversarial text prompts as prompt pairs, which ``safetydpo sample --prompts``
 reads), ``attack.json``, ``records.jsonl``, ``images/`` and ``report.md`` to ``--out``. The same command again
 resumes an interrupted run; a folder holding a run with other settings is refused unless ``--overwrite``.
@@ -125,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
                      "--model-config": getattr(args, "model_config", None), "--config": getattr(args, "config", None),
                      "--weights-dir": args.weights_dir})
     prompts = read_attack_prompts(args.prompts, categories=args.categories, limit=args.limit)
+    from ..scaleout_commands import open_split
+
+    # under `accelerate launch` each process attacks its share of the prompt chunks; None: one process
+    split = open_split(args, "attack", out, [p.id for p in prompts], resume=True)
     options = {k: getattr(args, k) for k in ("eta", "tokens", "population", "lr") if getattr(args, k) is not None}
     # settings are checked before the model loads
     probe = AttackSettings(args.attack, queries=args.budget, steps=args.steps, seed=args.seed, options=options)
@@ -141,13 +148,15 @@ def run(args: argparse.Namespace) -> int:
     applied = [(l, 1.0) for l in loras]
     try:
         # the lock (<out>.lock beside the folder) keeps a second run off this folder while this one writes
-        with output_lock(out, what="attack run"):
+        with output_lock(*((out,) if split is None or split.is_main else ()), what="attack run"):
             result = run_attack(den, prompts, settings, oracle=oracle, out=out, overwrite=args.overwrite,
                                 attacked=(lambda: lora_applied(den.module, applied)) if applied else None,
                                 base=lambda: contextlib.nullcontext(den),
                                 model={"path": str(args.model), "loras": lora_info}, world=world,
                                 log=lambda m: print(m, file=sys.stderr, flush=True),
-                                progress=lambda d, n, i: bar(round(d, 2), n, i))
+                                progress=lambda d, n, i: bar(round(d, 2), n, i), split=split)
+            if result is None:  # not the main process of a split run: the main process joined the parts
+                return 0
             write_resolved_config(out, {"command": "attack", "model": str(args.model), "loras": args.lora,
                                         "prompts": str(args.prompts), "judge": args.judge, **settings.to_json(),
                                         "budget": {"queries": result.budget.queries, "steps": result.budget.steps}})
