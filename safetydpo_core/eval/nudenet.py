@@ -98,6 +98,19 @@ def to_bgr(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
+def _session(path: Path, providers: list[str]):
+    """An onnxruntime session of ``path`` that uses torch's CPU thread count (``OMP_NUM_THREADS``,
+    ``torch.set_num_threads``), not onnxruntime's default of every core: N processes of a split evaluation (or
+    N pytest workers) on one machine must not each start a thread per core."""
+    import onnxruntime
+    import torch
+
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads = max(1, torch.get_num_threads())
+    opts.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+
 class NudeNetDetector:
     """NudeNet's ``NudeDetector``, loaded lazily, with provenance for reports.
 
@@ -132,6 +145,7 @@ class NudeNetDetector:
             raise ConfigError(f"The NudeNet resolution must be a positive multiple of 32; got {resolution}.")
         try:
             self._detector = nudenet.NudeDetector(model_path=str(p), inference_resolution=int(resolution))
+            self._detector.onnx_session = _session(p, self._detector.onnx_session.get_providers())
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for a broken model
             raise MissingWeights(f"The NudeNet model {p} cannot be loaded by onnxruntime: {e}") from e
         self.model_path = p
