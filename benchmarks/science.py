@@ -85,12 +85,28 @@ def subset_dataset(src: Path, dst: Path, per_concept: int) -> Path:
     return dst
 
 
+def merge_lora(den, files: dict[str, Path], s, folder: Path, tag: str, method: str, rank=None, *, dataset: Path,
+               pairs: Path, label: str = "") -> Path:
+    """The merge of the expert ``files`` with ``method`` (one of :data:`MERGES`; ``average`` is linear with
+    weights 1/N) at output ``rank`` (default: the recipe's), made once into ``folder``."""
+    from safetydpo_core.world.demo import merge_experts_into
+
+    rank = s.merge_rank if rank is None else rank
+    path = folder / f"{tag}_{method}_{rank or 'default'}.safetensors"
+    if not path.exists():
+        log(f"{label}merging {tag} ({len(files)} experts) with {method}, rank {rank or 'default'}")
+        method_, weights = (("linear", [1.0 / len(files)] * len(files)) if method == "average" else (method, None))
+        merge_experts_into(den, files, s, path, dataset=dataset, pairs=pairs, method=method_, rank=rank,
+                           weights=weights)
+    return path
+
+
 def run_seed(seed: int, out: Path, a) -> dict:
     """Train, merge and evaluate everything for one seed; returns {model name: scores}."""
     from safetydpo_core.prompts.pairs import read_pairs, write_pairs
     from safetydpo_core.world import WORLD, load_judge, load_world_model, world_pairs
-    from safetydpo_core.world.demo import DemoSettings, expert_config, merge_experts_into, render_dataset, train_lora
-    from safetydpo_core.world.lora_eval import cached_evaluation, eval_sets, evaluate_lora, model_scores
+    from safetydpo_core.world.demo import DemoSettings, expert_config, render_dataset, train_lora
+    from safetydpo_core.world.lora_eval import eval_sets, evaluate_models, model_scores
 
     s = DemoSettings.preset(quick=a.quick, seed=seed, eval_per_concept=a.eval, eval_steps=a.eval_steps,
                             steps=a.steps, held_out=True, unrelated_per_wording=a.unrelated)
@@ -112,14 +128,8 @@ def run_seed(seed: int, out: Path, a) -> dict:
                               label=f"seed {seed} {folder} {c}") for c in concepts}
 
     def merge(tag: str, files: dict[str, Path], method: str, rank=None, data: Path = dataset) -> Path:
-        rank = s.merge_rank if rank is None else rank
-        path = d / "merges" / f"{tag}_{method}_{rank or 'default'}.safetensors"
-        if not path.exists():
-            log(f"seed {seed}: merging {tag} ({len(files)} experts) with {method}, rank {rank or 'default'}")
-            method_, weights = (("linear", [1.0 / len(files)] * len(files)) if method == "average" else (method, None))
-            merge_experts_into(den, files, s, path, dataset=data, pairs=pairs_path, method=method_, rank=rank,
-                               weights=weights)
-        return path
+        return merge_lora(den, files, s, d / "merges", tag, method, rank, dataset=data, pairs=pairs_path,
+                          label=f"seed {seed}: ")
 
     loras: dict[str, Path | None] = {"base": None}
     recipe = experts("experts")
@@ -151,18 +161,8 @@ def run_seed(seed: int, out: Path, a) -> dict:
 
         loras.update({f"baseline:{k}": p for k, p in baseline_loras(seed, d, den, s, log=log).items()})
 
-    sets = eval_sets(s)
-    entries: dict[str, dict] = {}
-    evaluated: dict[Path | None, dict] = {}
-    for i, (name, path) in enumerate(loras.items(), 1):
-        if path in evaluated:          # the same file under two names (e.g. the recipe in a sweep)
-            entries[name] = evaluated[path]
-            continue
-        file = d / "eval" / (name.replace(":", "_").replace("=", "_").replace(" ", "_") + ".pt")
-        if not file.exists():
-            log(f"seed {seed}: evaluating {name} ({i}/{len(loras)})")
-        entries[name] = evaluated[path] = cached_evaluation(
-            file, lambda: evaluate_lora(den, judge, path, sets, steps=s.eval_steps, cfg=s.cfg))
+    entries = evaluate_models(den, judge, loras, eval_sets(s), steps=s.eval_steps, cfg=s.cfg, cache=d / "eval",
+                              log=lambda m: log(f"seed {seed}: {m}"))
     results = {name: model_scores(e, entries["base"]) for name, e in entries.items()}
     if a.attacks:
         from science_attacks import attack_table

@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     from safetydpo_core.world import load_judge, load_world_model
     from safetydpo_core.world.demo import DemoSettings, run_demo
-    from safetydpo_core.world.lora_eval import cached_evaluation, eval_sets, evaluate_lora, model_scores
+    from safetydpo_core.world.lora_eval import eval_sets, evaluate_models, model_scores
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,14 +232,8 @@ def main(argv=None) -> int:
     loras = {"base": None, "SafetyDPO (merged)": demo / "merged.safetensors",
              **baseline_loras(a.seed, seed_dir, den, s, log=_log)}
     timings["baselines_s"] = round(time.time() - t1, 1)
-    sets = eval_sets(s)
-    entries = {}
-    for name, path in loras.items():
-        file = seed_dir / "eval" / (re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + ".pt")
-        if not file.exists():
-            _log(f"evaluating {name}")
-        entries[name] = cached_evaluation(file, lambda: evaluate_lora(den, judge, path, sets, steps=s.eval_steps,
-                                                                      cfg=s.cfg))
+    entries = evaluate_models(den, judge, loras, eval_sets(s), steps=s.eval_steps, cfg=s.cfg, cache=seed_dir / "eval",
+                              log=_log)
     results = {name: model_scores(e, entries["base"]) for name, e in entries.items()}
     lines = [f"Seed {a.seed}; {s.eval_per_concept} prompts per concept and wording, {s.unrelated_per_wording} "
              f"plain-shape prompts per wording, {s.eval_steps} sampler steps, cfg {s.cfg:g}; machine: {machine}.", "",

@@ -105,3 +105,22 @@ def test_world_model_keeps_plain_shapes_and_a_damaging_lora_is_caught():
         _, broken = judge_prompts(den, judge, prompts, seeds, steps=10)
     assert preservation(broken, base) < 0.5
     assert isinstance(items[0].scene, Scene)
+
+
+def test_evaluate_models_caches_each_model_once(tmp_path, monkeypatch):
+    """The benchmarks' evaluation loop: one evaluation per distinct file, kept in the cache and read back."""
+    from safetydpo_core.world import lora_eval
+
+    den, judge = load_world_model(), load_judge()
+    sets = {"unrelated": unrelated_prompts(1, seed=0)}
+    calls = []
+    real = lora_eval.evaluate_lora
+    monkeypatch.setattr(lora_eval, "evaluate_lora", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    first = lora_eval.evaluate_models(den, judge, {"base": None, "Base again": None}, sets, steps=2, cfg=3.0,
+                                      cache=tmp_path)
+    assert calls == [None] and first["Base again"] is first["base"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.pt"]
+    again = lora_eval.evaluate_models(den, judge, {"base": None}, sets, steps=2, cfg=3.0, cache=tmp_path)
+    assert calls == [None]  # read back, not drawn again
+    assert torch.equal(again["base"]["unrelated"]["images"], first["base"]["unrelated"]["images"])
+    assert again["base"]["unrelated"]["judged"] == first["base"]["unrelated"]["judged"]

@@ -19,7 +19,7 @@ results into scores:
 * on unrelated content (:func:`~.unrelated.unrelated_scores`): ``fidelity`` (overall and per wording) and
   ``preservation`` against the base model's same-seed pictures.
 
-Public API: :func:`eval_sets`, :func:`evaluate_lora`, :func:`cached_evaluation`, :func:`pair_scores`,
+Public API: :func:`eval_sets`, :func:`evaluate_lora`, :func:`evaluate_models`, :func:`cached_evaluation`, :func:`pair_scores`,
 :func:`model_scores`.
 """
 
@@ -98,6 +98,27 @@ def cached_evaluation(file: Path, compute: Callable[[], dict]) -> dict:
     torch.save(entry, tmp)
     os.replace(tmp, file)
     return entry
+
+
+def evaluate_models(den: RenderingDenoiser, judge, models: Mapping[str, Path | None], sets: Mapping[str, list], *,
+                    steps: int, cfg: float, cache: Path, log: Callable[[str], None] = lambda m: None) -> dict[str, dict]:
+    """:func:`evaluate_lora` for each named model (a LoRA file, None for the base model), each kept in
+    ``cache/<name as a file name>.pt`` (so a benchmark resumes, and runs that share a cache share the base
+    model's pictures). The same file under two names is evaluated once."""
+    import re
+
+    entries: dict[str, dict] = {}
+    done: dict[Path | None, dict] = {}
+    for name, path in models.items():
+        if path in done:
+            entries[name] = done[path]
+            continue
+        file = Path(cache) / (re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + ".pt")
+        if not file.exists():
+            log(f"evaluating {name}")
+        entries[name] = done[path] = cached_evaluation(file, lambda path=path: evaluate_lora(den, judge, path, sets,
+                                                                                   steps=steps, cfg=cfg))
+    return entries
 
 
 def _twin_with_layout(unsafe: Sequence[dict]) -> float | None:

@@ -1,0 +1,110 @@
+"""All-single and every merge beside the demo's Co-Merge, with the demo's recipe, on the built-in concept world.
+
+For each output folder of ``safetydpo demo`` given (its seed, dataset, experts and merged LoRA are used as
+they are):
+
+* **All-single**: one LoRA trained with the demo's recipe (SFT and output preservation included) on the
+  pairs of all seven concepts, with the same total number of steps as the seven experts;
+* **merges** of the demo's seven experts with every method of ``benchmarks/science.py`` (Co-Merge's factor
+  and delta readings, concat, linear, average, TIES, DARE) at the demo's output rank; the Co-Merge delta
+  merge is the demo's own ``merged.safetensors``;
+* every model evaluated as the demo evaluates: IP (training and held-out wording), safe-twin fidelity,
+  layout, twin with layout, unrelated fidelity and preservation (the world judge; nothing tuned).
+
+Prints a Markdown table (mean ± standard deviation over the demos given) and writes ``results.json`` and
+``results.md`` to ``--out``; everything is cached per seed under ``--out`` (run it again to resume or to add
+demos; a run per demo in parallel, then one with all of them, aggregates)::
+
+    safetydpo demo --seed 0 --out demos/s0      # and --seed 1, 2
+    python benchmarks/science_merges.py --demos demos/s0 demos/s1 demos/s2 --out merges
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import torch  # noqa: E402
+
+from science import MERGES, _table, log, merge_lora  # noqa: E402
+
+
+def demo_settings(demo: Path):
+    """The demo's settings (``demo.json``), checked against the preset of its seed: the recipe is the default one."""
+    from safetydpo_core.world.demo import DemoSettings
+
+    if not (demo / "merged.safetensors").exists() or not (demo / "demo.json").exists():
+        raise SystemExit(f"{demo} is not a finished `safetydpo demo` folder (no merged.safetensors or demo.json).")
+    given = json.loads((demo / "demo.json").read_text())["settings"]
+    s = DemoSettings.preset(quick=bool(given.get("quick")), seed=int(given["seed"]))
+    differ = sorted(k for k, v in s.to_dict().items() if k != "threads" and given.get(k) != v)
+    if differ:
+        raise SystemExit(f"{demo} was made with settings other than the preset of its seed ({', '.join(differ)}).")
+    return s
+
+
+def run_demo_models(demo: Path, out: Path, den, judge) -> dict:
+    """All-single and the merges for one demo; returns {model name: scores}."""
+    from safetydpo_core.world import WORLD
+    from safetydpo_core.world.demo import expert_config, train_lora
+    from safetydpo_core.world.lora_eval import eval_sets, evaluate_models, model_scores
+
+    s = demo_settings(demo)
+    d = out / f"seed_{s.seed}"
+    cats = [o.category for o in WORLD.concepts]
+    experts = {c: demo / "experts" / f"{c}.safetensors" for c in cats}
+    models: dict[str, Path | None] = {"base": None}
+    models["all-single"] = train_lora(den, demo / "dataset", expert_config(s, None, steps=s.steps * len(cats)),
+                                      d / "all_single.safetensors", say=log, label=f"seed {s.seed} All-single")
+    for m in MERGES:
+        models[f"merge:{m}"] = demo / "merged.safetensors" if m == s.merge_method else merge_lora(
+            den, experts, s, d / "merges", "demo", m, dataset=demo / "dataset", pairs=demo / "pairs.jsonl",
+            label=f"seed {s.seed}: ")
+    entries = evaluate_models(den, judge, models, eval_sets(s), steps=s.eval_steps, cfg=s.cfg, cache=d / "eval",
+                              log=lambda m: log(f"seed {s.seed}: {m}"))
+    return {name: model_scores(e, entries["base"]) for name, e in entries.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--demos", nargs="+", required=True, help="`safetydpo demo` output folders (one per seed)")
+    p.add_argument("--out", default="benchmarks/results/merges", help="cache and results folder")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from safetydpo_core.world import load_judge, load_world_model
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    den, judge = load_world_model(), load_judge()
+    t0 = time.time()
+    per_seed = {}
+    for demo in map(Path, a.demos):
+        per_seed[demo_settings(demo).seed] = run_demo_models(demo, out, den, judge)
+    R = [per_seed[k] for k in sorted(per_seed)]
+    default = f"merge:{demo_settings(Path(a.demos[0])).merge_method}"
+    rows = [("base", "base"), ("All-single", "all-single"), (f"{default[6:]} (the demo's merged LoRA)", default)]
+    rows += [(m[6:], m) for m in R[0] if m.startswith("merge:") and m != default]
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    text = "\n".join([f"Seeds {', '.join(map(str, sorted(per_seed)))} (mean ± sd); machine: {machine}, "
+                      f"{a.threads} thread(s).", "", *_table(R, rows)]) + "\n"
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({"machine": machine, "seeds": sorted(per_seed),
+                                                  "results": {str(k): v for k, v in per_seed.items()},
+                                                  "wall_s": round(time.time() - t0, 1)}, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
