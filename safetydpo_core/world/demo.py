@@ -345,7 +345,8 @@ def _evaluate(den: RenderingDenoiser, judge, experts: dict[str, Path], merged: P
     for k, (name, lora_path) in enumerate(models.items(), 1):
         # single experts on the training wording and unrelated content; base and merged also on held-out wording
         model_sets = sets if not name.startswith("expert:") else {k: v for k, v in sets.items() if k != "held_out"}
-        n_images = sum(2 * len(v) for v in model_sets.values())
+        # a pair set draws its unsafe and its safe prompts; unrelated content one picture per prompt
+        n_images = sum(len(v) if set_name == "unrelated" else 2 * len(v) for set_name, v in model_sets.items())
         file = out / "eval" / (name.replace(":", "_") + ".pt")
         with clock.stage("evaluate", f"evaluating {name} ({k}/{len(models)}): {n_images} pictures"):
             results[name] = cached_evaluation(file, lambda: evaluate_lora(den, judge, lora_path, model_sets,
