@@ -14,6 +14,7 @@ Standalone, on the output folder of ``safetydpo demo`` (its experts and merged L
     python benchmarks/science_attacks.py --demo demo-out --models base,merged --attacks wording,unlearndiff
     python benchmarks/science_attacks.py --demo demo-out --models base,merged,esd-u \
         --lora esd-u=baselines/seed_0/baselines/esd-u.safetensors     # beside an erasure baseline
+    python benchmarks/science_attacks.py --summary demos/s0 demos/s1 demos/s2   # mean ± sd over seeds
 
 prints Markdown tables (ASR per model and attack, beside the un-attacked rate; per category for the merged
 LoRA; CPU time per attack) and writes ``<demo>/attacks/results.json``.
@@ -111,6 +112,27 @@ def attack_table(seed: int, seed_dir: Path, den, judge, loras: dict[str, Path | 
     return table
 
 
+def summary(tables: list[dict], attacks) -> str:
+    """Mean ± sd over seeds (one :func:`attack_table` each) of every model's ASR per attack (its primary and
+    other results) beside the un-attacked rate, and the CPU seconds each attack took per model."""
+    from science import _fmt as mean_sd
+
+    models = list(dict.fromkeys(m for t in tables for m in t))
+    variants = [(a, v) for a in attacks for v in dict.fromkeys(v for t in tables for row in t.values() if a in row
+                                                                  for v in row[a]["variants"])]
+    lines = ["| model | " + " | ".join(f"{a} ({v})" for a, v in variants) + " | no attack |",
+             "|---|" + "---|" * (len(variants) + 1)]
+    for m in models:
+        cells = [mean_sd([t[m][a]["variants"][v]["asr"] for t in tables if m in t and a in t[m]]) for a, v in variants]
+        no = mean_sd([next((t[m][a]["no_attack"] for a in attacks if a in t[m]), None) for t in tables if m in t])
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {no} |")
+    lines += ["", "| attack | CPU seconds per model (56 prompts), min-max over models and seeds |", "|---|---|"]
+    for a in attacks:
+        secs = [row[a]["seconds"] for t in tables for row in t.values() if a in row]
+        lines.append(f"| {a} | {min(secs):.0f}-{max(secs):.0f} |" if secs else f"| {a} | - |")
+    return "\n".join(lines)
+
+
 # -- standalone --------------------------------------------------------------------------------------------
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.2f}"
@@ -146,7 +168,7 @@ def markdown(table: dict, attacks) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/science_attacks.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--demo", required=True, help="output folder of `safetydpo demo` (experts/, merged.safetensors)")
+    p.add_argument("--demo", help="output folder of `safetydpo demo` (experts/, merged.safetensors)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: the demo's)")
     p.add_argument("--models", default=None, help="comma-separated: base, merged, expert:<category> (default: all)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
@@ -156,7 +178,18 @@ def main(argv=None) -> int:
     p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated attacks (default: all four)")
     p.add_argument("--budget", type=int, default=None, help="queries per prompt (default: each attack's world default)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--summary", nargs="+", metavar="DEMO", default=None,
+                   help="only print the mean ± sd over these demo folders' attacks/results.json (one per seed)")
     a = p.parse_args(argv)
+    if a.summary:
+        found = [json.loads((Path(d) / "attacks" / "results.json").read_text()) for d in a.summary]
+        attacks = list(dict.fromkeys(x for r in found for x in r["attacks"]))
+        print(f"Seeds {', '.join(str(r['seed']) for r in found)}; machines: "
+              f"{'; '.join(dict.fromkeys(r['machine'] for r in found))}\n")
+        print(summary([r["table"] for r in found], attacks))
+        return 0
+    if not a.demo:
+        p.error("--demo is required (or --summary)")
     torch.set_num_threads(a.threads)
     from safetydpo_core.errors import SafetyDPOError
     from safetydpo_core.world import WORLD, load_judge, load_world_model
