@@ -53,13 +53,12 @@ def demo_settings(demo: Path):
     return s
 
 
-def run_demo_models(demo: Path, out: Path, den, judge) -> dict:
-    """All-single and the merges for one demo; returns {model name: scores}."""
+def run_demo_models(demo: Path, s, out: Path, den, judge) -> dict:
+    """All-single and the merges for one demo (made with settings ``s``); returns {model name: scores}."""
     from safetydpo_core.world import WORLD
     from safetydpo_core.world.demo import expert_config, train_lora
     from safetydpo_core.world.lora_eval import eval_sets, evaluate_models, model_scores
 
-    s = demo_settings(demo)
     d = out / f"seed_{s.seed}"
     cats = [o.category for o in WORLD.concepts]
     experts = {c: demo / "experts" / f"{c}.safetensors" for c in cats}
@@ -88,11 +87,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     den, judge = load_world_model(), load_judge()
     t0 = time.time()
-    per_seed = {}
-    for demo in map(Path, a.demos):
-        per_seed[demo_settings(demo).seed] = run_demo_models(demo, out, den, judge)
+    settings = {Path(demo): demo_settings(Path(demo)) for demo in a.demos}
+    per_seed = {s.seed: run_demo_models(demo, s, out, den, judge) for demo, s in settings.items()}
     R = [per_seed[k] for k in sorted(per_seed)]
-    default = f"merge:{demo_settings(Path(a.demos[0])).merge_method}"
+    default = f"merge:{next(iter(settings.values())).merge_method}"
     rows = [("base", "base"), ("All-single", "all-single"), (f"{default[6:]} (the demo's merged LoRA)", default)]
     rows += [(m[6:], m) for m in R[0] if m.startswith("merge:") and m != default]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"

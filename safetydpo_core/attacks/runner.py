@@ -468,11 +468,11 @@ def _targets(den: RenderingDenoiser, need: list[AttackPrompt], settings: AttackS
 
     def stored() -> dict[str, torch.Tensor]:
         found = dict(folder.load_tensors("targets"))
-        for part in split.parts() if split is not None else []:
-            found.update(_Folder(part / "run").load_tensors("targets"))
+        for run in _part_runs(split.parts() if split is not None else []):
+            found.update(run.load_tensors("targets"))
         return found
 
-    cached = stored() if split is not None else folder.load_tensors("targets")
+    cached = stored()
     missing = [p for p in need if p.id not in cached]
     if split is not None:
         split.barrier()  # every process has read the stored targets before any writes more
@@ -497,16 +497,22 @@ def _targets(den: RenderingDenoiser, need: list[AttackPrompt], settings: AttackS
     return cached
 
 
+def _part_runs(parts: Sequence[Path], state: dict | None = None) -> list[_Folder]:
+    """The attack folders of a split's ``parts``; with ``state``, those of another run are left out."""
+    runs = [_Folder(part / "run") for part in parts]
+    return [r for r in runs if state is None or (r.state() or {}).get("state") == state["state"]]
+
+
 def _part_keys(part: Path, state: dict) -> set[tuple[str, str]]:
     """(prompt id, variant) of the finished results in a part of this run (a part of another run holds none)."""
-    run = _Folder(part / "run")
-    old = run.state()
-    return {(r.id, r.variant) for r in run.records()} if old is not None and old.get("state") == state["state"] else set()
+    return {(r.id, r.variant) for run in _part_runs([part], state) for r in run.records()}
 
 
 def _join_parts(parts: list[Path], folder: _Folder, state: dict, chunks: list[list[AttackPrompt]]):
     """(Main process) the parts' results, pictures and tensors added to ``folder`` as one process writes them:
     records after those already there, chunk by chunk in chunk order. Returns (all results, artifacts)."""
+    from safetensors import safe_open
+
     from ..scaleout_commands import _move
 
     out = folder.out
@@ -515,20 +521,15 @@ def _join_parts(parts: list[Path], folder: _Folder, state: dict, chunks: list[li
     chunk_of = {p.id: i for i, c in enumerate(chunks) for p in c}
     new: list[PromptResult] = []
     tensors: dict[str, tuple[dict, dict]] = {}
-    for part in parts:
-        run = _Folder(part / "run")
-        if run.state() is None or run.state().get("state") != state["state"]:
-            continue
+    for run in _part_runs(parts, state):
         for r in run.records():
             if (r.id, r.variant) not in keys:
                 keys.add((r.id, r.variant))
                 new.append(r)
-        for img in sorted((part / "run" / "images").rglob("*.png")) if (part / "run" / "images").exists() else []:
-            _move(img, out / img.relative_to(part / "run"))
-        for f in sorted((part / "run").rglob("*.safetensors")):
-            stem = f.relative_to(part / "run").as_posix()[:-len(".safetensors")]
-            from safetensors import safe_open
-
+        for img in sorted((run.out / "images").rglob("*.png")):
+            _move(img, out / img.relative_to(run.out))
+        for f in sorted(run.out.rglob("*.safetensors")):
+            stem = f.relative_to(run.out).as_posix()[:-len(".safetensors")]
             with safe_open(str(f), framework="pt") as h:
                 meta = h.metadata() or {}
                 got = {k: h.get_tensor(k) for k in h.keys()}
@@ -542,7 +543,7 @@ def _join_parts(parts: list[Path], folder: _Folder, state: dict, chunks: list[li
         folder.save_tensors(stem, {**folder.load_tensors(stem), **got}, meta)
         if stem not in ("targets", SOFT_FILE):
             artifacts[stem] = got
-    return folder.records(), artifacts
+    return have + new, artifacts
 
 
 def write_adversarial(path: Path, run: AttackRun, prompts: Sequence[AttackPrompt]) -> None:
