@@ -42,6 +42,18 @@ def _same_tree(a: Path, b: Path, ignore=("config.json", "summary.json")) -> None
         assert filecmp.cmp(a / f, b / f, shallow=False), f
 
 
+def _killed_midway(args: list[str], cwd: Path, lines_file: Path) -> int:
+    """Run the command in its own process group, SIGKILL it once ``lines_file`` has 2 lines; its line count."""
+    proc = subprocess.Popen([sys.executable, "-m", "safetydpo_core.cli", *args], cwd=cwd, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (lines_file.exists() and lines_file.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return lines_file.read_text().count("\n")
+
+
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
     from safetydpo_core.prompts.pairs import write_pairs
@@ -90,15 +102,8 @@ def test_parts_of_another_run_are_refused_and_a_killed_process_is_redone(pairs, 
     # a one-process render in split mode (an empty .parts folder makes it one), killed once it has a pair on disk
     (out / PARTS).mkdir(parents=True)
     args = ["render", "--pairs", str(pairs), "--out", str(out), "--steps", "2", "--batch-pairs", "1", "--resume"]
-    proc = subprocess.Popen([sys.executable, "-m", "safetydpo_core.cli", *args], cwd=tmp_path, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     manifest = out / PARTS / "p0" / "manifest.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (manifest.exists() and manifest.read_text().count("\n") >= 2):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    lines = manifest.read_text().count("\n")
+    lines = _killed_midway(args, tmp_path, manifest)
     assert 2 <= lines < 7, "the render was not killed midway"
     with open(manifest, "a") as f:  # the process died writing the next manifest line
         f.write('{"id": "world-')
@@ -166,15 +171,7 @@ def test_a_killed_attack_process_loses_only_its_chunk(pairs, tmp_path):
     out = tmp_path / "a"
     (out / PARTS).mkdir(parents=True)  # an empty .parts folder makes a one-process run a split one
     args = ["attack", "--attack", "wording", "--prompts", str(pairs), *ATTACK, "--batch-size", "2", "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "safetydpo_core.cli", *args], cwd=tmp_path, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    records = out / PARTS / "p0" / "run" / "records.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (records.exists() and records.read_text().count("\n") >= 2):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    lines = records.read_text().count("\n")
+    lines = _killed_midway(args, tmp_path, out / PARTS / "p0" / "run" / "records.jsonl")
     assert 2 <= lines < 7, "the attack was not killed midway"
     _ok(_accelerate_launch(args, tmp_path))  # the next launch, of another size, finishes the run
     assert not (out / PARTS).exists()
