@@ -39,6 +39,9 @@ def register(sub) -> None:
     add_setting_args(p)
     p.add_argument("--tensorboard", default="auto", choices=["auto", "off"],
                    help="also log to <out>.tensorboard/ when the tensorboard package is installed (default auto)")
+    p.add_argument("--init-lora", help="start from this LoRA file instead of from zero: the joint fine-tune of a merged "
+                                       "LoRA (see README), or continuing an expert; the run's rank is raised to the "
+                                       "LoRA's where that is larger")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this output")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output file and start afresh (the old run's checkpoints are removed)")
@@ -115,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                      "the metrics log": [out.with_suffix(".metrics.csv"), out.with_suffix(".metrics.jsonl")],
                      "the TensorBoard log": out.with_suffix(".tensorboard")},
                     {"--data": args.data, "--model": args.model, "--model-config": getattr(args, "model_config", None),
-                     "--config": getattr(args, "config", None)})
+                     "--config": getattr(args, "config", None), "--init-lora": getattr(args, "init_lora", None)})
     env = from_environment(args.device)
     main_process = env.is_main
     if env.group.world_size > 1:
@@ -128,20 +131,27 @@ def run(args: argparse.Namespace) -> int:
         mixed = env.mixed_precision
     given = {s.name: getattr(args, s.name) for s in SETTINGS.values() if s.cli}
     cfg = TrainConfig(**dict(given, mixed_precision=resolve_mixed_precision(mixed, denoiser.device)))
+    init = None
+    if getattr(args, "init_lora", None):
+        from ..lora.io import load_lora
+        from ..training.init_lora import run_rank
+
+        init = load_lora(args.init_lora, names=denoiser.names())
+        cfg = run_rank(cfg, init)
     world = env.group.world_size
     settings = {"command": "train", "model": str(args.model), "data": str(args.data), "out": str(out),
                 "device": str(denoiser.device), "dtype": str(denoiser.dtype), "processes": world,
                 "micro_steps_per_step": cfg.grad_accum * world,
                 "pairs_per_step": cfg.batch_size * cfg.grad_accum * world, "guidance": denoiser.guidance,
-                **cfg.to_dict()}
+                "init_lora": str(args.init_lora) if init is not None else None, **cfg.to_dict()}
     if not main_process:
-        train_expert(denoiser, args.data, cfg, checkpoint_dir=ckpt_dir, resume=args.resume,
+        train_expert(denoiser, args.data, cfg, checkpoint_dir=ckpt_dir, resume=args.resume, init_lora=init,
                      allow_model_mismatch=args.allow_model_mismatch, group=env.group)
         env.close()
         return 0
     with output_lock(out, what="output LoRA"):
         _prepare_checkpoints(args, out, ckpt_dir)
-        return _train(args, out, ckpt_dir, denoiser, cfg, env, settings)
+        return _train(args, out, ckpt_dir, denoiser, cfg, env, settings, init)
 
 
 def _prepare_checkpoints(args, out: Path, ckpt_dir: Path) -> None:
@@ -165,7 +175,7 @@ def _prepare_checkpoints(args, out: Path, ckpt_dir: Path) -> None:
         log.info("--overwrite: removed %d checkpoint(s) of the earlier run in %s", len(old), ckpt_dir)
 
 
-def _train(args, out: Path, ckpt_dir: Path, denoiser: Denoiser, cfg, env, settings: dict) -> int:
+def _train(args, out: Path, ckpt_dir: Path, denoiser: Denoiser, cfg, env, settings: dict, init=None) -> int:
     from ..lora.io import save_lora
     from ..training import train_expert
 
@@ -179,7 +189,7 @@ def _train(args, out: Path, ckpt_dir: Path, denoiser: Denoiser, cfg, env, settin
 
     try:
         result = train_expert(denoiser, args.data, cfg, checkpoint_dir=ckpt_dir,
-                              metrics_path=out.with_suffix(".metrics"), resume=args.resume, progress=progress,
+                              metrics_path=out.with_suffix(".metrics"), resume=args.resume, progress=progress, init_lora=init,
                               allow_model_mismatch=args.allow_model_mismatch, group=env.group)
     except KeyboardInterrupt:
         log.warning("Stopped. Run the same command with --resume to continue from the last checkpoint.")

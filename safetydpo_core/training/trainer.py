@@ -45,13 +45,14 @@ import torch
 from .. import __version__
 from ..data.preference_dataset import PreferenceDataset
 from ..denoiser.protocol import Conditioning, Denoiser
-from ..errors import ConfigError, DatasetError, Interrupted, TrainingDiverged
+from ..errors import ConfigError, DatasetError, Interrupted, LoraError, TrainingDiverged
 from ..lora.lora_set import LoraLayer, LoraSet
 from ..lora.targets import check_rank_fits
 from . import objectives
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RESUME_KEYS, TrainConfig
 from .distributed import ProcessGroup, SingleProcess
+from .init_lora import fit_init_lora
 from .metrics import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -295,6 +296,18 @@ class ExpertTrainer:
             layers[name] = LoraLayer(torch.randn(l.down.shape, generator=g) / l.rank, torch.zeros_like(l.up), l.alpha)
         return LoraSet(layers, current.naming)
 
+    def _start_lora(self, adapter, init: LoraSet | None) -> LoraSet:
+        """The seeded initialisation, or ``init`` (the init LoRA fitted to the model and the run's rank; layers
+        it lacks start from the seeded initialisation)."""
+        fresh = self._initial_lora(adapter)
+        if init is None:
+            return fresh
+        extra = sorted(set(init.layers) - set(fresh.layers))
+        if extra:
+            raise LoraError(f"The init LoRA adapts layer {extra[0]!r}, which this run (targets {self.cfg.targets!r}) does "
+                            f"not train; train with the targets the LoRA was made with.")
+        return LoraSet({**fresh.layers, **init.layers}, fresh.naming)
+
     def _optimizer(self, params):
         cfg = self.cfg
         if cfg.optimizer == "adafactor":
@@ -356,9 +369,11 @@ class ExpertTrainer:
         if cfg.gradient_checkpointing:
             d.set_gradient_checkpointing(True)
         check_rank_fits(d.layers(cfg.targets), cfg.rank)
+        # fitted before the adapters go in (they change the model's weight names)
+        init = None if self.init_lora is None else fit_init_lora(self.init_lora, d, cfg.rank, seed=cfg.seed)
         adapter = d.attach_lora(cfg.rank, cfg.alpha, cfg.targets)
         try:
-            adapter.load(self.init_lora if self.init_lora is not None else self._initial_lora(adapter))
+            adapter.load(self._start_lora(adapter, init))
             params = adapter.parameters()
             opt, sched = self._optimizer(params)
             scaler = torch.amp.GradScaler(torch.device(d.device).type) if cfg.mixed_precision == "fp16" else None
@@ -524,6 +539,11 @@ class ExpertTrainer:
         if cfg.preserve_weight:
             meta["safetydpo_preserve_weight"] = f"{cfg.preserve_weight:g}"
             meta["safetydpo_preserve_prompts"] = Path(cfg.preserve_prompts).name  # never a full path
+        if self.init_lora is not None:  # where the run started: the file's name (never a full path), its merge
+            start = self.init_lora.metadata
+            meta["safetydpo_init_lora"] = Path(start.get("safetydpo_source", "")).name or "(a LoRA given in memory)"
+            if "safetydpo_merge_method" in start:
+                meta["safetydpo_merge_method"] = start["safetydpo_merge_method"]
         if self.group.world_size > 1:
             meta["safetydpo_processes"] = str(self.group.world_size)
         if self.denoiser.guidance is not None:
