@@ -20,7 +20,7 @@ from pathlib import Path
 from . import live_view, paths
 from ._core import core, errors
 from .common import (BOOL, COMBO, FLOAT, GUIDANCE, INT, SOCKET, Node, apply_lora, category_choices,
-                     comfy_progress, comfy_stop, denoiser, lora_model_from_set)
+                     comfy_progress, comfy_stop, denoiser, lora_model_from_set, lora_set_from_input)
 from .types import DATASET, LORA_MODEL, METRICS
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,18 @@ def checkpoint_dir(category: str, settings: dict, dataset_fp: str, model_fp: str
     blob = json.dumps({"settings": settings, "dataset": dataset_fp, "model": model_fp}, sort_keys=True, default=str)
     key = hashlib.sha256(blob.encode()).hexdigest()[:12]
     return paths.pack_output("checkpoints") / f"{category}-{key}"
+
+
+def lora_fingerprint(lora) -> str:
+    """A short hash of a LoRA's layer names and factors (which starting LoRA a checkpoint folder belongs to)."""
+    h = hashlib.sha256()
+    for name in sorted(lora.layers):
+        layer = lora.layers[name]
+        h.update(name.encode())
+        for t in (layer.down, layer.up):
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(repr(layer.alpha).encode())
+    return h.hexdigest()[:16]
 
 
 def setting_inputs(*names: str, default=None) -> dict:
@@ -79,7 +91,11 @@ class TrainExpert(Node):
         }, "optional": {
             "allow_model_mismatch": BOOL(False, "Train even if the dataset was rendered with another model "
                                                 "(its images are then not this model's outputs)."),
-            **setting_inputs("preserve_weight", "preserve_prompts"),
+            **setting_inputs("sft_weight", "preserve_weight", "preserve_prompts"),
+            "init_lora": SOCKET(LORA_MODEL, "Start from this LoRA instead of from zero: connect the Co-Merge node's "
+                                            "output and choose category 'all' for the joint fine-tune of the merged "
+                                            "LoRA (it puts back the safe twins and unrelated content the merge loses). "
+                                            "The rank is raised to this LoRA's where that is larger."),
             "objective": COMBO(list(OBJECTIVES), "dpo: Diffusion-DPO on the pairs (the method). esd-x / esd-u: the ESD "
                                                  "concept-erasure baseline on the cross-attention / all other layers, "
                                                  "erasing the pairs' unsafe prompts (uses no images; beta and "
@@ -89,8 +105,8 @@ class TrainExpert(Node):
         }}
 
     def train(self, model, clip, dataset, category, steps, learning_rate, rank, beta, condition, seed,
-              gradient_checkpointing, save_every, resume, allow_model_mismatch=False, preserve_weight=0.0,
-              preserve_prompts="auto", objective="dpo", esd_eta=1.0, guidance=None):
+              gradient_checkpointing, save_every, resume, allow_model_mismatch=False, sft_weight=0.0,
+              preserve_weight=0.0, preserve_prompts="auto", init_lora=None, objective="dpo", esd_eta=1.0, guidance=None):
         e = errors()
         data_path = paths.dataset_folder(dataset, "dataset")
         sets = core("training.preservation").PRESERVE_SETS
@@ -107,9 +123,14 @@ class TrainExpert(Node):
                              objective=kind, targets=targets, esd_eta=float(esd_eta),
                              beta=float(beta), condition=condition, lr=float(learning_rate), seed=int(seed),
                              gradient_checkpointing=bool(gradient_checkpointing), checkpoint_every=int(save_every),
-                             preserve_weight=float(preserve_weight), preserve_prompts=str(preserve_prompts))
+                             sft_weight=float(sft_weight), preserve_weight=float(preserve_weight),
+                             preserve_prompts=str(preserve_prompts))
         den = denoiser(model, clip, guidance=guidance)
         model_fp = den.fingerprint()
+        init = None
+        if init_lora is not None:
+            init = lora_set_from_input(init_lora, "init_lora", names=den.names())
+            cfg = core("training.init_lora").run_rank(cfg, init)
         from .render_node import open_dataset
 
         ds = open_dataset(data_path, categories=cfg.category, expect_fingerprint=model_fp,
@@ -117,6 +138,8 @@ class TrainExpert(Node):
         keep = {k: v for k, v in cfg.to_dict().items() if k in core("training.config").RESUME_KEYS}
         if den.guidance is not None:
             keep["guidance"] = den.guidance
+        if init is not None:  # a run from another starting LoRA is another run
+            keep["init_lora"] = lora_fingerprint(init)
         ckpt = checkpoint_dir(category, keep, ds.fingerprint(), model_fp)
         # another ComfyUI (or a CLI run) training the same settings into this folder is refused, not mixed in
         with core("utils.lock").output_lock(ckpt, what="training checkpoint folder"):
@@ -133,7 +156,7 @@ class TrainExpert(Node):
                                                 start=old[-1][0] if resume and old else 0)
             with den.session():
                 result = tr.train_expert(den, ds, cfg, checkpoint_dir=ckpt, metrics_path=ckpt / "metrics", resume=bool(resume and old),
-                                         progress=progress, should_stop=comfy_stop)
+                                         progress=progress, should_stop=comfy_stop, init_lora=init)
         live_view.train_done(result.steps, cfg.steps, category)
         lora = lora_model_from_set(result.lora)
         metrics = {"kind": "training", "category": category, "steps": result.steps, "history": list(result.history),

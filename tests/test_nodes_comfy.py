@@ -353,6 +353,23 @@ def test_sd15_render_train_resume_save_load_merge_sample_plot_evaluate(comfy_dir
                          expert_2=lora_s)
     assert set(merged) == keys and "Merge method: comerge" in report and "violence" in report and "sexual" in report
     assert set(merged.metadata["safetydpo_category"].split(",")) == {"violence", "sexual"}
+    # the joint fine-tune: the merge trained further on every pair, started from the merge; the rank widget (1)
+    # is raised to the merge's rank
+    merged_rank = max(v.shape[0] for k, v in merged.items() if k.endswith("lora_down.weight"))
+    tuned, metrics_t, _ = _train(sd15, dataset, "all", steps=2, init_lora=merged, rank=1, sft_weight=1.0,
+                                 preserve_weight=1.0, learning_rate=1e-7)
+    assert set(tuned) == keys
+    assert all(v.shape[0] == merged_rank for k, v in tuned.items() if k.endswith("lora_down.weight"))
+    assert metrics_t["settings"]["rank"] == merged_rank and metrics_t["settings"]["sft_weight"] == 1.0
+    assert tuned.metadata["safetydpo_merge_method"] == "comerge" and "safetydpo_init_lora" in tuned.metadata
+    from_zero, metrics_z, _ = _train(sd15, dataset, "all", steps=2, rank=merged_rank, sft_weight=1.0,
+                                     preserve_weight=1.0, learning_rate=1e-7)
+    assert metrics_z["checkpoint_dir"] != metrics_t["checkpoint_dir"]  # another start, another run
+    ups = [k for k in keys if k.endswith("lora_up.weight")]
+    gap = lambda lora: sum(float((lora[k] - merged[k]).norm()) for k in ups)  # noqa: E731
+    assert gap(tuned) < 0.01 * gap(from_zero)  # it started from the merge, not from zero
+    with pytest.raises(Exception, match="init_lora"):
+        _train(sd15, dataset, "all", steps=1, init_lora={"diffusion_model.nope.lora_up.weight": torch.zeros(2, 2)})
     (experts,) = run("SafetyDPO_ExpertList", lora=lora_v, weight=1.0)
     (experts,) = run("SafetyDPO_ExpertList", lora=lora_s, weight=0.5, experts=experts)
     linear, report_l = run("SafetyDPO_CoMerge", model=mp, clip=clip, method="linear", rank=3, calibration_inputs=4,

@@ -39,7 +39,7 @@ class TrainConfig:
     mapo_snr: float = 0.5
     sft_weight: float = 0.0
     preserve_weight: float = 0.0                # output preservation (DUO): weight of mean((pred - ref)^2)
-    preserve_prompts: str = "auto"               # the preservation set: auto, others, neutral or a file
+    preserve_prompts: str = "auto"               # the preservation set: auto, others, neutral, safe or a file
     condition: str = "unsafe"                    # which prompt conditions both images
     lr: float = 1e-4
     optimizer: str = "adamw"
@@ -83,7 +83,7 @@ class TrainConfig:
         self.weight_decay = check_number(self.weight_decay, "weight_decay", 0)
         self.seed = check_number(self.seed, "seed", integer=True)
         if not isinstance(self.preserve_prompts, str) or not self.preserve_prompts.strip():
-            raise ConfigError(f"preserve_prompts must name a preservation set (auto, others, neutral) or a prompts "
+            raise ConfigError(f"preserve_prompts must name a preservation set (auto, others, neutral, safe) or a prompts "
                               f"file; got {self.preserve_prompts!r}.")
         if not (isinstance(self.esd_guidance, (int, float)) and math.isfinite(self.esd_guidance) and self.esd_guidance >= 1):
             raise ConfigError(f"esd_guidance must be a number >= 1 (1: no classifier-free guidance); got {self.esd_guidance!r}.")
@@ -195,13 +195,16 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             widget=dict(min=1.0, max=1e7, step=100.0)),
     Setting("mapo_beta", "MaPO beta.", resume=True, lo=0, lo_open=True),
     Setting("mapo_snr", "MaPO's signal-to-noise weighting.", resume=True, lo=0, lo_open=True, cli=False),
-    Setting("sft_weight", "Weight of an extra SFT term on the safe image.", resume=True, lo=0),
+    Setting("sft_weight", "Weight of an extra SFT term on the safe image: it asks for the safe twin in place, where "
+                          "DPO alone is content with any picture that is not the unsafe one (0 = off; the demo uses "
+                          "1).", resume=True, lo=0, node="sft_weight", widget=dict(max=1e6, step=0.1)),
     Setting("preserve_weight", "Output preservation (DUO): weight of the squared distance between the expert's and "
                                "the untouched model's predictions on preservation prompts (0 = off).", resume=True,
             lo=0, node="preserve_weight", widget=dict(max=1e6, step=0.1)),
     Setting("preserve_prompts", "Preservation prompts: auto (the safe prompts of the dataset's other categories plus "
-                                "everyday prompts), others, neutral, or (command line only) a .txt / .jsonl prompts "
-                                "file.", resume=True, choices=PRESERVE_SETS, node="preserve_prompts"),
+                                "everyday prompts), others, neutral, safe (every safe prompt of the dataset, the "
+                                "trained categories' too, plus everyday prompts), or (command line only) a .txt / "
+                                ".jsonl prompts file.", resume=True, choices=PRESERVE_SETS, node="preserve_prompts"),
     Setting("condition", "Which prompt conditions both images of a pair: the unsafe prompt (the method's default), "
                          "the safe one, or either at random.", resume=True, choices=CONDITIONS, node="condition"),
     Setting("lr", "Learning rate of the LoRA.", resume=True, lo=0, lo_open=True, node="learning_rate",
