@@ -282,6 +282,11 @@ def test_neutral_preservation_prompts_are_not_the_evaluation_prompts(sd15, data)
     assert len(neutral) >= 100 and not set(neutral) & set(load_prompt_set("neutral"))
     auto = preservation_set("auto", data, sd15)
     assert len(auto) == len(neutral) + len(preservation_set("others", data, sd15))
+    # 'safe': every safe prompt of the dataset (the trained category's too), with its latent, plus neutral
+    safe = preservation_set("safe", data, sd15)
+    assert len(safe) == len(neutral) + len(data.all_records) and all(i.latent for i in safe[:len(data.all_records)])
+    assert {i.prompt for i in safe[:len(data.all_records)]} == {r.safe for r in data.all_records}
+    assert any("violence" in r.category for r in data.all_records)
 
 
 def test_each_declared_setting_s_range_and_choices_are_what_train_config_accepts():

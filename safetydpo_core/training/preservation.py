@@ -17,6 +17,8 @@ input shows.
 * ``others``: the safe prompts of the dataset's pairs outside the trained categories, with their latents;
 * ``neutral``: prompts of everyday content for the model being trained: the plain-shape captions of the
   built-in world for the world model, else the pack's neutral prompt set;
+* ``safe``: every safe prompt of the dataset, the trained categories' too (the safe twins must also keep the
+  base model's output), with their latents, plus ``neutral``;
 * a path to a ``.txt`` file (one prompt per line) or a ``.jsonl`` prompt-pair file (its safe prompts).
 
 Public API: :data:`PRESERVE_SETS`, :class:`PreserveItem`, :func:`preservation_set`.
@@ -36,7 +38,7 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from ..denoiser.protocol import Denoiser
 
-PRESERVE_SETS = ("auto", "others", "neutral")
+PRESERVE_SETS = ("auto", "others", "neutral", "safe")
 WORLD_NEUTRAL_PROMPTS = 90   # plain-shape captions per run on the world (every shape x colour x position)
 
 
@@ -64,6 +66,10 @@ def _others(dataset) -> list[PreserveItem]:
         used = {r.id for r in dataset.records}
         others = [r for r in dataset.all_records if r.id not in used]
     return [PreserveItem(r.safe, (r.shard, f"{r.id}.safe")) for r in others]
+
+
+def _all_safe(dataset) -> list[PreserveItem]:
+    return [PreserveItem(r.safe, (r.shard, f"{r.id}.safe")) for r in dataset.all_records]
 
 
 def _world_neutral(seed: int) -> list[PreserveItem]:
@@ -121,6 +127,8 @@ def preservation_set(spec: str | os.PathLike | None, dataset, denoiser: Denoiser
                               f"the categories being trained. Use 'neutral', 'auto' or a prompts file.")
     elif name == "neutral":
         items = _neutral(denoiser, seed)
+    elif name == "safe":
+        items = _all_safe(dataset) + _neutral(denoiser, seed)
     elif os.sep in name or "/" in name or name.endswith((".txt", ".jsonl")):
         items = _from_file(Path(name).expanduser())
     else:
