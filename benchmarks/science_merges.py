@@ -7,7 +7,9 @@ they are):
   pairs of all seven concepts, with the same total number of steps as the seven experts;
 * **merges** of the demo's seven experts with every method of ``benchmarks/science.py`` (Co-Merge's factor
   and delta readings, concat, linear, average, TIES, DARE) at the demo's output rank; the Co-Merge delta
-  merge is the demo's own ``merged.safetensors``;
+  merge is the demo's own ``comerge.safetensors``;
+* the demo's **merged LoRA** (``merged.safetensors``): that merge after the demo's joint fine-tune on all
+  pairs;
 * every model evaluated as the demo evaluates: IP (training and held-out wording), safe-twin fidelity,
   layout, twin with layout, unrelated fidelity and preservation (the world judge; nothing tuned).
 
@@ -43,8 +45,9 @@ def demo_settings(demo: Path):
     """The demo's settings (``demo.json``), checked against the preset of its seed: the recipe is the default one."""
     from safetydpo_core.world.demo import DemoSettings
 
-    if not (demo / "merged.safetensors").exists() or not (demo / "demo.json").exists():
-        raise SystemExit(f"{demo} is not a finished `safetydpo demo` folder (no merged.safetensors or demo.json).")
+    if not all((demo / f).exists() for f in ("merged.safetensors", "comerge.safetensors", "demo.json")):
+        raise SystemExit(f"{demo} is not a finished `safetydpo demo` folder of this version (no merged.safetensors, "
+                         f"comerge.safetensors or demo.json); run `safetydpo demo --out {demo}` again.")
     given = json.loads((demo / "demo.json").read_text())["settings"]
     s = DemoSettings.preset(quick=bool(given.get("quick")), seed=int(given["seed"]))
     differ = sorted(k for k, v in s.to_dict().items() if k != "threads" and given.get(k) != v)
@@ -62,11 +65,11 @@ def run_demo_models(demo: Path, s, out: Path, den, judge) -> dict:
     d = out / f"seed_{s.seed}"
     cats = [o.category for o in WORLD.concepts]
     experts = {c: demo / "experts" / f"{c}.safetensors" for c in cats}
-    models: dict[str, Path | None] = {"base": None}
+    models: dict[str, Path | None] = {"base": None, "merged": demo / "merged.safetensors"}
     models["all-single"] = train_lora(den, demo / "dataset", expert_config(s, None, steps=s.steps * len(cats)),
                                       d / "all_single.safetensors", say=log, label=f"seed {s.seed} All-single")
     for m in MERGES:
-        models[f"merge:{m}"] = demo / "merged.safetensors" if m == s.merge_method else merge_lora(
+        models[f"merge:{m}"] = demo / "comerge.safetensors" if m == s.merge_method else merge_lora(
             den, experts, s, d / "merges", "demo", m, dataset=demo / "dataset", pairs=demo / "pairs.jsonl",
             label=f"seed {s.seed}: ")
     entries = evaluate_models(den, judge, models, eval_sets(s), steps=s.eval_steps, cfg=s.cfg, cache=d / "eval",
@@ -91,7 +94,10 @@ def main(argv=None) -> int:
     per_seed = {s.seed: run_demo_models(demo, s, out, den, judge) for demo, s in settings.items()}
     R = [per_seed[k] for k in sorted(per_seed)]
     default = f"merge:{next(iter(settings.values())).merge_method}"
-    rows = [("base", "base"), ("All-single", "all-single"), (f"{default[6:]} (the demo's merged LoRA)", default)]
+    fine = next(iter(settings.values())).finetune_steps
+    rows = [("base", "base"), ("All-single", "all-single"),
+            (f"{default[6:]} + joint fine-tune, {fine} steps (the demo's merged LoRA)", "merged"),
+            (f"{default[6:]} (the demo's merge before the fine-tune)", default)]
     rows += [(m[6:], m) for m in R[0] if m.startswith("merge:") and m != default]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     text = "\n".join([f"Seeds {', '.join(map(str, sorted(per_seed)))} (mean ± sd); machine: {machine}, "

@@ -34,9 +34,11 @@ def test_quick_demo_writes_reports_grids_and_loras(quick_run):
     report = json.loads((out / "report.json").read_text())
     assert set(report["experts"]) == set(CATEGORIES)
     for entry in [report["base"], report["merged"], *report["experts"].values()]:
-        for key in ("ip", "fidelity", "layout"):
+        for key in ("ip", "fidelity", "layout", "twin_with_layout", "unrelated"):
             assert key in entry
-        assert set(entry["ip_per_category"]) == set(CATEGORIES)
+    assert set(report["base"]["ip_per_category"]) == set(report["merged"]["ip_per_category"]) == set(CATEGORIES)
+    for cat, entry in report["experts"].items():  # each expert on its own concept (and unrelated content)
+        assert set(entry["ip_per_category"]) == {cat} and entry["n_unsafe"] == report["base"]["n_unsafe"] // 7
     md = (out / "report.md").read_text()
     assert "| base |" in md and "| merged |" in md and "IP per concept" in md
     for name in ("before_after", "experts", "safe_prompts"):
@@ -44,8 +46,16 @@ def test_quick_demo_writes_reports_grids_and_loras(quick_run):
             assert im.width > 100 and im.height > 90
     from safetydpo_core.world import load_world_model
 
-    merged = load_lora(out / "merged.safetensors", names=load_world_model().names())
-    assert len(merged) > 0 and merged.metadata.get("safetydpo_merge_method") == report["settings"]["merge_method"]
+    names = load_world_model().names()
+    merged, comerge = load_lora(out / "merged.safetensors", names=names), load_lora(out / "comerge.safetensors", names=names)
+    assert comerge.metadata.get("safetydpo_merge_method") == report["settings"]["merge_method"]
+    # merged.safetensors: the merge after the joint fine-tune on every category's pairs, started from it
+    assert merged.metadata["safetydpo_init_lora"] == "comerge.safetensors"
+    assert merged.metadata["safetydpo_merge_method"] == report["settings"]["merge_method"]
+    assert merged.metadata["safetydpo_category"] == "all" and merged.metadata["safetydpo_steps"] == "40"
+    assert set(merged.layers) == set(comerge.layers) and merged.max_rank == comerge.max_rank
+    assert any(not torch.allclose(merged.layers[n].delta(), comerge.layers[n].delta()) for n in merged.layers)
+    assert report["seconds"]["finetune"] > 0
     for cat in CATEGORIES:
         _, meta = read_safetensors(out / "experts" / f"{cat}.safetensors")
         assert meta["safetydpo_category"] == cat and meta["ss_base_model_version"] == WORLD.version

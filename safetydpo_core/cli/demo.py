@@ -1,6 +1,7 @@
 """``safetydpo demo``: the whole method on the built-in concept world (no GPU, no downloads).
 
-Pairs -> same-seed rendering with the shipped world model -> seven DPO experts -> Co-Merge -> evaluation of
+Pairs -> same-seed rendering with the shipped world model -> seven DPO experts -> Co-Merge -> joint fine-tune of
+the merge -> evaluation of
 the base model, each expert and the merged LoRA. Writes ``report.md``, ``report.json``, image grids, the
 merged LoRA and every run's metrics to ``--out``. See :mod:`safetydpo_core.world.demo`.
 """
@@ -16,8 +17,8 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="align the built-in world model end to end and report how well it worked",
                        description="Run SafetyDPO end to end on the built-in concept world: prompt pairs, same-seed "
                                    "paired images from the shipped tiny text-to-image model, one DPO expert per "
-                                   "category, Co-Merge, and an evaluation of the base model, each expert and the "
-                                   "merged LoRA with the shipped judge. About 12 minutes on 2 CPU cores; --quick "
+                                   "category, Co-Merge, a short joint fine-tune of the merge, and an evaluation of the "
+                                   "base model, each expert and the merged LoRA with the shipped judge. About 12 minutes on 2 CPU cores; --quick "
                                    "about 3-4 minutes. Run it again with the same options to resume.")
     p.add_argument("--out", default="safetydpo-demo", help="output folder (default: ./safetydpo-demo)")
     p.add_argument("--quick", action="store_true", help="a smaller run (fewer pairs, steps and evaluation prompts)")
@@ -25,6 +26,8 @@ def register(sub) -> None:
     p.add_argument("--steps", type=POSITIVE_INT, default=None, metavar="N", help="DPO steps per expert (default 200; quick 90)")
     p.add_argument("--pairs", type=POSITIVE_INT, default=None, dest="pairs_per_concept", metavar="N",
                    help="prompt pairs per concept (default 24; quick 10)")
+    p.add_argument("--finetune-steps", type=integer(0, 10 ** 7), default=None, metavar="N",
+                   help="steps of the joint fine-tune of the merged LoRA on all pairs (default 200; quick 40; 0: none)")
     from ..merge.api import METHODS
 
     p.add_argument("--method", default=None, dest="merge_method", choices=list(METHODS),
@@ -39,6 +42,7 @@ def run(args) -> int:
 
     settings = DemoSettings.preset(quick=args.quick, seed=args.seed, steps=args.steps,
                                    pairs_per_concept=args.pairs_per_concept, merge_method=args.merge_method,
+                                   finetune_steps=args.finetune_steps,
                                    threads=args.threads)
     report = run_demo(args.out, settings, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr, flush=True))
     b, m = report["base"], report["merged"]

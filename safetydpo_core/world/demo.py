@@ -7,12 +7,18 @@
    drops those where the model did not draw the concept or its twin (counted in ``dataset/summary.json``).
 3. **Experts**: one Diffusion-DPO LoRA per category (``experts/<category>.safetensors``, with the metrics of
    its run beside it), trained by the same trainer as ``safetydpo train``.
-4. **Co-Merge**: the seven experts merged into one LoRA by per-weight activation (``merged.safetensors`` and
-   its merge report), as ``safetydpo merge --method comerge`` does.
-5. **Evaluation**: the base model, each expert and the merged LoRA generate pictures for evaluation
+4. **Co-Merge**: the seven experts merged into one LoRA by per-weight activation (``comerge.safetensors`` and
+   its merge report), as ``safetydpo merge`` does.
+5. **Joint fine-tune**: the merged LoRA trained a few more steps with the experts' objective on every
+   category's pairs at once (``merged.safetensors``), as ``safetydpo train --init-lora`` does. The merge keeps
+   the experts' effect on IP but loses part of what their SFT and preservation terms taught (the safe twin
+   drawn in place, unrelated content unchanged); this puts it back (docs/benchmarks.md). ``finetune_steps``
+   0 leaves the merge as it is.
+6. **Evaluation**: the base model, each expert and the merged LoRA generate pictures for evaluation
    prompts the experts never trained on (same seeds for every model); the world judge reads them. Scores:
    IP (share of pictures that show an unsafe concept) per concept, fidelity on safe prompts, layout
-   preservation and twin rate on unsafe prompts. ``report.md``, ``report.json``, ``grids/*.png``.
+   preservation and twin rate on unsafe prompts, unrelated fidelity and preservation on plain shapes. Each
+   expert is evaluated on its own concept's pairs and on the plain shapes. ``report.md``, ``report.json``, ``grids/*.png``.
 
 Every stage saves its output before the next starts; running the same command again resumes where it
 stopped (training from its last checkpoint). Settings are recorded in ``demo.json``; a folder made with other
@@ -39,7 +45,7 @@ from ..errors import ConfigError
 from ..utils.atomic import atomic_write_text
 from .spec import WORLD
 
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 LogFn = Callable[[str], None]
 
 
@@ -67,6 +73,7 @@ class DemoSettings:
     merge_rank: int | str | None = "auto"  # output rank of the merge ("auto": the sum of the experts' ranks)
     calibration: str = "dataset"         # Co-Merge calibration inputs: the dataset's latents, or "prompts" (noise)
     calibration_inputs: int = 32
+    finetune_steps: int = 200            # joint fine-tune of the merged LoRA on all pairs (0: none)
     threads: int = 0                     # torch CPU threads (0: torch's default)
 
     @classmethod
@@ -74,7 +81,7 @@ class DemoSettings:
         base = dict(seed=seed, quick=quick)
         if quick:
             base.update(pairs_per_concept=10, eval_per_concept=4, held_out=False, unrelated_per_wording=10,
-                        render_steps=12, eval_steps=12, steps=90, lr=1.5e-3, calibration_inputs=16)
+                        render_steps=12, eval_steps=12, steps=90, lr=1.5e-3, calibration_inputs=16, finetune_steps=40)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -84,9 +91,10 @@ class DemoSettings:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"Demo setting {name} must be a positive integer; got {v!r}.")
-        if self.threads < 0 or self.unrelated_per_wording < 0:
-            raise ConfigError(f"Demo settings threads and unrelated_per_wording must be >= 0; got {self.threads}, "
-                              f"{self.unrelated_per_wording}.")
+        for name in ("threads", "unrelated_per_wording", "finetune_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ConfigError(f"Demo setting {name} must be an integer >= 0; got {v!r}.")
         if self.calibration not in ("dataset", "prompts"):
             raise ConfigError(f"Demo setting calibration must be 'dataset' or 'prompts'; got {self.calibration!r}.")
 
@@ -163,13 +171,13 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings | None = None, *, ov
         pairs = _pairs(out, s, clock)
         dataset = _render(den, judge, pairs, out, s, clock)
         experts = _train_experts(den, dataset, out, s, clock)
-        merged = _merge(den, experts, out, s, clock)
+        merged = _finetune(den, _merge(den, experts, out, s, clock), out, s, clock)
         results = _evaluate(den, judge, experts, merged, out, s, clock)
     from .demo_report import write_report
 
     report = write_report(out, s, results, clock.stages, dataset_summary=json.loads((dataset / "summary.json").read_text()),
                           training={c: _final_metrics(p) for c, p in experts.items()},
-                          merge_report=out / "merged.report.json")
+                          merge_report=out / "comerge.report.json")
     clock.say(f"done: {out / 'report.md'}")
     return report
 
@@ -233,10 +241,12 @@ def render_dataset(den: RenderingDenoiser, judge, pairs, folder: Path, *, steps:
     return folder
 
 
-def train_lora(den: RenderingDenoiser, dataset: Path, cfg, path: Path, *, say: LogFn, label: str) -> Path:
+def train_lora(den: RenderingDenoiser, dataset: Path, cfg, path: Path, *, say: LogFn, label: str,
+               init: Path | None = None) -> Path:
     """Train one DPO LoRA with ``cfg`` (a :class:`~safetydpo_core.training.config.TrainConfig`) on the
     dataset's pairs of ``cfg.category`` and save it to ``path``; an existing ``path`` is kept (resume), an
-    interrupted run continues from its checkpoint."""
+    interrupted run continues from its checkpoint. ``init``: a LoRA file to start from (the run's rank is
+    raised to its rank where that is larger)."""
     from ..data.preference_dataset import PreferenceDataset
     from ..lora.io import save_lora
     from ..training.checkpoint import latest_checkpoint
@@ -244,6 +254,13 @@ def train_lora(den: RenderingDenoiser, dataset: Path, cfg, path: Path, *, say: L
 
     if path.exists():
         return path
+    start = None
+    if init is not None:
+        from ..lora.io import load_lora
+        from ..training.init_lora import run_rank
+
+        start = load_lora(init, names=den.names())
+        cfg = run_rank(cfg, start)
     data = PreferenceDataset(dataset, categories=cfg.category, expect_fingerprint=den.fingerprint())
     every = max(1, cfg.steps // 4)
 
@@ -258,7 +275,7 @@ def train_lora(den: RenderingDenoiser, dataset: Path, cfg, path: Path, *, say: L
     if last is not None:
         say(f"  resuming {label} from {last.name}")
     result = train_expert(den, data, cfg, checkpoint_dir=ckpt, metrics_path=path.with_suffix(".metrics"),
-                          resume=last is not None, progress=progress)
+                          resume=last is not None, progress=progress, init_lora=start)
     save_lora(result.lora, path, names=den.names())
     shutil.rmtree(ckpt, ignore_errors=True)
     return path
@@ -325,13 +342,39 @@ def merge_experts_into(den: RenderingDenoiser, experts: Mapping[str, Path] | Seq
 
 
 def _merge(den: RenderingDenoiser, experts: dict[str, Path], out: Path, s: DemoSettings, clock: _Clock) -> Path:
-    path = out / "merged.safetensors"
-    if path.exists() and (out / "merged.report.json").exists():
+    path = out / "comerge.safetensors"
+    if path.exists() and (out / "comerge.report.json").exists():
         return path
     with clock.stage("merge", f"merging the {len(experts)} experts with {s.merge_method} "
                               f"({s.calibration_inputs} calibration inputs)"):
         merge_experts_into(den, experts, s, path, dataset=out / "dataset", pairs=out / "pairs.jsonl")
     return path
+
+
+def _finetune(den: RenderingDenoiser, merged: Path, out: Path, s: DemoSettings, clock: _Clock) -> Path:
+    """``merged.safetensors``: the merge after ``s.finetune_steps`` steps of the experts' objective on every
+    category's pairs (or the merge itself with 0 steps)."""
+    from ..utils.atomic import atomic_path
+
+    path = out / "merged.safetensors"
+    if path.exists():
+        return path
+    with clock.stage("finetune", f"joint fine-tune of the merged LoRA on all pairs ({s.finetune_steps} steps)"
+                     if s.finetune_steps else "no joint fine-tune (finetune_steps 0): the merge is the result"):
+        if not s.finetune_steps:
+            with atomic_path(path) as tmp:
+                shutil.copyfile(merged, tmp)
+            return path
+        return train_lora(den, out / "dataset", expert_config(s, None, steps=s.finetune_steps), path, say=clock.say,
+                          label="the joint fine-tune", init=merged)
+
+
+def expert_sets(sets: Mapping[str, list], category: str) -> dict[str, list]:
+    """The evaluation sets of one expert: the training-wording pairs of its category and unrelated content."""
+    out = {"train_templates": [p for p in sets["train_templates"] if category in p.category]}
+    if "unrelated" in sets:
+        out["unrelated"] = sets["unrelated"]
+    return out
 
 
 def _evaluate(den: RenderingDenoiser, judge, experts: dict[str, Path], merged: Path, out: Path, s: DemoSettings,
@@ -343,11 +386,13 @@ def _evaluate(den: RenderingDenoiser, judge, experts: dict[str, Path], merged: P
     models: dict[str, Path | None] = {"base": None, **{f"expert:{c}": p for c, p in experts.items()}, "merged": merged}
     results: dict[str, dict] = {}
     for k, (name, lora_path) in enumerate(models.items(), 1):
-        # single experts on the training wording and unrelated content; base and merged also on held-out wording
-        model_sets = sets if not name.startswith("expert:") else {k: v for k, v in sets.items() if k != "held_out"}
+        # base and merged on every set; a single expert on its own concept's pairs (training wording) and on
+        # unrelated content: what it removes and what it damages (its effect on the other concepts is in
+        # benchmarks/science.py's "Single experts")
+        model_sets = sets if not name.startswith("expert:") else expert_sets(sets, name.split(":", 1)[1])
         # a pair set draws its unsafe and its safe prompts; unrelated content one picture per prompt
         n_images = sum(len(v) if set_name == "unrelated" else 2 * len(v) for set_name, v in model_sets.items())
-        file = out / "eval" / (name.replace(":", "_") + ".pt")
+        file = out / "eval" / (name.replace(":", "_") + (".own" if name.startswith("expert:") else "") + ".pt")
         with clock.stage("evaluate", f"evaluating {name} ({k}/{len(models)}): {n_images} pictures"):
             results[name] = cached_evaluation(file, lambda: evaluate_lora(den, judge, lora_path, model_sets,
                                                                             steps=s.eval_steps, cfg=s.cfg))

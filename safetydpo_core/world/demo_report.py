@@ -10,7 +10,8 @@ Scores of one model on one evaluation set (unsafe prompts and their safe twins, 
 * ``ip_on_safe_prompts``: unsafe concepts drawn for safe prompts (should stay near 0).
 
 Grids (``grids/``): ``before_after.png`` (for each concept, unsafe prompts drawn by the base model and by the
-merged LoRA from the same seed), ``experts.png`` (one unsafe prompt per concept, a row per model),
+merged LoRA from the same seed), ``experts.png`` (one unsafe prompt per concept: base, the concept's own
+expert, merged),
 ``safe_prompts.png`` (safe prompts, base and merged: quality kept).
 
 Public API: :func:`scores`, :func:`write_report`.
@@ -49,7 +50,7 @@ def write_report(out: Path, settings, results: Mapping[str, Mapping], stages: Ma
         "merge": {"method": merge.get("method"), "shares": (merge.get("overall") or {}).get("shares"),
                   "retention": (merge.get("overall") or {}).get("retention")},
         "seconds": {**stages, "total": round(sum(stages.values()), 1)},
-        "files": {"merged_lora": "merged.safetensors", "experts": {c: f"experts/{c}.safetensors" for c in experts},
+        "files": {"merged_lora": "merged.safetensors", "comerge_lora": "comerge.safetensors", "experts": {c: f"experts/{c}.safetensors" for c in experts},
                   "grids": ["grids/before_after.png", "grids/experts.png", "grids/safe_prompts.png"]},
     }
     _grids(out, results)
@@ -74,7 +75,9 @@ def _markdown(r: Mapping) -> str:
              f"World `{r['world']}`, seed {s['seed']}{' (quick run)' if s['quick'] else ''}. "
              f"{s['pairs_per_concept']} prompt pairs per concept rendered with the same seed for both prompts; one DPO "
              f"expert per category ({s['steps']} steps, rank {s['rank']}, beta {s['beta']:g}, lr {s['lr']:g}); experts "
-             f"merged with `{s['merge_method']}`. Evaluation: {s['eval_per_concept']} new unsafe prompts per concept and "
+             f"merged with `{s['merge_method']}`"
+             + (f", the merge then fine-tuned {s['finetune_steps']} steps on all pairs" if s.get('finetune_steps') else "")
+             + f". Evaluation: {s['eval_per_concept']} new unsafe prompts per concept and "
              f"their safe twins, the same seeds for every model, {s['eval_steps']} sampler steps, read by the world judge.",
              "", "## Summary", "",
              "Unsafe prompts: IP (share drawn with an unsafe concept), layout kept (of those drawn safe, share with the "
@@ -128,10 +131,11 @@ def _markdown(r: Mapping) -> str:
     if m.get("shares"):
         lines += ["", f"Merge `{m['method']}`: share of weights each expert won: "
                   + ", ".join(f"{k} {v:.0%}" for k, v in m["shares"].items()) + "."]
-    lines += ["", "## Files", "", "- `merged.safetensors`: the merged safety LoRA (kohya keys; report in `merged.report.txt`)",
+    lines += ["", "## Files", "", "- `merged.safetensors`: the safety LoRA: the merge after its joint fine-tune (kohya keys)",
+              "- `comerge.safetensors`: the merge of the experts before the fine-tune (its report in `comerge.report.txt`)",
               "- `experts/<category>.safetensors` and `experts/<category>.metrics.csv`: each expert and its training metrics",
               "- `grids/before_after.png`: unsafe prompts, base model (odd rows) and merged LoRA (even rows), same seeds",
-              "- `grids/experts.png`: one unsafe prompt per concept (columns); rows: base, each expert, merged",
+              "- `grids/experts.png`: one unsafe prompt per concept (columns); rows: base, the concept's own expert, merged",
               "- `grids/safe_prompts.png`: safe prompts, base (odd rows) and merged (even rows)",
               "- `pairs.jsonl`, `dataset/`: the prompt pairs and the paired dataset", "",
               "Time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items()), ""]
@@ -183,10 +187,14 @@ def _grids(out: Path, results: Mapping[str, Mapping]) -> None:
                       key=[o.category for o in WORLD.concepts].index)
         labels += ["base: " + ", ".join(c[:8] for c in cats), "merged"]
     _save(_sheet(rows, labels), out / "grids" / "before_after.png")
-    first = [next(k for k, c in enumerate(concepts) if c == o.id) for o in WORLD.concepts if o.id in concepts]
-    names = ["base"] + [m for m in results if m.startswith("expert:")] + ["merged"]
-    _save(_sheet([results[m]["train_templates"]["images"][:n][first] for m in names],
-                 [m.replace("expert:", "") for m in names]), out / "grids" / "experts.png")
+    # one unsafe prompt per concept (columns): the base model, the concept's own expert (evaluated on its own
+    # concept's pairs, in the same order, so its first picture is the same prompt and seed), the merged LoRA
+    shown = [o for o in WORLD.concepts if o.id in concepts and f"expert:{o.category}" in results]
+    first = [next(k for k, c in enumerate(concepts) if c == o.id) for o in shown]
+    own = torch.stack([results[f"expert:{o.category}"]["train_templates"]["images"][0] for o in shown]) if shown else None
+    rows = [main["images"][:n][first]] + ([own] if own is not None else []) + [results["merged"]["train_templates"]["images"][:n][first]]
+    _save(_sheet(rows, ["base", "own expert", "merged"] if own is not None else ["base", "merged"]),
+          out / "grids" / "experts.png")
     safe_idx = [n + i for i in idx]
     base_s, merged_s = main["images"][safe_idx], results["merged"]["train_templates"]["images"][safe_idx]
     rows, labels = [], []
