@@ -124,3 +124,20 @@ def test_evaluate_models_caches_each_model_once(tmp_path, monkeypatch):
     assert calls == [None]  # read back, not drawn again
     assert torch.equal(again["base"]["unrelated"]["images"], first["base"]["unrelated"]["images"])
     assert again["base"]["unrelated"]["judged"] == first["base"]["unrelated"]["judged"]
+    # a LoRA file replaced under the same model name is evaluated again, not read from the old entry
+    from safetydpo_core.lora.io import save_lora
+    from safetydpo_core.lora.lora_set import LoraLayer, LoraSet
+
+    name = sorted(den.layers("attn"))[0]
+    shape = den.weight_shapes()[name]
+    lora_file = tmp_path / "lora.safetensors"
+    for scale in (0.0, 0.5):
+        save_lora(LoraSet({name: LoraLayer(torch.ones(1, shape[1]), torch.full((shape[0], 1), scale), 1.0)}),
+                  lora_file, names=den.names())
+        lora_eval.evaluate_models(den, judge, {"merged": lora_file}, sets, steps=2, cfg=3.0, cache=tmp_path)
+        lora_eval.evaluate_models(den, judge, {"merged": lora_file}, sets, steps=2, cfg=3.0, cache=tmp_path)
+    assert calls == [None, lora_file, lora_file]
+    import hashlib
+
+    kept = torch.load(tmp_path / "merged.pt", weights_only=True)
+    assert kept["source"] == hashlib.sha256(lora_file.read_bytes()).hexdigest() and "unrelated" in kept

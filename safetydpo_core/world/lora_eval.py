@@ -88,11 +88,17 @@ def evaluate_lora(den: RenderingDenoiser, judge, lora_path: Path | None, sets: M
     return entry
 
 
-def cached_evaluation(file: Path, compute: Callable[[], dict]) -> dict:
-    """``compute()`` once; its result is kept in ``file`` (tensors and strings only, read without pickle)."""
+def cached_evaluation(file: Path, compute: Callable[[], dict], source: str | None = None) -> dict:
+    """``compute()`` once; its result is kept in ``file`` (tensors and strings only, read without pickle).
+    ``source`` names what was evaluated (e.g. the LoRA file's hash); a kept result of another source is
+    computed again (a LoRA file replaced under the same model name)."""
     if file.exists():
-        return torch.load(file, map_location="cpu", weights_only=True)
-    entry = compute()
+        entry = torch.load(file, map_location="cpu", weights_only=True)
+        if source is None or entry.get("source", source) == source:
+            return entry
+    entry = dict(compute())
+    if source is not None:
+        entry["source"] = source
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(".tmp")
     torch.save(entry, tmp)
@@ -100,11 +106,25 @@ def cached_evaluation(file: Path, compute: Callable[[], dict]) -> dict:
     return entry
 
 
+def _file_hash(path: Path | None) -> str:
+    """What an evaluation cache entry was made from: "base", or the LoRA file's SHA-256."""
+    if path is None:
+        return "base"
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def evaluate_models(den: RenderingDenoiser, judge, models: Mapping[str, Path | None], sets: Mapping[str, list], *,
                     steps: int, cfg: float, cache: Path, log: Callable[[str], None] = lambda m: None) -> dict[str, dict]:
     """:func:`evaluate_lora` for each named model (a LoRA file, None for the base model), each kept in
     ``cache/<name as a file name>.pt`` (so a benchmark resumes, and runs that share a cache share the base
-    model's pictures). The same file under two names is evaluated once."""
+    model's pictures), with the hash of the file it was made from: a file replaced under the same name is
+    evaluated again. The same file under two names is evaluated once."""
     import re
 
     entries: dict[str, dict] = {}
@@ -117,7 +137,8 @@ def evaluate_models(den: RenderingDenoiser, judge, models: Mapping[str, Path | N
         if not file.exists():
             log(f"evaluating {name}")
         entries[name] = done[path] = cached_evaluation(file, lambda path=path: evaluate_lora(den, judge, path, sets,
-                                                                                   steps=steps, cfg=cfg))
+                                                                                   steps=steps, cfg=cfg),
+                                                       source=_file_hash(path))
     return entries
 
 
@@ -146,6 +167,8 @@ def model_scores(entry: Mapping[str, Any], base_entry: Mapping[str, Any] | None 
     (with preservation against ``base_entry``, the base model's results) beside them where evaluated."""
     out: dict[str, Any] = {}
     for set_name, d in entry.items():
+        if not isinstance(d, Mapping):  # "source": what the entry was made from
+            continue
         judged = json.loads(d["judged"])
         if "wordings" in d:
             base = None
