@@ -35,18 +35,6 @@ def checkpoint_dir(category: str, settings: dict, dataset_fp: str, model_fp: str
     return paths.pack_output("checkpoints") / f"{category}-{key}"
 
 
-def lora_fingerprint(lora) -> str:
-    """A short hash of a LoRA's layer names and factors (which starting LoRA a checkpoint folder belongs to)."""
-    h = hashlib.sha256()
-    for name in sorted(lora.layers):
-        layer = lora.layers[name]
-        h.update(name.encode())
-        for t in (layer.down, layer.up):
-            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-        h.update(repr(layer.alpha).encode())
-    return h.hexdigest()[:16]
-
-
 def setting_inputs(*names: str, default=None) -> dict:
     """The widgets of these training settings, from their one declaration (``training.config.SETTINGS``):
     the widget's name, default (or ``default``), range, choices and tooltip."""
@@ -139,7 +127,7 @@ class TrainExpert(Node):
         if den.guidance is not None:
             keep["guidance"] = den.guidance
         if init is not None:  # a run from another starting LoRA is another run
-            keep["init_lora"] = lora_fingerprint(init)
+            keep["init_lora"] = init.fingerprint()
         ckpt = checkpoint_dir(category, keep, ds.fingerprint(), model_fp)
         # another ComfyUI (or a CLI run) training the same settings into this folder is refused, not mixed in
         with core("utils.lock").output_lock(ckpt, what="training checkpoint folder"):

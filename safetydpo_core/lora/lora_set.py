@@ -112,6 +112,21 @@ class LoraSet:
     def alphas(self) -> set[float]:
         return {l.alpha for l in self.layers.values()}
 
+    def fingerprint(self, bytes_per_tensor: int | None = None) -> str:
+        """A short hash of the layer names, factors and alphas (of each factor its first ``bytes_per_tensor``
+        bytes as float32, or all of it): which LoRA a run, a cache entry or a checkpoint folder belongs to."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name in sorted(self.layers):
+            layer = self.layers[name]
+            h.update(name.encode())
+            for t in (layer.down, layer.up):
+                data = t.detach().float().contiguous().cpu().numpy().tobytes()
+                h.update(data if bytes_per_tensor is None else data[:bytes_per_tensor])
+            h.update(str(layer.alpha).encode())
+        return h.hexdigest()[:16]
+
     def to(self, dtype: torch.dtype | None = None, device=None) -> "LoraSet":
         return LoraSet({n: l.to(dtype, device) for n, l in self.layers.items()}, self.naming, dict(self.metadata))
 
