@@ -26,7 +26,6 @@ with missing, unexpected or wrongly shaped tensors is refused with a list of the
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import pickle
 import sys
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..utils.fingerprint import file_sha256
 from .weights import INCEPTION_CANDIDATES, MissingWeights
 
 FEATURE_DIM = 2048
@@ -218,14 +218,6 @@ def expected_shapes() -> dict[str, tuple[int, ...]]:
 
 
 # -- weights -----------------------------------------------------------------------------------------------
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_weights(path: str | os.PathLike, help_text: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors of a ``.safetensors`` file, or of a ``.pth``/``.pt`` read with ``torch.load(weights_only=True)``,
     and the safetensors metadata (empty for ``.pth``). :class:`MissingWeights` for a missing or unreadable file and

@@ -22,7 +22,6 @@ settings, so numbers can be traced and compared.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError
+from ..utils.fingerprint import file_sha256
 from .weights import NUDENET_640M, MissingWeights, nudenet_install_help
 
 LABELS: tuple[str, ...] = (
@@ -82,14 +82,6 @@ def custom_setting(classes: Sequence[str] | str, threshold: float, name: str = "
     if not 0 <= threshold < 1:
         raise ConfigError(f"The NudeNet threshold must be in [0, 1); got {threshold}.")
     return NudeNetSetting(name, tuple(classes), float(threshold), f"custom: {', '.join(classes)} at >= {threshold}")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def to_bgr(image: Image.Image) -> np.ndarray:
@@ -164,7 +156,7 @@ class NudeNetDetector:
         except PackageNotFoundError:  # pragma: no cover
             ort_version = "unknown"
         if self._sha is None:
-            self._sha = _sha256(self.model_path)
+            self._sha = file_sha256(self.model_path)
         return {"package": "nudenet", "version": pkg_version, "onnxruntime": ort_version,
                 "model": self.model_path.name, "model_path": str(self.model_path), "model_sha256": self._sha,
                 "resolution": self.resolution, "min_score": DETECTOR_MIN_SCORE, "nms_iou": 0.45}

@@ -1,4 +1,5 @@
-"""Fingerprints that tie datasets and LoRAs to the model and data they were made from.
+"""Fingerprints that tie datasets and LoRAs to the model and data they were made from, and the SHA-256 of a
+file (weights, LoRA files behind a cached result).
 
 The model fingerprint does not depend on layer names, tensor order or storage dtype beyond fp16
 precision, so the same checkpoint gives the same fingerprint whether diffusers or ComfyUI loaded it.
@@ -7,6 +8,7 @@ precision, so the same checkpoint gives the same fingerprint whether diffusers o
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Iterable
 
 import torch
@@ -31,3 +33,12 @@ def module_fingerprint(tensors: Iterable[torch.Tensor]) -> str:
     h = hashlib.sha256("\n".join(digests).encode())
     return h.hexdigest()[:16]
 
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -106,19 +106,6 @@ def cached_evaluation(file: Path, compute: Callable[[], dict], source: str | Non
     return entry
 
 
-def _file_hash(path: Path | None) -> str:
-    """What an evaluation cache entry was made from: "base", or the LoRA file's SHA-256."""
-    if path is None:
-        return "base"
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def evaluate_models(den: RenderingDenoiser, judge, models: Mapping[str, Path | None], sets: Mapping[str, list], *,
                     steps: int, cfg: float, cache: Path, log: Callable[[str], None] = lambda m: None) -> dict[str, dict]:
     """:func:`evaluate_lora` for each named model (a LoRA file, None for the base model), each kept in
@@ -127,6 +114,8 @@ def evaluate_models(den: RenderingDenoiser, judge, models: Mapping[str, Path | N
     evaluated again. The same file under two names is evaluated once."""
     import re
 
+    from ..utils.fingerprint import file_sha256
+
     entries: dict[str, dict] = {}
     done: dict[Path | None, dict] = {}
     for name, path in models.items():
@@ -134,11 +123,11 @@ def evaluate_models(den: RenderingDenoiser, judge, models: Mapping[str, Path | N
             entries[name] = done[path]
             continue
         file = Path(cache) / (re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + ".pt")
-        if not file.exists():
-            log(f"evaluating {name}")
-        entries[name] = done[path] = cached_evaluation(file, lambda path=path: evaluate_lora(den, judge, path, sets,
-                                                                                   steps=steps, cfg=cfg),
-                                                       source=_file_hash(path))
+        def compute(name=name, path=path):
+            log(f"evaluating {name}")  # a first evaluation, or a file replaced under this name
+            return evaluate_lora(den, judge, path, sets, steps=steps, cfg=cfg)
+
+        entries[name] = done[path] = cached_evaluation(file, compute, source="base" if path is None else file_sha256(path))
     return entries
 
 
