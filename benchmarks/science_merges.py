@@ -93,8 +93,8 @@ def main(argv=None) -> int:
     settings = {Path(demo): demo_settings(Path(demo)) for demo in a.demos}
     per_seed = {s.seed: run_demo_models(demo, s, out, den, judge) for demo, s in settings.items()}
     R = [per_seed[k] for k in sorted(per_seed)]
-    default = f"merge:{next(iter(settings.values())).merge_method}"
-    fine = next(iter(settings.values())).finetune_steps
+    first = next(iter(settings.values()))
+    default, fine = f"merge:{first.merge_method}", first.finetune_steps
     rows = [("base", "base"), ("All-single", "all-single"),
             (f"{default[6:]} + joint fine-tune, {fine} steps (the demo's merged LoRA)", "merged"),
             (f"{default[6:]} (the demo's merge before the fine-tune)", default)]
