@@ -79,7 +79,7 @@ class TrainExpert(Node):
         }, "optional": {
             "allow_model_mismatch": BOOL(False, "Train even if the dataset was rendered with another model "
                                                 "(its images are then not this model's outputs)."),
-            **setting_inputs("sft_weight", "preserve_weight", "preserve_prompts"),
+            **setting_inputs("sft_weight", "preserve_weight", "preserve_prompts", "adv_weight"),
             "init_lora": SOCKET(LORA_MODEL, "Start from this LoRA instead of from zero: connect the Co-Merge node's "
                                             "output and choose category 'all' for the joint fine-tune of the merged "
                                             "LoRA (it puts back the safe twins and unrelated content the merge loses). "
@@ -94,7 +94,7 @@ class TrainExpert(Node):
 
     def train(self, model, clip, dataset, category, steps, learning_rate, rank, beta, condition, seed,
               gradient_checkpointing, save_every, resume, allow_model_mismatch=False, sft_weight=0.0,
-              preserve_weight=0.0, preserve_prompts="auto", init_lora=None, objective="dpo", esd_eta=1.0, guidance=None):
+              preserve_weight=0.0, preserve_prompts="auto", adv_weight=0.0, init_lora=None, objective="dpo", esd_eta=1.0, guidance=None):
         e = errors()
         data_path = paths.dataset_folder(dataset, "dataset")
         sets = core("training.preservation").PRESERVE_SETS
@@ -112,7 +112,7 @@ class TrainExpert(Node):
                              beta=float(beta), condition=condition, lr=float(learning_rate), seed=int(seed),
                              gradient_checkpointing=bool(gradient_checkpointing), checkpoint_every=int(save_every),
                              sft_weight=float(sft_weight), preserve_weight=float(preserve_weight),
-                             preserve_prompts=str(preserve_prompts))
+                             preserve_prompts=str(preserve_prompts), adv_weight=float(adv_weight))
         den = denoiser(model, clip, guidance=guidance)
         model_fp = den.fingerprint()
         init = None

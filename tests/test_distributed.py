@@ -31,7 +31,8 @@ from safetydpo_core.denoiser.diffusers_backend import DiffusersDenoiser
 pytest.importorskip("accelerate", reason="accelerate is needed for the multi-process test")
 
 STEPS = ["--steps", "3", "--rank", "2", "--lr", "1e-3", "--beta", "2000", "--seed", "3", "--condition", "both",
-         "--prompt-dropout", "0.3", "--category", "violence", "--preserve-weight", "2", "--preserve-prompts", "others"]
+         "--prompt-dropout", "0.3", "--category", "violence", "--preserve-weight", "2", "--preserve-prompts", "others",
+         "--adv-weight", "1"]  # the adversary (training/adversarial.py) too: its tokens step on gradients summed over processes
 
 
 def _free_port() -> int:

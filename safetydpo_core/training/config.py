@@ -14,6 +14,7 @@ from typing import Any
 from ..categories import normalize_categories
 from ..errors import ConfigError
 from ..utils.numbers import check_number, check_optional
+from .adversarial import ADV_INITS, ADV_OBJECTIVES
 from .preservation import PRESERVE_SETS
 
 OBJECTIVES = ("dpo", "mapo", "esd")
@@ -40,6 +41,12 @@ class TrainConfig:
     sft_weight: float = 0.0
     preserve_weight: float = 0.0                # output preservation (DUO): weight of mean((pred - ref)^2)
     preserve_prompts: str = "auto"               # the preservation set: auto, others, neutral, safe or a file
+    adv_weight: float = 0.0                      # adversarial training against concept inversion (adversarial.py)
+    adv_lr: float = 0.3                          # the adversary's step, in RMS vocabulary-embedding entries
+    adv_steps: int = 1                           # the adversary's steps before each optimiser step
+    adv_reset: int = 50                          # restart the adversary's tokens every N steps
+    adv_init: str = "random"                     # where they start: a random vocabulary token or the concept word
+    adv_objective: str = "dpo"                   # the LoRA's term there: DPO on the pair, or the safe prompt's output
     condition: str = "unsafe"                    # which prompt conditions both images
     lr: float = 1e-4
     optimizer: str = "adamw"
@@ -66,11 +73,11 @@ class TrainConfig:
             self.category = normalize_categories(self.category)
         else:
             self.category = None
-        for name in ("steps", "rank", "batch_size", "grad_accum", "esd_sample_steps"):
+        for name in ("steps", "rank", "batch_size", "grad_accum", "esd_sample_steps", "adv_reset", "adv_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{name} must be a positive integer; got {v!r}.")
-        for name in ("lr", "beta", "mapo_beta", "mapo_snr", "esd_eta"):
+        for name in ("lr", "beta", "mapo_beta", "mapo_snr", "esd_eta", "adv_lr"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ConfigError(f"{name} must be a positive number; got {v!r}.")
@@ -80,6 +87,7 @@ class TrainConfig:
         self.max_grad_norm = check_optional(self.max_grad_norm, "max_grad_norm (0 disables clipping)", 0)
         self.sft_weight = check_number(self.sft_weight, "sft_weight", 0)
         self.preserve_weight = check_number(self.preserve_weight, "preserve_weight", 0)
+        self.adv_weight = check_number(self.adv_weight, "adv_weight", 0)
         self.weight_decay = check_number(self.weight_decay, "weight_decay", 0)
         self.seed = check_number(self.seed, "seed", integer=True)
         if not isinstance(self.preserve_prompts, str) or not self.preserve_prompts.strip():
@@ -90,7 +98,11 @@ class TrainConfig:
         if self.objective == "esd" and self.preserve_weight:
             raise ConfigError("preserve_weight does not apply to objective esd (ESD has no preference images to "
                               "noise preservation prompts from); set it to 0.")
+        if self.objective == "esd" and self.adv_weight:
+            raise ConfigError("adv_weight does not apply to objective esd (the adversary's prompts are learned on the "
+                              "pairs' unsafe images); set it to 0.")
         for name, allowed in (("objective", OBJECTIVES), ("condition", CONDITIONS), ("optimizer", OPTIMIZERS),
+                              ("adv_init", ADV_INITS), ("adv_objective", ADV_OBJECTIVES),
                               ("lr_schedule", SCHEDULES), ("mixed_precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}.")
@@ -205,6 +217,20 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
                                 "everyday prompts), others, neutral, safe (every safe prompt of the dataset, the "
                                 "trained categories' too, plus everyday prompts), or (command line only) a .txt / "
                                 ".jsonl prompts file.", resume=True, choices=PRESERVE_SETS, node="preserve_prompts"),
+    Setting("adv_weight", "Adversarial training against concept inversion (AdvUnlearn-style): weight of the DPO "
+                          "term on prompts whose concept word is replaced by an adversary's token, learned against "
+                          "the LoRA as training goes (0 = off). Much more robust to inversion and rewording, at a "
+                          "cost to safe twins and unrelated content (docs/benchmarks.md).", resume=True, lo=0,
+            node="adv_weight", widget=dict(max=1e6, step=0.1)),
+    Setting("adv_lr", "The adversary's step size, in root-mean-square entries of the vocabulary's embeddings.",
+            resume=True, lo=0, lo_open=True),
+    Setting("adv_steps", "The adversary's gradient steps before each optimiser step.", resume=True, lo=1),
+    Setting("adv_reset", "Restart the adversary's tokens every N steps (a fresh attack each time).", resume=True, lo=1),
+    Setting("adv_init", "Where the adversary's tokens start: a random vocabulary token (where the inversion attack "
+                        "starts) or the concept word's own embedding.", resume=True, choices=ADV_INITS),
+    Setting("adv_objective", "The LoRA's term on the adversary's prompts: dpo (the pair, safe preferred) or anchor "
+                             "(the untouched model's output for the pair's safe prompt).", resume=True,
+            choices=ADV_OBJECTIVES),
     Setting("condition", "Which prompt conditions both images of a pair: the unsafe prompt (the method's default), "
                          "the safe one, or either at random.", resume=True, choices=CONDITIONS, node="condition"),
     Setting("lr", "Learning rate of the LoRA.", resume=True, lo=0, lo_open=True, node="learning_rate",

@@ -119,6 +119,8 @@ class ExpertTrainer:
         self.init_lora = init_lora
         self._cond_cache: OrderedDict[tuple[str, tuple[int, int]], Conditioning] = OrderedDict()
         self._preserve_items = None
+        self.adversary = None
+        self._adversary_before = None  # the adversary's state at the start of a step still running
         self._check_dataset()
 
     # -- checks -------------------------------------------------------------------------------------
@@ -194,7 +196,7 @@ class ExpertTrainer:
         rec = ds.records[idx[0]]
         size = (rec.height or w.shape[-2] * self.denoiser.vae_scale_factor,
                 rec.width or w.shape[-1] * self.denoiser.vae_scale_factor)
-        return w, l, noise, t, prompts, size
+        return w, l, noise, t, prompts, size, [ds.records[i] for i in idx]
 
     def _autocast(self):
         mp = self.cfg.mixed_precision
@@ -271,19 +273,44 @@ class ExpertTrainer:
     def _micro_loss(self, adapter, order: PairOrder, step: int, micro: int) -> objectives.ObjectiveOutput:
         """The objective of global micro-step ``micro`` of ``step``, with the output-preservation term when
         ``preserve_weight`` is set (ESD replaces this: :mod:`.esd`)."""
-        w, l, noise, t, prompts, size = self._batch(order, step, micro)
+        cfg = self.cfg
+        w, l, noise, t, prompts, size, records = self._batch(order, step, micro)
         pair, target = self._dpo_input(w, l, noise, t, self._encode(prompts, size))
-        inputs, reference = [pair], [self.cfg.objective == "dpo"]
-        if self.cfg.preserve_weight:
+        inputs, reference = [pair], [cfg.objective == "dpo"]
+        if cfg.adv_weight:  # the same noised pair once more, under the adversary's prompts (.adversarial)
+            inputs.append((pair[0], pair[1], self.adversary.conditioning(records, size).repeat(2)))
+            reference.append(cfg.objective == "dpo" and cfg.adv_objective == "dpo")
+        if cfg.preserve_weight:
             inputs.append(self._preserve_input(w, step, micro, size))
             reference.append(True)
         preds, refs = self._predictions(adapter, inputs, reference)
         out = self._objective(preds[0], refs[0], target)
-        if self.cfg.preserve_weight:
-            kept = objectives.per_sample_mse(preds[1], refs[1]).mean()
-            out.loss = out.loss + self.cfg.preserve_weight * kept
+        if cfg.adv_weight:
+            if cfg.adv_objective == "dpo":
+                adv = self._objective(preds[1], refs[1], target).loss
+            else:  # "anchor": the untouched model's prediction for the pairs' safe prompts, on the same inputs
+                with torch.no_grad(), adapter.disabled(), self._autocast():
+                    anchor = self.denoiser.predict(pair[0], pair[1], self._encode([r.safe for r in records], size).repeat(2))
+                adv = objectives.per_sample_mse(preds[1], anchor).mean()
+            out.loss = out.loss + cfg.adv_weight * adv
+            out.stats["adv"] = float(adv.detach())
+        if cfg.preserve_weight:
+            kept = objectives.per_sample_mse(preds[-1], refs[-1]).mean()
+            out.loss = out.loss + cfg.preserve_weight * kept
             out.stats["preserve"] = float(kept.detach())
         return out
+
+    def _adversary_step(self, order: PairOrder, step: int) -> float:
+        """The adversary's turn before optimiser step ``step`` (:mod:`.adversarial`): its tokens restart when due,
+        then take ``adv_steps`` steps against the current LoRA on the pairs of the step's first micro-step, the
+        same on every process (so they need no synchronising); returns its last denoising error."""
+        cfg, d = self.cfg, self.denoiser
+        self._adversary_before = self.adversary.state_dict()  # what a checkpoint of an unfinished step holds
+        self.adversary.begin(step)
+        w, l, noise, t, prompts, size, records = self._batch(order, step, 0)
+        with self._autocast():
+            return self.adversary.attack(d, records, l.to(torch.device(d.device)), size, cfg.adv_steps,
+                                         step_generator(cfg.seed, step, 0, domain=6))
 
     def _initial_lora(self, adapter) -> LoraSet:
         """Seeded initialisation (down ~ N(0, 1/r), up = 0, as the official code): the update starts at zero,
@@ -335,7 +362,9 @@ class ExpertTrainer:
                 "scheduler": sched.state_dict(), "history": metrics.history, "config": self.cfg.to_dict(),
                 "naming": lora.naming, "model_fingerprint": self.denoiser.fingerprint(),
                 "dataset_fingerprint": self.dataset.fingerprint(), "micro_steps": self.micro_steps,
-                "world_size": self.group.world_size}
+                "world_size": self.group.world_size,
+                **({"adversary": self._adversary_before if self._adversary_before is not None
+                    else self.adversary.state_dict()} if self.adversary is not None else {})}
 
     def _restore(self, path: Path, adapter, opt, sched) -> tuple[int, list[dict]]:
         state = load_checkpoint(path)
@@ -361,6 +390,8 @@ class ExpertTrainer:
         adapter.load(lora)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if self.adversary is not None:
+            self.adversary.load_state_dict(state.get("adversary", {}))
         return int(state["step"]), list(state.get("history", []))
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -371,6 +402,11 @@ class ExpertTrainer:
         check_rank_fits(d.layers(cfg.targets), cfg.rank)
         # fitted before the adapters go in (they change the model's weight names)
         init = None if self.init_lora is None else fit_init_lora(self.init_lora, d, cfg.rank, seed=cfg.seed)
+        if cfg.adv_weight:
+            from .adversarial import Adversary
+
+            self.adversary = Adversary(d, self.dataset.records, lr=cfg.adv_lr, reset=cfg.adv_reset, init=cfg.adv_init,
+                                       seed=cfg.seed)
         adapter = d.attach_lora(cfg.rank, cfg.alpha, cfg.targets)
         try:
             adapter.load(self._start_lora(adapter, init))
@@ -450,6 +486,8 @@ class ExpertTrainer:
                     raise Interrupted(f"Training was cancelled after {done} of {cfg.steps} steps.")
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
+                if self.adversary is not None:
+                    stats_adv = self._adversary_step(order, step)
                 total, stats, bad_loss = 0.0, {}, None
                 for local in range(cfg.grad_accum):
                     micro = local * group.world_size + group.rank
@@ -496,7 +534,10 @@ class ExpertTrainer:
                 else:
                     opt.step()
                 sched.step()
+                self._adversary_before = None
                 done = step + 1
+                if self.adversary is not None:
+                    stats["adv_attack"] = stats_adv
                 row = {"step": done, "loss": total, **stats, "lr": lr, "grad_norm": grad_norm,
                        "seconds": round(time.perf_counter() - t0, 4)}
                 metrics.append(row)
@@ -539,6 +580,9 @@ class ExpertTrainer:
         if cfg.preserve_weight:
             meta["safetydpo_preserve_weight"] = f"{cfg.preserve_weight:g}"
             meta["safetydpo_preserve_prompts"] = Path(cfg.preserve_prompts).name  # never a full path
+        if cfg.adv_weight:
+            meta["safetydpo_adv_weight"] = f"{cfg.adv_weight:g}"
+            meta["safetydpo_adv_init"] = cfg.adv_init
         if self.init_lora is not None:  # where the run started: the file's name (never a full path), its merge
             start = self.init_lora.metadata
             meta["safetydpo_init_lora"] = Path(start.get("safetydpo_source", "")).name or "(a LoRA given in memory)"
