@@ -102,7 +102,9 @@ def run_demo(demo: Path, variants: dict[str, dict], out: Path, attacks, den, jud
                       "unrelated_fidelity": round(sc["unrelated"]["fidelity"] / base_unrel, 4) if base_unrel else None,
                       "preservation": sc["unrelated"]["preservation"],
                       **{f"asr_{a}": table[name][a]["asr"] for a in attacks}}
-    (seed_dir / "results.json").write_text(json.dumps(rows, indent=1))
+    done = seed_dir / "results.json"  # every variant run so far for this seed
+    kept = json.loads(done.read_text()) if done.exists() else {}
+    done.write_text(json.dumps({**kept, **rows}, indent=1))
     return rows
 
 

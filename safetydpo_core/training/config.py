@@ -43,8 +43,8 @@ class TrainConfig:
     preserve_prompts: str = "auto"               # the preservation set: auto, others, neutral, safe or a file
     adv_weight: float = 0.0                      # adversarial training against concept inversion (adversarial.py)
     adv_lr: float = 0.3                          # the adversary's step, in RMS vocabulary-embedding entries
-    adv_steps: int = 1                           # the adversary's steps before each optimiser step
-    adv_reset: int = 50                          # restart the adversary's tokens every N steps
+    adv_steps: int = 6                           # the adversary's steps before each optimiser step
+    adv_reset: int = 10                          # restart the adversary's tokens every N steps
     adv_init: str = "random"                     # where they start: a random vocabulary token or the concept word
     adv_objective: str = "dpo"                   # the LoRA's term there: DPO on the pair, or the safe prompt's output
     condition: str = "unsafe"                    # which prompt conditions both images
