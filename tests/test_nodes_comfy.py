@@ -370,6 +370,11 @@ def test_sd15_render_train_resume_save_load_merge_sample_plot_evaluate(comfy_dir
     assert gap(tuned) < 0.01 * gap(from_zero)  # it started from the merge, not from zero
     with pytest.raises(Exception, match="init_lora"):
         _train(sd15, dataset, "all", steps=1, init_lora={"diffusion_model.nope.lora_up.weight": torch.zeros(2, 2)})
+    # the same with the adversary (adv_weight): its tokens reach the graph's CLIP through the Comfy backend
+    hardened, metrics_a, _ = _train(sd15, dataset, "all", steps=2, init_lora=merged, rank=1, sft_weight=1.0,
+                                    adv_weight=1.0, learning_rate=1e-7)
+    assert hardened.metadata["safetydpo_adv_weight"] == "1" and metrics_a["settings"]["adv_weight"] == 1.0
+    assert all("adv" in row and "adv_attack" in row for row in metrics_a["history"])
     (experts,) = run("SafetyDPO_ExpertList", lora=lora_v, weight=1.0)
     (experts,) = run("SafetyDPO_ExpertList", lora=lora_s, weight=0.5, experts=experts)
     linear, report_l = run("SafetyDPO_CoMerge", model=mp, clip=clip, method="linear", rank=3, calibration_inputs=4,
@@ -503,6 +508,8 @@ def test_transformer_render_train_merge_save_load_sample(comfy_dirs, transformer
     experts = [_train(triple, dataset, cat, steps=2, gradient_checkpointing=kind == "flux") for cat in ("hate", "violence")]
     assert all(m["history"][0]["loss"] == pytest.approx(0.6931, abs=1e-3) for _, m, _ in experts)
     experts = [e[0] for e in experts]
+    with pytest.raises(errs.ConfigError, match="adv_weight"):  # no token-level access to T5: refused by name
+        _train(triple, dataset, "hate", steps=1, adv_weight=1.0)
     assert_same_state(before, mp)
     version = {"flux": "flux1", "sd3": "sd3"}[kind]
     assert experts[0].metadata["ss_base_model_version"] == version
