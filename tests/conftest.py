@@ -63,3 +63,21 @@ def make_dataset(root: Path, denoiser, n_per_category: int = 4, categories=("vio
                        safe=f"a photo of a {['cat', 'dog'][ci % 2]}", safe_latent=pattern + jitter,
                        unsafe_latent=-pattern + jitter, seed=i, height=32, width=32)
     return root
+
+
+class GradCallHook:
+    """Delegates to a denoiser; on its forward passes with gradients (the trainer's policy passes, the
+    adversary's), ``hook(output, k)`` for the k-th one (from 1) gives the output, or raises."""
+
+    def __init__(self, den, hook):
+        self._den, self._hook, self._calls = den, hook, 0
+
+    def __getattr__(self, name):
+        return getattr(self._den, name)
+
+    def predict(self, x_t, t, cond):
+        out = self._den.predict(x_t, t, cond)
+        if torch.is_grad_enabled():
+            self._calls += 1
+            return self._hook(out, self._calls)
+        return out

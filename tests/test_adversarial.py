@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_dataset
+from conftest import GradCallHook, make_dataset
 from safetydpo_core.attacks.unlearndiff import denoising_loss
 from safetydpo_core.data import PreferenceDataset
 from safetydpo_core.denoiser.diffusers_backend import DiffusersDenoiser
@@ -83,21 +83,13 @@ def test_adversarial_training_runs_resumes_exactly_and_is_recorded(sd15, data, t
     assert not plain.lora.allclose(full.lora, rtol=0, atol=1e-7)  # the term changes what is learned
 
 
-class _CtrlC:
-    """Delegates to a denoiser but raises KeyboardInterrupt on its n-th forward pass with gradients."""
-
-    def __init__(self, den, at: int):
-        self._den, self._at, self._calls = den, at, 0
-
-    def __getattr__(self, name):
-        return getattr(self._den, name)
-
-    def predict(self, x_t, t, cond):
-        if torch.is_grad_enabled():
-            self._calls += 1
-            if self._calls == self._at:
-                raise KeyboardInterrupt
-        return self._den.predict(x_t, t, cond)
+def _ctrl_c_at(n: int):
+    """A hook for :class:`GradCallHook`: Ctrl-C on the n-th forward pass with gradients."""
+    def hook(out, k):
+        if k == n:
+            raise KeyboardInterrupt
+        return out
+    return hook
 
 
 def test_a_ctrl_c_after_the_adversarys_turn_resumes_exactly(sd15, data, tmp_path):
@@ -107,7 +99,7 @@ def test_a_ctrl_c_after_the_adversarys_turn_resumes_exactly(sd15, data, tmp_path
     cfg = TrainConfig(steps=4, lr=1e-3, beta=1000, seed=4, adv_weight=1.0, adv_steps=1)
     full = train_expert(sd15, data, cfg)
     with pytest.raises(KeyboardInterrupt):
-        train_expert(_CtrlC(sd15, at=2 * 2 + 2), data, cfg, checkpoint_dir=tmp_path / "ck")
+        train_expert(GradCallHook(sd15, _ctrl_c_at(2 * 2 + 2)), data, cfg, checkpoint_dir=tmp_path / "ck")
     assert [p.name for p in (tmp_path / "ck").iterdir()] == ["checkpoint-0000002.pt"]
     resumed = train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck", resume=True)
     assert full.lora.allclose(resumed.lora, rtol=0, atol=0)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_dataset
+from conftest import GradCallHook, make_dataset
 from safetydpo_core.data import PreferenceDataset
 from safetydpo_core.denoiser.diffusers_backend import DiffusersDenoiser
 from safetydpo_core.errors import ConfigError, Interrupted, TrainingDiverged
@@ -107,27 +107,14 @@ def test_resume_after_interruption_gives_the_same_lora(sd15, data, tmp_path):
         train_expert(sd15, data, TrainConfig(**{**cfg.to_dict(), "lr": 2e-3}), checkpoint_dir=tmp_path / "ck", resume=True)
 
 
-class _Poisoned:
-    """Delegates to a denoiser but returns NaN predictions from the n-th policy call on."""
-
-    def __init__(self, den, after: int):
-        self._den, self._after, self._calls = den, after, 0
-
-    def __getattr__(self, name):
-        return getattr(self._den, name)
-
-    def predict(self, x_t, t, cond):
-        out = self._den.predict(x_t, t, cond)
-        if torch.is_grad_enabled():
-            self._calls += 1
-            if self._calls > self._after:
-                return out * float("nan")
-        return out
+def _poisoned(den, after: int) -> GradCallHook:
+    """NaN predictions from the policy's ``after + 1``-th call on."""
+    return GradCallHook(den, lambda out, k: out * float("nan") if k > after else out)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(sd15, data, tmp_path):
     with pytest.raises(TrainingDiverged, match=r"step 3.*last good state.*checkpoint-0000002"):
-        train_expert(_Poisoned(sd15, 2), data, TrainConfig(steps=5, lr=1e-3), checkpoint_dir=tmp_path / "ck")
+        train_expert(_poisoned(sd15, 2), data, TrainConfig(steps=5, lr=1e-3), checkpoint_dir=tmp_path / "ck")
     assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [2]
     # the denoiser is left clean: no adapters remain
     assert not any("lora" in n for n, _ in sd15.unet.named_modules())
