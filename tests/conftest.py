@@ -31,6 +31,14 @@ def tiny_sd15(tmp_path_factory) -> Path:
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd15") / "model", kind="sd15", seed=0)
 
 
+@pytest.fixture(scope="module")
+def sd15(tiny_sd15):
+    """The tiny SD1.5 through the diffusers backend, one per test module (a module may define its own)."""
+    from safetydpo_core.denoiser.diffusers_backend import DiffusersDenoiser
+
+    return DiffusersDenoiser.from_pretrained(tiny_sd15)
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     from safetydpo_core.tiny_models import build_tiny_pipeline

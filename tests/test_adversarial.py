@@ -6,16 +6,10 @@ import torch
 from conftest import GradCallHook, make_dataset
 from safetydpo_core.attacks.unlearndiff import denoising_loss
 from safetydpo_core.data import PreferenceDataset
-from safetydpo_core.denoiser.diffusers_backend import DiffusersDenoiser
 from safetydpo_core.denoiser.protocol import FREE
 from safetydpo_core.errors import ConfigError, Interrupted
 from safetydpo_core.training import TrainConfig, train_expert
 from safetydpo_core.training.adversarial import Adversary
-
-
-@pytest.fixture(scope="module")
-def sd15(tiny_sd15):
-    return DiffusersDenoiser.from_pretrained(tiny_sd15)
 
 
 @pytest.fixture(scope="module")

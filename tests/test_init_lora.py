@@ -12,15 +12,10 @@ from safetydpo_core.cli.main import main
 from safetydpo_core.data import PreferenceDataset
 from safetydpo_core.denoiser.diffusers_backend import DiffusersDenoiser
 from safetydpo_core.errors import LoraError
-from safetydpo_core.lora.io import load_lora, save_lora
+from safetydpo_core.lora.io import save_lora
 from safetydpo_core.lora.lora_set import LoraLayer, LoraSet
 from safetydpo_core.training import TrainConfig, train_expert
 from safetydpo_core.training.init_lora import fit_init_lora, run_rank
-
-
-@pytest.fixture(scope="module")
-def sd15(tiny_sd15):
-    return DiffusersDenoiser.from_pretrained(tiny_sd15)
 
 
 @pytest.fixture(scope="module")

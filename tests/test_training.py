@@ -17,11 +17,6 @@ from safetydpo_core.training.objectives import diffusion_dpo, mapo
 
 
 @pytest.fixture(scope="module")
-def sd15(tiny_sd15):
-    return DiffusersDenoiser.from_pretrained(tiny_sd15)
-
-
-@pytest.fixture(scope="module")
 def data(sd15, tmp_path_factory):
     root = make_dataset(tmp_path_factory.mktemp("data") / "pairs", sd15)
     return PreferenceDataset(root, categories="violence", expect_fingerprint=sd15.fingerprint())
