@@ -58,24 +58,14 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, out
 
 
-def finetune(demo: Path, s, overrides: dict, path: Path, den) -> Path:
-    """The demo's joint fine-tune of its Co-Merge LoRA with ``overrides``, written to ``path`` (kept if there)."""
-    from safetydpo_core.data.preference_dataset import PreferenceDataset
-    from safetydpo_core.lora.io import load_lora, save_lora
-    from safetydpo_core.training.init_lora import run_rank
-    from safetydpo_core.training.trainer import train_expert
-    from safetydpo_core.world.demo import expert_config
+def finetune(demo: Path, s, name: str, overrides: dict, path: Path, den) -> Path:
+    """The demo's joint fine-tune of its Co-Merge LoRA with ``overrides``, written to ``path`` (kept if there;
+    an interrupted run resumes from its checkpoint)."""
+    from safetydpo_core.world.demo import expert_config, train_lora
 
-    if path.exists():
-        return path
-    init = load_lora(demo / "comerge.safetensors", names=den.names())
-    cfg = run_rank(expert_config(s, None, steps=s.finetune_steps, checkpoint_every=0, **overrides), init)
-    data = PreferenceDataset(demo / "dataset", expect_fingerprint=den.fingerprint())
-    t0 = time.perf_counter()
-    res = train_expert(den, data, cfg, init_lora=init, metrics_path=path.with_suffix(".metrics"))
-    save_lora(res.lora, path, names=den.names())
-    print(f"{path.name}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
-    return path
+    return train_lora(den, demo / "dataset", expert_config(s, None, steps=s.finetune_steps, **overrides), path,
+                      say=lambda m: print(m, flush=True), label=f"the fine-tune {name}",
+                      init=demo / "comerge.safetensors")
 
 
 def run_demo(demo: Path, variants: dict[str, dict], out: Path, attacks, den, judge) -> dict:
@@ -89,7 +79,7 @@ def run_demo(demo: Path, variants: dict[str, dict], out: Path, attacks, den, jud
     seed_dir.mkdir(parents=True, exist_ok=True)
     loras = {"merged": demo / "merged.safetensors"}
     for name, overrides in variants.items():
-        loras[name] = finetune(demo, s, overrides, seed_dir / f"{name}.safetensors", den)
+        loras[name] = finetune(demo, s, name, overrides, seed_dir / f"{name}.safetensors", den)
     entries = evaluate_models(den, judge, {"base": None, **loras}, eval_sets(s), steps=s.eval_steps, cfg=s.cfg,
                               cache=seed_dir / "eval", log=lambda m: print(f"seed {s.seed}: {m}", flush=True))
     table = attack_table(s.seed, seed_dir, den, judge, loras, attacks=attacks)

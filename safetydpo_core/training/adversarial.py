@@ -134,13 +134,9 @@ class Adversary:
     def conditioning(self, records: Sequence, size: tuple[int, int], grad: bool = False) -> Conditioning:
         """The adversarial prompt of each record (its category's token in place of the concept word); with
         ``grad`` it carries gradients back to the tokens."""
-        vs = [self.vectors[self.key(r)][None] if grad else self.vectors[self.key(r)].detach()[None] for r in records]
-        ids = [self._layout(r)[0] for r in records]
-        if not grad:
-            with torch.no_grad():
-                return self.embedder.encode(ids, vs, size=size)
-        with self.embedder.gradients():
-            return self.embedder.encode(ids, vs, size=size)
+        vs = [self.vectors[self.key(r)][None] for r in records]
+        with self.embedder.gradients() if grad else torch.no_grad():
+            return self.embedder.encode([self._layout(r)[0] for r in records], vs, size=size)
 
     # -- the adversary's steps ----------------------------------------------------------------------
     def attack(self, denoiser: Denoiser, records: Sequence, unsafe: torch.Tensor, size: tuple[int, int],
