@@ -77,6 +77,21 @@ def test_adversarial_training_runs_resumes_exactly_and_is_recorded(sd15, data, t
     assert not plain.lora.allclose(full.lora, rtol=0, atol=1e-7)  # the term changes what is learned
 
 
+def test_the_adversarys_turn_loads_no_pair_twice(sd15, data, monkeypatch):
+    """The adversary attacks micro-step 0's unsafe latents; that micro-step then reuses the batch it loaded, so a
+    step with the adversary reads the same pairs from the dataset as a step without it."""
+    loads = []
+    real = PreferenceDataset.load_pair
+    monkeypatch.setattr(PreferenceDataset, "load_pair", lambda self, i: loads.append(i) or real(self, i))
+    counts = {}
+    for w in (0.0, 1.0):
+        loads.clear()
+        train_expert(sd15, data, TrainConfig(steps=2, lr=1e-3, beta=1000, seed=5, grad_accum=2, adv_weight=w,
+                                             adv_steps=1))
+        counts[w] = sorted(loads)
+    assert counts[1.0] == counts[0.0] and len(counts[0.0]) >= 2 * 2 * TrainConfig().batch_size
+
+
 def _ctrl_c_at(n: int):
     """A hook for :class:`GradCallHook`: Ctrl-C on the n-th forward pass with gradients."""
     def hook(out, k):

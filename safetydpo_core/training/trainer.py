@@ -121,6 +121,7 @@ class ExpertTrainer:
         self._preserve_items = None
         self.adversary = None
         self._adversary_before = None  # the adversary's state at the start of a step still running
+        self._batch_memo = None  # ((order, step, micro), batch): the adversary's batch, kept for its micro-step
         self._check_dataset()
 
     # -- checks -------------------------------------------------------------------------------------
@@ -174,7 +175,11 @@ class ExpertTrainer:
         return self.cfg.grad_accum * self.group.world_size
 
     def _batch(self, order: PairOrder, step: int, micro: int):
-        """The data and draws of global micro-step ``micro`` of ``step``."""
+        """The data and draws of global micro-step ``micro`` of ``step`` (a batch the adversary's turn loaded
+        for this micro-step is handed over once instead of being loaded again)."""
+        memo, self._batch_memo = self._batch_memo, None
+        if memo is not None and memo[0] == (id(order), step, micro):
+            return memo[1]
         cfg, ds = self.cfg, self.dataset
         g = step_generator(cfg.seed, step, micro)
         first = (step * self.micro_steps + micro) * cfg.batch_size
@@ -307,7 +312,9 @@ class ExpertTrainer:
         cfg, d = self.cfg, self.denoiser
         self._adversary_before = self.adversary.state_dict()  # what a checkpoint of an unfinished step holds
         self.adversary.begin(step)
-        w, l, noise, t, prompts, size, records = self._batch(order, step, 0)
+        batch = self._batch(order, step, 0)
+        self._batch_memo = ((id(order), step, 0), batch)  # micro-step 0 (this process's, if it runs it) reuses it
+        w, l, noise, t, prompts, size, records = batch
         with self._autocast():
             return self.adversary.attack(d, records, l.to(torch.device(d.device)), size, cfg.adv_steps,
                                          step_generator(cfg.seed, step, 0, domain=6))
