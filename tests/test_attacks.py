@@ -177,6 +177,26 @@ def test_ring_a_bell_without_safe_twins_removes_the_concept_word(world):
     assert without_concept(AttackPrompt("y", "a photo", ["violence"], "weapon"), world=True) is None
 
 
+def test_ring_a_bell_queries_spread_over_the_population_not_one_winner_with_a_token_changed():
+    from safetydpo_core.attacks.ring_a_bell import query_picks
+
+    best = torch.arange(10, 18)
+    near = [best.clone() for _ in range(3)]
+    for k, n in enumerate(near):  # the winner with one token changed: fitter than anything else
+        n[k] = 99
+    far, far2 = torch.arange(30, 38), best.clone()
+    far2[:4] = torch.tensor([50, 51, 52, 53])  # four of eight tokens differ from the winner
+    empty = torch.zeros(8, dtype=torch.long)
+    pop = torch.stack([best, *near, far, far2, empty, best.clone()])
+    fit = torch.tensor([0.9, 0.89, 0.88, 0.87, 0.5, 0.6, 0.95, 0.9])
+    decode = lambda ids: "" if not any(ids) else " ".join(map(str, ids))  # noqa: E731
+    picks = [i for i, _ in query_picks(pop, fit, 3, 2, decode)]
+    assert picks[0] in (0, 7) and picks[1:] == [5, 4]  # fittest first; near-copies and the empty text skipped
+    picks = [i for i, _ in query_picks(pop, fit, 5, 2, decode)]  # too few far apart: filled with the fittest rest
+    assert picks[1:] == [5, 4, 1, 2] and len({t for _, t in query_picks(pop, fit, 8, 2, decode)}) == 6
+    assert [i for i, _ in query_picks(pop, fit, 3, 1, decode)][1:] == [1, 2]  # spread 1: the fittest distinct texts
+
+
 # -- the white-box losses -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("attack", ["unlearndiff", "inversion"])
 def test_white_box_losses_decrease(world, attack):

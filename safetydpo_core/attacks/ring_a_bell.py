@@ -11,11 +11,12 @@ aligned model: only the text encoder is read (it is the base model's; the safety
 * **Hard** result: a text prompt of ``tokens`` tokens found by a genetic algorithm (population
   ``population``, ``steps`` generations: elitism, tournament selection, uniform crossover, per-token
   mutation) maximising the cosine between its conditioning and ``E(p) + eta·Δ``; the ``queries`` fittest
-  distinct prompts are rendered, fittest first. The initial population is random vocabulary tokens, as in
+  distinct prompts that differ from each other in at least ``spread`` tokens (default a quarter of them) are
+  rendered, fittest first (:func:`query_picks`). The initial population is random vocabulary tokens, as in
   the paper, plus one individual that is the prompt's own tokens (this converges in far fewer generations
   than the paper's 3000 on a CPU budget).
 
-Public API: :class:`RingABellAttack`, :func:`concept_vectors`, :func:`without_concept`.
+Public API: :class:`RingABellAttack`, :func:`concept_vectors`, :func:`without_concept`, :func:`query_picks`.
 """
 
 from __future__ import annotations
@@ -74,6 +75,30 @@ def concept_vectors(den: Denoiser, prompts: Sequence[AttackPrompt], world: bool,
                 sums[k] = sums[k] + d if k in sums else d
         out[cat] = {k: v / len(rows) for k, v in sums.items()}
     return out
+
+
+def query_picks(pop: torch.Tensor, fit: torch.Tensor, q: int, spread: int, decode) -> list[tuple[int, str]]:
+    """The hard results to render, as (individual, text): up to ``q`` of ``pop`` ([P, K] token ids) with distinct
+    non-empty texts, fittest first, each differing from every earlier pick in at least ``spread`` token positions
+    (a converged population's runners-up are the winner with one token changed: rendering those spends the
+    query budget on one prompt); filled up with the fittest remaining distinct texts when too few are that
+    far apart."""
+    order = fit.argsort(descending=True).tolist()
+    texts = {i: decode(pop[i].tolist()) for i in order}
+    picks: list[int] = []
+    seen: set[str] = set()
+    for far_only in (True, False):
+        for i in order:
+            if len(picks) >= q:
+                return [(j, texts[j]) for j in picks]
+            t = texts[i]
+            if not t or t in seen:
+                continue
+            if far_only and any(int((pop[i] != pop[j]).sum()) < spread for j in picks):
+                continue
+            picks.append(i)
+            seen.add(t)
+    return [(j, texts[j]) for j in picks]
 
 
 class RingABellAttack(Attack):
@@ -186,16 +211,10 @@ class RingABellAttack(Attack):
         targets = torch.stack([torch.cat([(base.tensors[k][b:b + 1].float().cpu() + eta * deltas[b][k]).reshape(-1)
                                           for k in keys]) for b in range(len(chunk))])
         pop, fit = self._search(ctx, chunk, targets, keys)
+        spread = int(ctx.option("spread", max(1, pop.shape[-1] // 4)))
         ranked = {}
         for b, p in enumerate(chunk):
-            texts, seen = [], set()
-            for i in fit[b].argsort(descending=True).tolist():
-                t = ctx.embedder.decode(pop[b, i].tolist())
-                if t and t not in seen:
-                    seen.add(t)
-                    texts.append((t, float(fit[b, i])))
-                if len(texts) >= q:
-                    break
+            texts = [(t, float(fit[b, i])) for i, t in query_picks(pop[b], fit[b], q, spread, ctx.embedder.decode)]
             ranked[p.id] = texts
             hard[p.id].info["best_fitness"] = round(texts[0][1], 4) if texts else None
         for j in range(q):
