@@ -224,9 +224,42 @@ def test_preservation_prompt_files(sd15, data, tmp_path):
     assert res.lora.metadata["safetydpo_preserve_prompts"] == "keep.txt"
 
 
+def test_preservation_on_random_vocabulary_tokens_and_unions_of_sets(sd15, data):
+    from safetydpo_core.training.preservation import TOKEN_PROMPTS, preservation_set
+
+    emb = sd15.prompt_embedder()
+    toks = preservation_set("tokens", data, sd15, seed=1)
+    assert len(toks) == TOKEN_PROMPTS and all(i.latent is None and i.prompt.strip() for i in toks)
+    assert len({i.prompt for i in toks}) > 0.9 * TOKEN_PROMPTS  # random text, not one prompt
+    assert [i.prompt for i in preservation_set("tokens", data, sd15, seed=1)] == [i.prompt for i in toks]
+    assert [i.prompt for i in preservation_set("tokens", data, sd15, seed=2)] != [i.prompt for i in toks]
+    special = emb.special_ids()
+    lengths = [len(emb.token_ids([i.prompt])[0]) for i in toks]
+    assert not any(t in special for i in toks for t in emb.token_ids([i.prompt])[0]) and max(lengths) <= emb.max_tokens
+    auto = preservation_set("auto", data, sd15, seed=1)
+    union = preservation_set("auto+tokens", data, sd15, seed=1)
+    assert [i.prompt for i in union] == [i.prompt for i in auto] + [i.prompt for i in toks]
+    assert [i.prompt for i in preservation_set("tokens+tokens", data, sd15, seed=1)] == [i.prompt for i in toks]
+    res = train_expert(sd15, data, TrainConfig(steps=2, lr=1e-3, preserve_weight=1.0, preserve_prompts="auto+tokens"))
+    assert all(math.isfinite(r["preserve"]) for r in res.history)
+    assert res.lora.metadata["safetydpo_preserve_prompts"] == "auto+tokens"
+
+
+def test_the_tokens_set_needs_token_access_and_says_so(sd15, data, monkeypatch):
+    from safetydpo_core.training.preservation import preservation_set
+
+    def refuse():
+        raise ConfigError("no tokens here.")
+
+    monkeypatch.setattr(sd15, "prompt_embedder", refuse)
+    with pytest.raises(ConfigError, match="'tokens' needs token-level access.*Use the preservation prompts 'auto'"):
+        preservation_set("auto+tokens", data, sd15)
+
+
 @pytest.mark.parametrize("spec,match", [
     ("nonsense", "Unknown preservation prompts 'nonsense'"), ("missing.txt", "does not exist"),
-    ("empty.txt", "give no prompt"), ("others-all", "Unknown preservation prompts")])
+    ("empty.txt", "give no prompt"), ("others-all", "Unknown preservation prompts"),
+    ("auto+nonsense", "Unknown preservation prompts 'nonsense'"), ("auto+", "empty part")])
 def test_bad_preservation_sets_are_named(sd15, data, tmp_path, monkeypatch, spec, match):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty.txt").write_text("\n# nothing\n", encoding="utf-8")

@@ -40,7 +40,7 @@ class TrainConfig:
     mapo_snr: float = 0.5
     sft_weight: float = 0.0
     preserve_weight: float = 0.0                # output preservation (DUO): weight of mean((pred - ref)^2)
-    preserve_prompts: str = "auto"               # the preservation set: auto, others, neutral, safe or a file
+    preserve_prompts: str = "auto"               # the preservation set(s): auto, others, neutral, safe, tokens, a+b, a file
     adv_weight: float = 0.0                      # adversarial training against concept inversion (adversarial.py)
     adv_lr: float = 0.3                          # the adversary's step, in RMS vocabulary-embedding entries
     adv_steps: int = 6                           # the adversary's steps before each optimiser step
@@ -91,8 +91,8 @@ class TrainConfig:
         self.weight_decay = check_number(self.weight_decay, "weight_decay", 0)
         self.seed = check_number(self.seed, "seed", integer=True)
         if not isinstance(self.preserve_prompts, str) or not self.preserve_prompts.strip():
-            raise ConfigError(f"preserve_prompts must name a preservation set (auto, others, neutral, safe) or a prompts "
-                              f"file; got {self.preserve_prompts!r}.")
+            raise ConfigError(f"preserve_prompts must name a preservation set (auto, others, neutral, safe, tokens, or "
+                              f"sets joined with +) or a prompts file; got {self.preserve_prompts!r}.")
         if not (isinstance(self.esd_guidance, (int, float)) and math.isfinite(self.esd_guidance) and self.esd_guidance >= 1):
             raise ConfigError(f"esd_guidance must be a number >= 1 (1: no classifier-free guidance); got {self.esd_guidance!r}.")
         if self.objective == "esd" and self.preserve_weight:
@@ -215,8 +215,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             lo=0, node="preserve_weight", widget=dict(max=1e6, step=0.1)),
     Setting("preserve_prompts", "Preservation prompts: auto (the safe prompts of the dataset's other categories plus "
                                 "everyday prompts), others, neutral, safe (every safe prompt of the dataset, the "
-                                "trained categories' too, plus everyday prompts), or (command line only) a .txt / "
-                                ".jsonl prompts file.", resume=True, choices=PRESERVE_SETS, node="preserve_prompts"),
+                                "trained categories' too, plus everyday prompts), tokens (random vocabulary tokens: "
+                                "text in general), sets joined with + (auto+tokens, the demo's), or (command line "
+                                "only) a .txt / .jsonl prompts file.", resume=True, choices=PRESERVE_SETS, node="preserve_prompts"),
     Setting("adv_weight", "Adversarial training against concept inversion (AdvUnlearn-style): weight of the DPO "
                           "term on prompts whose concept word is replaced by an adversary's token, learned against "
                           "the LoRA as training goes (0 = off). Much more robust to inversion and rewording, at a "
