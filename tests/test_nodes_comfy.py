@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import math
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -370,10 +371,14 @@ def test_sd15_render_train_resume_save_load_merge_sample_plot_evaluate(comfy_dir
     assert gap(tuned) < 0.01 * gap(from_zero)  # it started from the merge, not from zero
     with pytest.raises(Exception, match="init_lora"):
         _train(sd15, dataset, "all", steps=1, init_lora={"diffusion_model.nope.lora_up.weight": torch.zeros(2, 2)})
-    # the same with the adversary (adv_weight): its tokens reach the graph's CLIP through the Comfy backend
+    # the same with the adversary (adv_weight) and random-token preservation (auto+tokens): the adversary's tokens
+    # and the random vocabulary prompts come from the graph's CLIP through the Comfy backend
     hardened, metrics_a, _ = _train(sd15, dataset, "all", steps=2, init_lora=merged, rank=1, sft_weight=1.0,
-                                    adv_weight=1.0, learning_rate=1e-7)
+                                    adv_weight=1.0, preserve_weight=1.0, preserve_prompts="auto+tokens",
+                                    learning_rate=1e-7)
     assert hardened.metadata["safetydpo_adv_weight"] == "1" and metrics_a["settings"]["adv_weight"] == 1.0
+    assert hardened.metadata["safetydpo_preserve_prompts"] == "auto+tokens"
+    assert all(math.isfinite(row["preserve"]) for row in metrics_a["history"])
     assert all("adv" in row and "adv_attack" in row for row in metrics_a["history"])
     (experts,) = run("SafetyDPO_ExpertList", lora=lora_v, weight=1.0)
     (experts,) = run("SafetyDPO_ExpertList", lora=lora_s, weight=0.5, experts=experts)
@@ -510,6 +515,8 @@ def test_transformer_render_train_merge_save_load_sample(comfy_dirs, transformer
     experts = [e[0] for e in experts]
     with pytest.raises(errs.ConfigError, match="adv_weight"):  # no token-level access to T5: refused by name
         _train(triple, dataset, "hate", steps=1, adv_weight=1.0)
+    with pytest.raises(errs.ConfigError, match="'tokens' needs token-level access"):
+        _train(triple, dataset, "hate", steps=1, preserve_weight=1.0, preserve_prompts="auto+tokens")
     assert_same_state(before, mp)
     version = {"flux": "flux1", "sd3": "sd3"}[kind]
     assert experts[0].metadata["ss_base_model_version"] == version
