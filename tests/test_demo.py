@@ -59,6 +59,7 @@ def test_quick_demo_writes_reports_grids_and_loras(quick_run):
     for cat in CATEGORIES:
         _, meta = read_safetensors(out / "experts" / f"{cat}.safetensors")
         assert meta["safetydpo_category"] == cat and meta["ss_base_model_version"] == WORLD.version
+        assert meta["safetydpo_preserve_prompts"] == report["settings"]["preserve_prompts"] == "auto+tokens"
         assert (out / "experts" / f"{cat}.metrics.csv").stat().st_size > 0
     assert (out / "dataset" / "summary.json").exists() and (out / "pairs.jsonl").exists()
 

@@ -6,7 +6,9 @@
    (:func:`~safetydpo_core.data.render.render_pairs`, ``dataset/``). The world judge checks each pair and
    drops those where the model did not draw the concept or its twin (counted in ``dataset/summary.json``).
 3. **Experts**: one Diffusion-DPO LoRA per category (``experts/<category>.safetensors``, with the metrics of
-   its run beside it), trained by the same trainer as ``safetydpo train``.
+   its run beside it), trained by the same trainer as ``safetydpo train``, with an SFT term on the safe image
+   and output preservation on the other categories' safe prompts, plain shapes and random-token text
+   (``preserve_prompts`` ``auto+tokens``, :mod:`~safetydpo_core.training.preservation`).
 4. **Co-Merge**: the seven experts merged into one LoRA by per-weight activation (``comerge.safetensors`` and
    its merge report), as ``safetydpo merge`` does.
 5. **Joint fine-tune**: the merged LoRA trained a few more steps with the experts' objective on every
@@ -68,7 +70,8 @@ class DemoSettings:
     rank: int = 4
     batch_size: int = 4
     sft_weight: float = 1.0              # SFT term on the safe image (draws the twin, not a blob)
-    preserve_weight: float = 10.0        # output preservation on the other categories' safe prompts + plain shapes
+    preserve_weight: float = 10.0        # output preservation (DUO) on the preservation prompts:
+    preserve_prompts: str = "auto+tokens"  # the other categories' safe prompts, plain shapes, random-token text
     merge_method: str = "comerge-delta"
     merge_rank: int | str | None = "auto"  # output rank of the merge ("auto": the sum of the experts' ranks)
     calibration: str = "dataset"         # Co-Merge calibration inputs: the dataset's latents, or "prompts" (noise)
@@ -300,7 +303,8 @@ def expert_config(s: DemoSettings, category: str | None, **overrides: Any):
     from ..training.config import TrainConfig
 
     kw = dict(category=category, steps=s.steps, lr=s.lr, beta=s.beta, rank=s.rank, batch_size=s.batch_size,
-              sft_weight=s.sft_weight, preserve_weight=s.preserve_weight, seed=s.seed,
+              sft_weight=s.sft_weight, preserve_weight=s.preserve_weight, preserve_prompts=s.preserve_prompts,
+              seed=s.seed,
               checkpoint_every=max(10, s.steps // 4), keep_checkpoints=1)
     kw.update(overrides)
     return TrainConfig(**kw)
