@@ -145,7 +145,8 @@ class EsdTrainer(ExpertTrainer):
             return self.concepts.size
         return tuple(self.denoiser.default_size)
 
-    def _micro_loss(self, adapter, order: PairOrder, step: int, micro: int) -> objectives.ObjectiveOutput:
+    def _micro_loss(self, adapter, order: PairOrder, step: int, micro: int, batch=None) -> objectives.ObjectiveOutput:
+        # ``batch`` is always None here: ESD draws concept prompts, not pairs (and refuses the adversary)
         cfg, d = self.cfg, self.denoiser
         g = step_generator(cfg.seed, step, micro)
         first = (step * self.micro_steps + micro) * cfg.batch_size

@@ -121,7 +121,6 @@ class ExpertTrainer:
         self._preserve_items = None
         self.adversary = None
         self._adversary_before = None  # the adversary's state at the start of a step still running
-        self._batch_memo = None  # ((order, step, micro), batch): the adversary's batch, kept for its micro-step
         self._check_dataset()
 
     # -- checks -------------------------------------------------------------------------------------
@@ -175,11 +174,7 @@ class ExpertTrainer:
         return self.cfg.grad_accum * self.group.world_size
 
     def _batch(self, order: PairOrder, step: int, micro: int):
-        """The data and draws of global micro-step ``micro`` of ``step`` (a batch the adversary's turn loaded
-        for this micro-step is handed over once instead of being loaded again)."""
-        memo, self._batch_memo = self._batch_memo, None
-        if memo is not None and memo[0] == (id(order), step, micro):
-            return memo[1]
+        """The data and draws of global micro-step ``micro`` of ``step``."""
         cfg, ds = self.cfg, self.dataset
         g = step_generator(cfg.seed, step, micro)
         first = (step * self.micro_steps + micro) * cfg.batch_size
@@ -275,11 +270,11 @@ class ExpertTrainer:
         x0, noise, t = x0.to(dev), noise.to(dev), t.to(dev)
         return d.add_noise(x0, noise, t), t, self._encode([items[k].prompt for k in pick], size)
 
-    def _micro_loss(self, adapter, order: PairOrder, step: int, micro: int) -> objectives.ObjectiveOutput:
-        """The objective of global micro-step ``micro`` of ``step``, with the output-preservation term when
-        ``preserve_weight`` is set (ESD replaces this: :mod:`.esd`)."""
+    def _micro_loss(self, adapter, order: PairOrder, step: int, micro: int, batch=None) -> objectives.ObjectiveOutput:
+        """The objective of global micro-step ``micro`` of ``step`` (``batch``: its :meth:`_batch`, when already
+        loaded), with the output-preservation term when ``preserve_weight`` is set (ESD replaces this: :mod:`.esd`)."""
         cfg = self.cfg
-        w, l, noise, t, prompts, size, records = self._batch(order, step, micro)
+        w, l, noise, t, prompts, size, records = batch or self._batch(order, step, micro)
         pair, target = self._dpo_input(w, l, noise, t, self._encode(prompts, size))
         inputs, reference = [pair], [cfg.objective == "dpo"]
         if cfg.adv_weight:  # the same noised pair once more, under the adversary's prompts (.adversarial)
@@ -305,19 +300,20 @@ class ExpertTrainer:
             out.stats["preserve"] = float(kept.detach())
         return out
 
-    def _adversary_step(self, order: PairOrder, step: int) -> float:
+    def _adversary_step(self, order: PairOrder, step: int) -> tuple[float, tuple]:
         """The adversary's turn before optimiser step ``step`` (:mod:`.adversarial`): its tokens restart when due,
         then take ``adv_steps`` steps against the current LoRA on the pairs of the step's first micro-step, the
-        same on every process (so they need no synchronising); returns its last denoising error."""
+        same on every process (so they need no synchronising); returns its last denoising error and that
+        micro-step's batch (for the process that trains on it, so it is not loaded twice)."""
         cfg, d = self.cfg, self.denoiser
         self._adversary_before = self.adversary.state_dict()  # what a checkpoint of an unfinished step holds
         self.adversary.begin(step)
         batch = self._batch(order, step, 0)
-        self._batch_memo = ((id(order), step, 0), batch)  # micro-step 0 (this process's, if it runs it) reuses it
         w, l, noise, t, prompts, size, records = batch
         with self._autocast():
-            return self.adversary.attack(d, records, l.to(torch.device(d.device)), size, cfg.adv_steps,
-                                         step_generator(cfg.seed, step, 0, domain=6))
+            error = self.adversary.attack(d, records, l.to(torch.device(d.device)), size, cfg.adv_steps,
+                                          step_generator(cfg.seed, step, 0, domain=6))
+        return error, batch
 
     def _initial_lora(self, adapter) -> LoraSet:
         """Seeded initialisation (down ~ N(0, 1/r), up = 0, as the official code): the update starts at zero,
@@ -493,12 +489,13 @@ class ExpertTrainer:
                     raise Interrupted(f"Training was cancelled after {done} of {cfg.steps} steps.")
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
+                first = None  # micro-step 0's batch, when the adversary's turn loaded it
                 if self.adversary is not None:
-                    stats_adv = self._adversary_step(order, step)
+                    stats_adv, first = self._adversary_step(order, step)
                 total, stats, bad_loss = 0.0, {}, None
                 for local in range(cfg.grad_accum):
                     micro = local * group.world_size + group.rank
-                    out = self._micro_loss(adapter, order, step, micro)
+                    out = self._micro_loss(adapter, order, step, micro, batch=first if micro == 0 else None)
                     if not torch.isfinite(out.loss):
                         bad_loss = float(out.loss.detach())
                         for k in out.stats:
