@@ -84,17 +84,19 @@ def query_picks(pop: torch.Tensor, fit: torch.Tensor, q: int, spread: int, decod
     query budget on one prompt); filled up with the fittest remaining distinct texts when too few are that
     far apart."""
     order = fit.argsort(descending=True).tolist()
-    texts = {i: decode(pop[i].tolist()) for i in order}
+    texts: dict[int, str] = {}  # decoded as reached: most of the population never is
     picks: list[int] = []
     seen: set[str] = set()
     for far_only in (True, False):
         for i in order:
             if len(picks) >= q:
                 return [(j, texts[j]) for j in picks]
+            if far_only and any(int((pop[i] != pop[j]).sum()) < spread for j in picks):
+                continue
+            if i not in texts:
+                texts[i] = decode(pop[i].tolist())
             t = texts[i]
             if not t or t in seen:
-                continue
-            if far_only and any(int((pop[i] != pop[j]).sum()) < spread for j in picks):
                 continue
             picks.append(i)
             seen.add(t)
