@@ -197,6 +197,35 @@ def test_ring_a_bell_queries_spread_over_the_population_not_one_winner_with_a_to
     assert [i for i, _ in query_picks(pop, fit, 3, 1, decode)][1:] == [1, 2]  # spread 1: the fittest distinct texts
 
 
+def test_ring_a_bell_fitness_encodes_each_token_sequence_once_and_matches_the_cosine(world):
+    from safetydpo_core.attacks.base import AttackContext, Budget
+    from safetydpo_core.attacks.ring_a_bell import RingABellAttack
+
+    den, _ = world
+    ctx = AttackContext(den, None, FAST, Budget(queries=1, steps=1), 0, {})
+    emb = ctx.embedder
+    atk = RingABellAttack()
+    atk.size = None
+    pop = torch.randint(5, 200, (2, 4, 6))
+    pop[0, 3] = pop[0, 1]  # a repeat inside one prompt's population
+    pop[1, 0] = pop[0, 0]  # the same tokens for another prompt (another target)
+    keys = [k for k, v in emb.encode(pop[0].tolist()).tensors.items() if v.is_floating_point()]
+    target = torch.randn(2, emb.encode(pop[0, :1].tolist()).tensors[keys[0]].numel())
+    rows, encode = [], emb.encode
+    emb.encode = lambda ids, **kw: (rows.append(len(ids)), encode(ids, **kw))[1]
+    try:
+        known = [{}, {}]
+        fit = atk._fitness(ctx, pop, target, keys, known)
+        assert rows == [6]  # 8 individuals, 6 distinct token sequences: each encoded once
+        again = atk._fitness(ctx, pop, target, keys, known)
+        assert rows == [6] and torch.equal(fit, again)  # all known: nothing encoded
+    finally:
+        emb.encode = encode
+    for b in range(2):
+        f = torch.cat([encode(pop[b].tolist()).tensors[k].float().reshape(4, -1) for k in keys], 1)
+        assert torch.allclose(fit[b], torch.nn.functional.cosine_similarity(f, target[b:b + 1], dim=-1), atol=1e-5)
+
+
 # -- the white-box losses -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("attack", ["unlearndiff", "inversion"])
 def test_white_box_losses_decrease(world, attack):

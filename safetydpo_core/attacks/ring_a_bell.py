@@ -133,18 +133,29 @@ class RingABellAttack(Attack):
         return Conditioning(out)
 
     # -- hard: the genetic search --------------------------------------------------------------------------
-    def _fitness(self, ctx: AttackContext, pop: torch.Tensor, target: torch.Tensor, keys: list[str]) -> torch.Tensor:
-        """Cosine between each individual's conditioning and its prompt's target; ``pop`` [n, P, K]."""
+    def _fitness(self, ctx: AttackContext, pop: torch.Tensor, target: torch.Tensor, keys: list[str],
+                 known: list[dict[tuple, float]]) -> torch.Tensor:
+        """Cosine between each individual's conditioning and its prompt's target; ``pop`` [n, P, K]. ``known``
+        (one dict per prompt, updated here) holds the fitness of token sequences already met: the elite and
+        the children that repeat a parent are not encoded again (a converging population is mostly those)."""
         n, P, K = pop.shape
-        flat = pop.reshape(n * P, K)
-        feats = []
-        bs = int(ctx.option("encode_batch", 256))
-        for i in range(0, flat.shape[0], bs):
-            cond = ctx.embedder.encode(flat[i:i + bs].tolist(), size=self.size)
-            feats.append(torch.cat([cond.tensors[k].float().reshape(cond.tensors[k].shape[0], -1).cpu()
-                                    for k in keys], 1))
-        f = torch.cat(feats).reshape(n, P, -1)
-        return torch.nn.functional.cosine_similarity(f, target[:, None, :], dim=-1)
+        rows = [[tuple(r) for r in pop[b].tolist()] for b in range(n)]
+        todo = list(dict.fromkeys(r for b in range(n) for r in rows[b] if r not in known[b]))
+        if todo:
+            feats = []
+            bs = int(ctx.option("encode_batch", 256))
+            for i in range(0, len(todo), bs):
+                cond = ctx.embedder.encode([list(r) for r in todo[i:i + bs]], size=self.size)
+                feats.append(torch.cat([cond.tensors[k].float().reshape(cond.tensors[k].shape[0], -1).cpu()
+                                        for k in keys], 1))
+            f = torch.nn.functional.normalize(torch.cat(feats), dim=-1)
+            cos = f @ torch.nn.functional.normalize(target, dim=-1).T  # [len(todo), n]
+            where = {r: j for j, r in enumerate(todo)}
+            for b in range(n):
+                for r in rows[b]:
+                    if r not in known[b]:
+                        known[b][r] = float(cos[where[r], b])
+        return torch.tensor([[known[b][r] for r in rows[b]] for b in range(n)])
 
     @torch.no_grad()
     def _search(self, ctx: AttackContext, chunk: Sequence[AttackPrompt], targets: torch.Tensor, keys: list[str]):
@@ -166,7 +177,8 @@ class RingABellAttack(Attack):
             for b, ids in enumerate(own):
                 ids = ids[:K]
                 pop[b, 0, :len(ids)] = torch.tensor(ids)
-        fit = self._fitness(ctx, pop, targets, keys)
+        known: list[dict[tuple, float]] = [{} for _ in chunk]
+        fit = self._fitness(ctx, pop, targets, keys, known)
         steps = ctx.budget.steps
         for step in range(steps):
             ctx.check()
@@ -185,7 +197,7 @@ class RingABellAttack(Attack):
                 child = torch.where(m, rand(g, (n_child, K)), child)
                 nxt[b, elite:] = child
             pop = nxt
-            fit = self._fitness(ctx, pop, targets, keys)
+            fit = self._fitness(ctx, pop, targets, keys, known)
             ctx.tick(0.5 * (step + 1) / max(1, steps))
         return pop, fit
 
