@@ -46,6 +46,16 @@ def test_attention_target_counts(full_names):
     assert len(_attn(names, "ldm")) == expected
 
 
+def test_the_self_attention_and_feed_forward_preset_leaves_cross_attention_out(full_names):
+    kind, names = full_names
+    blocks = {"sd15": 16, "sdxl": 70}[kind]
+    for naming in ("diffusers", "ldm"):
+        chosen = [n for n in names.names(naming) if matches(n, PRESETS["attn-self+ff"])]
+        assert len(chosen) == blocks * 6  # attn1's four projections and the feed-forward's two layers
+        assert not any(".attn2." in n for n in chosen)
+        assert sum(n.endswith("ff.net.2") for n in chosen) == blocks
+
+
 @pytest.mark.parametrize("kind,diffusers_name,ldm_name", [
     ("sd15", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "input_blocks.1.1.transformer_blocks.0.attn1.to_q"),
     ("sd15", "down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_out.0", "input_blocks.8.1.transformer_blocks.0.attn2.to_out.0"),

@@ -118,13 +118,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_state(sd15, data, tmp_pat
 @pytest.mark.parametrize("opts", [
     {"objective": "mapo"}, {"condition": "safe", "sft_weight": 0.5}, {"batch_size": 2, "grad_accum": 2},
     {"optimizer": "adafactor", "lr_schedule": "cosine", "warmup_steps": 1}, {"gradient_checkpointing": True},
-    {"targets": "attn+ff", "rank": 2, "alpha": 1.0}])
+    {"targets": "attn+ff", "rank": 2, "alpha": 1.0}, {"targets": "attn-self+ff"}])
 def test_training_options_run(sd15, data, opts):
     res = train_expert(sd15, data, TrainConfig(steps=2, lr=1e-3, **opts))
     assert len(res.history) == 2 and all(math.isfinite(r["loss"]) for r in res.history)
     if "targets" in opts:
         assert any(n.endswith("ff.net.2") for n in res.lora.layers)
-        assert {l.alpha for l in res.lora.layers.values()} == {1.0}
+        assert {l.alpha for l in res.lora.layers.values()} == {float(opts.get("alpha", 4))}
+        assert (".attn2." in " ".join(res.lora.layers)) == (opts["targets"] == "attn+ff")
 
 
 def test_gradient_checkpointing_gives_the_same_step(sd15, data):

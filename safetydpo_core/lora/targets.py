@@ -30,6 +30,8 @@ from ..errors import ConfigError
 PRESETS: dict[str, tuple[str, ...]] = {
     "attn": ("to_q", "to_k", "to_v", "to_out.0"),
     "attn-cross": ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
+    # no layer that sees the prompt's tokens or selects among them: self-attention and the feed-forward only
+    "attn-self+ff": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2"),
     "attn+ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
     "transformer": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
     "esd-x": ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
