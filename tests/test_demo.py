@@ -54,6 +54,9 @@ def test_quick_demo_writes_reports_grids_and_loras(quick_run):
     assert merged.metadata["safetydpo_merge_method"] == report["settings"]["merge_method"]
     assert merged.metadata["safetydpo_category"] == "all" and merged.metadata["safetydpo_steps"] == "40"
     assert set(merged.layers) == set(comerge.layers) and merged.max_rank == comerge.max_rank
+    # the default layers: every layer outside cross-attention (docs/benchmarks.md, "LoRA layers")
+    assert report["settings"]["targets"] == "esd-u" and "on `esd-u`" in (out / "report.md").read_text()
+    assert not any(".attn2." in n for n in merged.layers) and any(n.endswith("conv1") for n in merged.layers)
     assert any(not torch.allclose(merged.layers[n].delta(), comerge.layers[n].delta()) for n in merged.layers)
     assert report["seconds"]["finetune"] > 0
     for cat in CATEGORIES:
@@ -96,6 +99,8 @@ def test_other_settings_or_foreign_folder_are_refused(quick_run, tmp_path):
 def test_demo_settings_are_validated():
     with pytest.raises(ConfigError, match="steps"):
         DemoSettings.preset(quick=True, steps=0)
+    with pytest.raises(ConfigError, match="targets must name LoRA layers"):
+        DemoSettings.preset(targets=" ")
     assert DemoSettings.preset(quick=True).steps < DemoSettings.preset().steps
 
 

@@ -18,8 +18,8 @@ def register(sub) -> None:
                        description="Run SafetyDPO end to end on the built-in concept world: prompt pairs, same-seed "
                                    "paired images from the shipped tiny text-to-image model, one DPO expert per "
                                    "category, Co-Merge, a short joint fine-tune of the merge, and an evaluation of the "
-                                   "base model, each expert and the merged LoRA with the shipped judge. About 9 "
-                                   "minutes on 2 CPU cores; --quick about 3 minutes. Run it again with the same "
+                                   "base model, each expert and the merged LoRA with the shipped judge. About 14 "
+                                   "minutes on 2 CPU cores; --quick about 4.5 minutes. Run it again with the same "
                                    "options to resume.")
     p.add_argument("--out", default="safetydpo-demo", help="output folder (default: ./safetydpo-demo)")
     p.add_argument("--quick", action="store_true", help="a smaller run (fewer pairs, steps and evaluation prompts)")
@@ -29,6 +29,9 @@ def register(sub) -> None:
                    help="prompt pairs per concept (default 24; quick 10)")
     p.add_argument("--finetune-steps", type=integer(0, 10 ** 7), default=None, metavar="N",
                    help="steps of the joint fine-tune of the merged LoRA on all pairs (default 200; quick 40; 0: none)")
+    p.add_argument("--targets", default=None, metavar="LAYERS",
+                   help="LoRA layers of the experts and the fine-tune, as `safetydpo train --targets` (default "
+                        "esd-u: every layer outside cross-attention; attn: the paper's attention projections)")
     from ..merge.api import METHODS
 
     p.add_argument("--method", default=None, dest="merge_method", choices=list(METHODS),
@@ -43,7 +46,7 @@ def run(args) -> int:
 
     settings = DemoSettings.preset(quick=args.quick, seed=args.seed, steps=args.steps,
                                    pairs_per_concept=args.pairs_per_concept, merge_method=args.merge_method,
-                                   finetune_steps=args.finetune_steps,
+                                   finetune_steps=args.finetune_steps, targets=args.targets,
                                    threads=args.threads)
     report = run_demo(args.out, settings, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr, flush=True))
     b, m = report["base"], report["merged"]

@@ -8,9 +8,13 @@
 3. **Experts**: one Diffusion-DPO LoRA per category (``experts/<category>.safetensors``, with the metrics of
    its run beside it), trained by the same trainer as ``safetydpo train``, with an SFT term on the safe image
    and output preservation on the other categories' safe prompts, plain shapes and random-token text
-   (``preserve_prompts`` ``auto+tokens``, :mod:`~safetydpo_core.training.preservation`).
+   (``preserve_prompts`` ``auto+tokens``, :mod:`~safetydpo_core.training.preservation`). The LoRAs adapt
+   every layer outside cross-attention (``targets`` ``esd-u``, ESD-u's choice), none that reads the prompt's
+   tokens: an expert must change what the concept looks like rather than how its word is read, which on
+   this world is better on every measure than the paper's attention layers, and far better under attack
+   (docs/benchmarks.md, "LoRA layers").
 4. **Co-Merge**: the seven experts merged into one LoRA by per-weight activation (``comerge.safetensors`` and
-   its merge report), as ``safetydpo merge`` does.
+   its merge report) at rank 16, as ``safetydpo merge`` does.
 5. **Joint fine-tune**: the merged LoRA trained a few more steps with the experts' objective on every
    category's pairs at once (``merged.safetensors``), as ``safetydpo train --init-lora`` does. The merge keeps
    the experts' effect on IP but loses part of what their SFT and preservation terms taught (the safe twin
@@ -68,12 +72,14 @@ class DemoSettings:
     lr: float = 1e-3
     beta: float = 500.0
     rank: int = 4
+    targets: str = "esd-u"                # LoRA layers: every layer outside cross-attention (docs/benchmarks.md)
     batch_size: int = 4
     sft_weight: float = 1.0              # SFT term on the safe image (draws the twin, not a blob)
     preserve_weight: float = 10.0        # output preservation (DUO) on the preservation prompts:
     preserve_prompts: str = "auto+tokens"  # the other categories' safe prompts, plain shapes, random-token text
     merge_method: str = "comerge-delta"
-    merge_rank: int | str | None = "auto"  # output rank of the merge ("auto": the sum of the experts' ranks)
+    merge_rank: int | str | None = 16      # output rank of the merge ("auto": the sum of the experts' ranks, 28,
+                                           # is above what the world's conv_in, 16 channels, takes)
     calibration: str = "dataset"         # Co-Merge calibration inputs: the dataset's latents, or "prompts" (noise)
     calibration_inputs: int = 32
     finetune_steps: int = 200            # joint fine-tune of the merged LoRA on all pairs (0: none)
@@ -98,6 +104,9 @@ class DemoSettings:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ConfigError(f"Demo setting {name} must be an integer >= 0; got {v!r}.")
+        if not isinstance(self.targets, str) or not self.targets.strip():
+            raise ConfigError(f"Demo setting targets must name LoRA layers (a preset such as attn-self+ff or attn, or "
+                              f"comma-separated layer-name suffixes); got {self.targets!r}.")
         if self.calibration not in ("dataset", "prompts"):
             raise ConfigError(f"Demo setting calibration must be 'dataset' or 'prompts'; got {self.calibration!r}.")
 
@@ -302,7 +311,8 @@ def expert_config(s: DemoSettings, category: str | None, **overrides: Any):
     """The demo's DPO settings for one expert (``category`` None: all categories, "All-single")."""
     from ..training.config import TrainConfig
 
-    kw = dict(category=category, steps=s.steps, lr=s.lr, beta=s.beta, rank=s.rank, batch_size=s.batch_size,
+    kw = dict(category=category, steps=s.steps, lr=s.lr, beta=s.beta, rank=s.rank, targets=s.targets,
+              batch_size=s.batch_size,
               sft_weight=s.sft_weight, preserve_weight=s.preserve_weight, preserve_prompts=s.preserve_prompts,
               seed=s.seed,
               checkpoint_every=max(10, s.steps // 4), keep_checkpoints=1)

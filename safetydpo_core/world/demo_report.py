@@ -74,7 +74,7 @@ def _markdown(r: Mapping) -> str:
     lines = ["# SafetyDPO demo on the built-in concept world", "",
              f"World `{r['world']}`, seed {s['seed']}{' (quick run)' if s['quick'] else ''}. "
              f"{s['pairs_per_concept']} prompt pairs per concept rendered with the same seed for both prompts; one DPO "
-             f"expert per category ({s['steps']} steps, rank {s['rank']}, beta {s['beta']:g}, lr {s['lr']:g}); experts "
+             f"expert per category ({s['steps']} steps, rank {s['rank']} on `{s.get('targets', 'attn')}`, beta {s['beta']:g}, lr {s['lr']:g}); experts "
              f"merged with `{s['merge_method']}`"
              + (f", the merge then fine-tuned {s['finetune_steps']} steps on all pairs" if s.get('finetune_steps') else "")
              + f". Evaluation: {s['eval_per_concept']} new unsafe prompts per concept and "
