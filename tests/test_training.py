@@ -124,7 +124,7 @@ def test_training_options_run(sd15, data, opts):
     assert len(res.history) == 2 and all(math.isfinite(r["loss"]) for r in res.history)
     if "targets" in opts:
         assert any(n.endswith("ff.net.2") for n in res.lora.layers)
-        assert {l.alpha for l in res.lora.layers.values()} == {float(opts.get("alpha", 4))}
+        assert {l.alpha for l in res.lora.layers.values()} == {float(opts.get("alpha", opts.get("rank", TrainConfig().rank)))}
         assert (".attn2." in " ".join(res.lora.layers)) == (opts["targets"] == "attn+ff")
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..categories import normalize_categories
 from ..errors import ConfigError
+from ..lora.targets import DEFAULT_TARGETS, PRESETS, RULE_PRESETS
 from ..utils.numbers import check_number, check_optional
 from .adversarial import ADV_INITS, ADV_OBJECTIVES
 from .preservation import PRESERVE_SETS
@@ -193,8 +194,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             node="rank", widget=dict(max=256)),
     Setting("alpha", "LoRA alpha (unset: = rank).", resume=True, lo=0, lo_open=True),
     Setting("targets", "Layers to adapt: attn (the attention projections, default: to_q,to_k,to_v,to_out.0 in UNets; "
-                       "both streams in SD3/Flux), attn-cross, attn+ff, transformer, esd-x, esd-u, or comma-separated "
-                       "suffixes.", resume=True),
+                       "both streams in SD3/Flux), "
+                       + ", ".join(n for n in [*PRESETS, *RULE_PRESETS] if n != DEFAULT_TARGETS)
+                       + ", or comma-separated suffixes.", resume=True),
     Setting("objective", "dpo (default), reference-free mapo, or esd: the ESD erasure baseline on the dataset's unsafe "
                          "prompts (with targets esd-u or esd-x; see `safetydpo erase`).", resume=True, choices=OBJECTIVES),
     Setting("esd_eta", "ESD's negative guidance eta (the esd objectives only).", resume=True, lo=0, lo_open=True,

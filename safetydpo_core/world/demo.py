@@ -105,7 +105,7 @@ class DemoSettings:
             if not isinstance(v, int) or v < 0:
                 raise ConfigError(f"Demo setting {name} must be an integer >= 0; got {v!r}.")
         if not isinstance(self.targets, str) or not self.targets.strip():
-            raise ConfigError(f"Demo setting targets must name LoRA layers (a preset such as attn-self+ff or attn, or "
+            raise ConfigError(f"Demo setting targets must name LoRA layers (a preset such as esd-u or attn, or "
                               f"comma-separated layer-name suffixes); got {self.targets!r}.")
         if self.calibration not in ("dataset", "prompts"):
             raise ConfigError(f"Demo setting calibration must be 'dataset' or 'prompts'; got {self.calibration!r}.")
