@@ -24,8 +24,16 @@ from .common import (BOOL, COMBO, FLOAT, GUIDANCE, INT, SOCKET, Node, apply_lora
 from .types import DATASET, LORA_MODEL, METRICS
 
 log = logging.getLogger(__name__)
-# objective -> (TrainConfig objective, targets); ESD erases the dataset's unsafe prompts (training/esd.py)
+# objective -> (TrainConfig objective, its layers when targets is "auto"); ESD erases the dataset's unsafe prompts
+# (training/esd.py)
 OBJECTIVES = {"dpo": ("dpo", "attn"), "esd-x": ("esd", "esd-x"), "esd-u": ("esd", "esd-u")}
+AUTO_TARGETS = "auto"
+
+
+def target_choices() -> list[str]:
+    """``auto`` and the core's named layer choices (``lora.targets``: the presets, then the rule presets)."""
+    t = core("lora.targets")
+    return [AUTO_TARGETS, *dict.fromkeys([t.DEFAULT_TARGETS, *t.PRESETS, *t.RULE_PRESETS])]
 
 
 def checkpoint_dir(category: str, settings: dict, dataset_fp: str, model_fp: str) -> Path:
@@ -89,12 +97,20 @@ class TrainExpert(Node):
                                                  "erasing the pairs' unsafe prompts (uses no images; beta and "
                                                  "condition do not apply)."),
             **setting_inputs("esd_eta"),
+            "targets": COMBO(target_choices(), "The layers that get LoRA adapters. auto: the objective's own (dpo: "
+                                               "attn, every attention projection, as the paper; esd-x: cross-attention; "
+                                               "esd-u: every layer outside cross-attention). attn+ff adds the "
+                                               "feed-forward; the other choices are for UNets (SD1.x, SD2.x, SDXL): "
+                                               "attn-self+ff leaves out the layers that read the prompt, esd-u is "
+                                               "the layers the pack's demo trains on the built-in world.",
+                             AUTO_TARGETS),
             "guidance": GUIDANCE(),
         }}
 
     def train(self, model, clip, dataset, category, steps, learning_rate, rank, beta, condition, seed,
               gradient_checkpointing, save_every, resume, allow_model_mismatch=False, sft_weight=0.0,
-              preserve_weight=0.0, preserve_prompts="auto", adv_weight=0.0, init_lora=None, objective="dpo", esd_eta=1.0, guidance=None):
+              preserve_weight=0.0, preserve_prompts="auto", adv_weight=0.0, init_lora=None, objective="dpo", esd_eta=1.0,
+              targets=AUTO_TARGETS, guidance=None):
         e = errors()
         data_path = paths.dataset_folder(dataset, "dataset")
         sets = core("training.preservation").PRESERVE_SETS
@@ -105,8 +121,11 @@ class TrainExpert(Node):
             raise e.ConfigError(f"category must be one of {', '.join(category_choices())}; got {category!r}.")
         if objective not in OBJECTIVES:
             raise e.ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}.")
+        if targets not in target_choices():  # the CLI's --targets takes layer suffixes; the node, its choices
+            raise e.ConfigError(f"targets must be one of {', '.join(target_choices())}; got {targets!r}.")
         tr = core("training")
-        kind, targets = OBJECTIVES[objective]
+        kind, auto_targets = OBJECTIVES[objective]
+        targets = auto_targets if targets == AUTO_TARGETS else targets
         cfg = tr.TrainConfig(category=None if category == "all" else category, steps=int(steps), rank=int(rank),
                              objective=kind, targets=targets, esd_eta=float(esd_eta),
                              beta=float(beta), condition=condition, lr=float(learning_rate), seed=int(seed),

@@ -156,7 +156,7 @@ def test_the_uce_node_outputs_a_lora_model_and_a_patched_model(models, comfy_dir
     assert_same_state(before, mp)
 
 
-def test_the_train_node_trains_esd_on_a_dataset_s_unsafe_prompts(models, comfy_dirs):
+def test_the_train_node_trains_esd_on_a_dataset_s_unsafe_prompts_and_dpo_on_the_chosen_targets(models, comfy_dirs):
     mp, clip, vae = models["sd15"]
     pairs, _ = run("SafetyDPO_BuiltinPairs", categories="violence", pairs_per_category=2, seed=0)
     dataset, _, _ = _render((mp, clip, vae), pairs, "esd_data")
@@ -171,4 +171,18 @@ def test_the_train_node_trains_esd_on_a_dataset_s_unsafe_prompts(models, comfy_d
     assert json.loads(lora.metadata["safetydpo_concepts"]) == [p.unsafe for p in pairs]
     with pytest.raises(core_errors().ConfigError, match="esd_eta"):
         run("SafetyDPO_TrainExpert", **dict(args, esd_eta=0.0))
+    # the targets widget: DPO on ESD-u's layers (the demo's choice), on self-attention + feed-forward, and a
+    # name that is not a choice
+    dpo = dict(args, objective="dpo", steps=1)
+    lora, metrics, _ = run("SafetyDPO_TrainExpert", **dict(dpo, targets="esd-u"))
+    layers = {k.rsplit(".lora_", 1)[0] for k in lora if ".lora_" in k}
+    assert metrics["settings"]["targets"] == "esd-u" and metrics["settings"]["objective"] == "dpo"
+    assert "diffusion_model.input_blocks.0.0" in layers and any(k.endswith("in_layers.2") for k in layers)
+    assert not [k for k in layers if ".attn2." in k or "time_embed" in k or k.startswith("diffusion_model.out.")]
+    lora, metrics, _ = run("SafetyDPO_TrainExpert", **dict(dpo, targets="attn-self+ff"))
+    layers = {k.rsplit(".lora_", 1)[0] for k in lora if ".lora_" in k}
+    assert layers and all(".attn1." in k or ".ff.net." in k for k in layers)
+    assert any(".ff.net." in k for k in layers)
+    with pytest.raises(core_errors().ConfigError, match=r"^targets must be one of auto, attn, .*; got 'to_q'"):
+        run("SafetyDPO_TrainExpert", **dict(dpo, targets="to_q"))
     assert_same_state(before, mp)
