@@ -41,6 +41,7 @@ from ._core import from_core
 ConfigError, LoraError, ModelError = from_core("errors", "ConfigError", "LoraError", "ModelError")
 from_state_dict, to_state_dict = from_core("lora.keys", "from_state_dict", "to_state_dict")
 LoraLayer, LoraSet = from_core("lora.lora_set", "LoraLayer", "LoraSet")
+layer_rank = from_core("lora.targets", "layer_rank")
 
 PREFIX = "diffusion_model."
 INITS = ("gaussian", "kaiming", "zeros")
@@ -147,14 +148,15 @@ class ComfyLoraAdapter:
         with torch.inference_mode(False):
             for name in target_names:
                 module = modules[name]
-                down_shape, up_shape = _factor_shapes(module, self.rank)
+                rank = layer_rank(module, self.rank)  # a layer smaller than the rank: its own, at the run's scale
+                down_shape, up_shape = _factor_shapes(module, rank)
                 down = torch.zeros(down_shape, dtype=torch.float32, device=device)
                 if init == "gaussian":  # peft's "gaussian": A ~ N(0, 1/r), B = 0
-                    torch.nn.init.normal_(down, std=1.0 / self.rank)
+                    torch.nn.init.normal_(down, std=1.0 / rank)
                 elif init == "kaiming":  # peft's default
                     torch.nn.init.kaiming_uniform_(down.view(down.shape[0], -1), a=math.sqrt(5))
                 up = torch.zeros(up_shape, dtype=torch.float32, device=device)
-                self.layers[name] = LoraWrapper(down, up, self.alpha, self._switch)
+                self.layers[name] = LoraWrapper(down, up, self.alpha * rank / self.rank, self._switch)
         self.freeze_base()
         try:
             for name, module in dm.named_modules():

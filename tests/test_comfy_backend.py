@@ -254,6 +254,23 @@ def test_gradient_checkpointing_gives_the_same_gradients(models, cd):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_a_rank_above_a_layer_s_size_caps_that_layer_at_the_run_s_scale(models, cd):
+    """As peft's rank_pattern in the diffusers backend: rank 40 on the tiny UNet's attention gives the 32-wide
+    layers rank 32 (alpha scaled with it) and the 64-wide ones 40, every layer at the scale alpha / rank."""
+    from safetydpo_core.lora.targets import max_rank
+
+    with torch.inference_mode():
+        d = _denoiser(cd, models("sd15"))
+        layers = d.layers("attn")
+        with d.session():
+            adapter = d.attach_lora(40, alpha=20.0, targets="attn")
+            lora = adapter.export()
+            adapter.remove()
+    assert {max_rank(m) for m in layers.values()} == {32, 64}
+    assert {n: l.rank for n, l in lora.items()} == {n: min(40, max_rank(m)) for n, m in layers.items()}
+    assert all(l.scale == pytest.approx(0.5) for l in lora.layers.values())
+
+
 # -- export: files and LORA_MODEL dicts that ComfyUI loads --------------------------------------------
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_export_loads_in_comfyui_with_every_key_and_the_same_effect(models, cd, kind, tmp_path, caplog):

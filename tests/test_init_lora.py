@@ -64,6 +64,41 @@ def test_training_starts_from_the_init_lora(sd15, root, expert):
     assert abs(fresh.history[0]["loss"] - 0.6931) < 1e-3
 
 
+def test_a_rank_above_a_layer_s_size_caps_that_layer_and_keeps_the_run_s_scale(sd15, root):
+    """Rank 40 on the tiny UNet's attention: layers of width 32 train at rank 32 (alpha scaled, so every layer's
+    scale is alpha / 40), the 64-wide ones at 40; a fine-tune at a higher rank from that file keeps the capped
+    layers at their size and pads the others."""
+    from safetydpo_core.lora.targets import max_rank
+
+    layers = sd15.layers("attn")
+    assert {max_rank(m) for m in layers.values()} == {32, 64}
+    data = PreferenceDataset(root, categories="violence", expect_fingerprint=sd15.fingerprint())
+    res = train_expert(sd15, data, TrainConfig(steps=1, rank=40, alpha=20.0, lr=1e-3, beta=500, seed=0))
+    for name, layer in res.lora.items():
+        assert layer.rank == min(40, max_rank(layers[name])), name
+        assert layer.scale == pytest.approx(0.5), name
+    assert {l.rank for l in res.lora.layers.values()} == {32, 40}
+    fitted = fit_init_lora(res.lora, sd15, rank=48)
+    assert {n: l.rank for n, l in fitted.items()} == {n: min(48, max_rank(layers[n])) for n in res.lora.layers}
+    before, after = _deltas(res.lora), _deltas(fitted)
+    for n in before:
+        assert torch.allclose(before[n], after[n], atol=1e-6), n
+
+
+def test_a_starting_lora_with_more_rank_than_a_layer_has_is_refactored_exactly(sd15, expert):
+    """A merge at rank 36 gives a 32-wide layer 36 factor rows (36 > 32 adds nothing): the fine-tune's
+    adapter has 32 there, and the file's update is kept exactly."""
+    name = next(n for n, l in expert.items() if l.down.shape[1] == 32 and l.up.shape[0] == 32)
+    g = torch.Generator().manual_seed(0)
+    big = LoraLayer(torch.randn(36, 32, generator=g), torch.randn(32, 36, generator=g) * 0.1, 9.0)
+    lora = LoraSet({**expert.layers, name: big}, expert.naming)
+    fitted = fit_init_lora(lora, sd15, rank=36)
+    assert fitted.layers[name].rank == 32 and fitted.layers[name].scale == pytest.approx(1.0)
+    assert torch.allclose(fitted.layers[name].delta(), big.delta(), atol=1e-4)
+    assert all(fitted.layers[n].rank == 36 for n in expert.layers if n != name and
+               min(expert.layers[n].up.shape[0], expert.layers[n].down.shape[1]) > 36)
+
+
 def test_bad_starting_loras_are_named(sd15, tiny_sdxl, expert, root):
     with pytest.raises(LoraError, match="rank 2, above the run's rank 1"):
         fit_init_lora(expert, sd15, rank=1)

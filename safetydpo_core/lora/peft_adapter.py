@@ -8,6 +8,7 @@ model's, and no copy of the network is ever made.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Iterator, Sequence
 
 import torch
@@ -17,12 +18,15 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..errors import ConfigError, LoraError
 from .lora_set import LoraLayer, LoraSet
+from .targets import layer_rank
 
 ADAPTER_NAME = "safetydpo"
 
 
 class PeftLoraAdapter:
-    """Rank-``rank`` LoRA on ``target_names`` of ``module``; the handle the trainer works with."""
+    """Rank-``rank`` LoRA on ``target_names`` of ``module``; the handle the trainer works with. A layer smaller
+    than ``rank`` gets its own largest rank, at the run's scale (:func:`~.targets.layer_rank`; peft's
+    ``rank_pattern`` and ``alpha_pattern``)."""
 
     naming = "diffusers"
 
@@ -35,7 +39,12 @@ class PeftLoraAdapter:
         self.alpha = float(alpha if alpha is not None else rank)
         if self.alpha <= 0:
             raise ConfigError(f"LoRA alpha must be positive; got {self.alpha}.")
-        cfg = LoraConfig(r=self.rank, lora_alpha=self.alpha, init_lora_weights=init, target_modules=list(target_names))
+        capped = {n: layer_rank(module.get_submodule(n), self.rank) for n in target_names}
+        capped = {n: r for n, r in capped.items() if r < self.rank}
+        # peft matches a pattern as "(.*\.)?(pattern)$": "^" makes it this one module, not every name ending so
+        cfg = LoraConfig(r=self.rank, lora_alpha=self.alpha, init_lora_weights=init, target_modules=list(target_names),
+                         rank_pattern={"^" + re.escape(n): r for n, r in capped.items()},
+                         alpha_pattern={"^" + re.escape(n): self.alpha * r / self.rank for n, r in capped.items()})
         inject_adapter_in_model(cfg, module, adapter_name=ADAPTER_NAME)
         self.layers: dict[str, PeftLoraLayer] = {
             n: m for n, m in module.named_modules() if isinstance(m, PeftLoraLayer) and ADAPTER_NAME in m.lora_A}

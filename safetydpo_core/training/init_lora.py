@@ -6,11 +6,13 @@ taught (unsafe prompts drawn as the safe twin in place, unrelated content unchan
 short run of the same objective on every category's pairs, started from the merged LoRA, puts that back.
 It is also how an expert is continued on new data.
 
-The trainer's adapters have one rank for every layer. :func:`fit_init_lora` converts the starting LoRA to the
-model's layer naming (refusing a LoRA made for another model, with the layer at fault), and pads every
-layer to the run's rank: the added ``down`` rows are seeded random, the added ``up`` columns zero, and alpha
-is scaled with the rank, so the padded LoRA applies exactly the update of the original and the added rank
-can still learn. :func:`run_rank` is the rule for the run's rank: the configured rank, raised to the
+The trainer's adapters have one rank for every layer, except that a layer smaller than it gets its own
+largest rank (:func:`~..lora.targets.layer_rank`). :func:`fit_init_lora` converts the starting LoRA to the
+model's layer naming (refusing a LoRA made for another model, with the layer at fault), and brings every
+layer to that rank: padded, the added ``down`` rows seeded random, the added ``up`` columns zero and alpha
+scaled with the rank, so the padded LoRA applies exactly the update of the original and the added rank can
+still learn; or, for a layer the file gives more rank than the layer has (a merge at a high rank), refactored
+exactly by an SVD of its update, whose rank cannot exceed the layer's. :func:`run_rank` is the rule for the run's rank: the configured rank, raised to the
 starting LoRA's where that is larger (one rule for the command line and the nodes).
 
 Public API: :func:`run_rank`, :func:`fit_init_lora`.
@@ -25,6 +27,7 @@ import torch
 
 from ..errors import LoraError
 from ..lora.lora_set import LoraLayer, LoraSet
+from ..lora.targets import shape_max_rank
 
 if TYPE_CHECKING:
     from ..denoiser.protocol import Denoiser
@@ -58,15 +61,31 @@ def fit_init_lora(init: LoraSet, denoiser: "Denoiser", rank: int, *, seed: int =
     except LoraError as e:
         raise LoraError(f"{what}: {e} Start only from a LoRA made for this model.") from e
     g = torch.Generator().manual_seed(int(seed) + 7919)
+    shapes = denoiser.weight_shapes()
     layers = {}
     for name in sorted(lora.layers):
         layer = lora.layers[name]
-        extra = rank - layer.rank
+        target = min(rank, shape_max_rank(shapes[name]))
+        if layer.rank > target:
+            layer = _exact_rank(layer, target)
+        extra = target - layer.rank
         if extra == 0:
             layers[name] = LoraLayer(layer.down.float().clone(), layer.up.float().clone(), layer.alpha)
             continue
-        down_new = torch.randn((extra, *layer.down.shape[1:]), generator=g) / rank
+        down_new = torch.randn((extra, *layer.down.shape[1:]), generator=g) / target
         up_new = torch.zeros((layer.up.shape[0], extra, *layer.up.shape[2:]))
         layers[name] = LoraLayer(torch.cat([layer.down.float(), down_new]), torch.cat([layer.up.float(), up_new], dim=1),
-                                 layer.alpha * rank / layer.rank)
+                                 layer.alpha * target / layer.rank)
     return LoraSet(layers, lora.naming, dict(lora.metadata))
+
+
+def _exact_rank(layer: LoraLayer, rank: int) -> LoraLayer:
+    """``layer`` refactored at ``rank`` (at least the rank of its update) with the same update: the SVD of
+    ``scale * up @ down``, singular values split evenly between the factors, alpha = rank (scale 1)."""
+    up = layer.up.double().reshape(layer.up.shape[0], -1)
+    down = layer.down.double().reshape(layer.down.shape[0], -1)
+    u, sv, vh = torch.linalg.svd(layer.scale * (up @ down), full_matrices=False)
+    root = sv[:rank].sqrt()
+    new_up = (u[:, :rank] * root).float().reshape(layer.up.shape[0], rank, *layer.up.shape[2:])
+    new_down = (root[:, None] * vh[:rank]).float().reshape(rank, *layer.down.shape[1:])
+    return LoraLayer(new_down, new_up, float(rank))

@@ -47,7 +47,7 @@ from ..data.preference_dataset import PreferenceDataset
 from ..denoiser.protocol import Conditioning, Denoiser
 from ..errors import ConfigError, DatasetError, Interrupted, LoraError, TrainingDiverged
 from ..lora.lora_set import LoraLayer, LoraSet
-from ..lora.targets import check_rank_fits
+from ..lora.targets import layer_rank
 from . import objectives
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RESUME_KEYS, TrainConfig
@@ -402,7 +402,11 @@ class ExpertTrainer:
         cfg, d = self.cfg, self.denoiser
         if cfg.gradient_checkpointing:
             d.set_gradient_checkpointing(True)
-        check_rank_fits(d.layers(cfg.targets), cfg.rank)
+        capped = {n: r for n, m in d.layers(cfg.targets).items() if (r := layer_rank(m, cfg.rank)) < cfg.rank}
+        if capped:
+            log.info("rank %d is above what %d layer(s) can use; they train at their own largest rank (%s)",
+                     cfg.rank, len(capped), ", ".join(f"{n}: {r}" for n, r in sorted(capped.items())[:3])
+                     + (", ..." if len(capped) > 3 else ""))
         # fitted before the adapters go in (they change the model's weight names)
         init = None if self.init_lora is None else fit_init_lora(self.init_lora, d, cfg.rank, seed=cfg.seed)
         if cfg.adv_weight:
