@@ -24,7 +24,8 @@ QUICK_STEPS = 50
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
     # the quick preset with fewer DPO steps (50, not 90), to keep CI short: merged IP 0.25 here against 0.11
-    rc = main(["demo", "--quick", "--out", str(out), "--seed", "0", "--steps", str(QUICK_STEPS)])
+    # two worker processes for the experts and the evaluations (the default on a 2-core machine)
+    rc = main(["demo", "--quick", "--out", str(out), "--seed", "0", "--steps", str(QUICK_STEPS), "--workers", "2"])
     assert rc == 0
     return out
 
@@ -82,7 +83,9 @@ def test_quick_demo_merged_lora_lowers_ip_and_keeps_safe_prompts(quick_run):
 def test_rerun_resumes_without_retraining(quick_run):
     expert = quick_run / "experts" / "hate.safetensors"
     before = expert.stat().st_mtime_ns
-    report = run_demo(quick_run, DemoSettings.preset(quick=True, seed=0, steps=QUICK_STEPS), log=lambda m: None)
+    # in one process this time: the processes and threads are how a run goes, not what it makes
+    report = run_demo(quick_run, DemoSettings.preset(quick=True, seed=0, steps=QUICK_STEPS, workers=1, threads=1),
+                      log=lambda m: None)
     assert expert.stat().st_mtime_ns == before
     assert report["merged"]["ip"] == json.loads((quick_run / "report.json").read_text())["merged"]["ip"]
 
@@ -101,6 +104,8 @@ def test_demo_settings_are_validated():
         DemoSettings.preset(quick=True, steps=0)
     with pytest.raises(ConfigError, match="targets must name LoRA layers"):
         DemoSettings.preset(targets=" ")
+    with pytest.raises(ConfigError, match="workers must be an integer >= 0"):
+        DemoSettings.preset(workers=-1)
     assert DemoSettings.preset(quick=True).steps < DemoSettings.preset().steps
 
 
@@ -144,7 +149,8 @@ def test_command_line_model_defaults_to_the_world_model(tmp_path):
 def test_interrupted_demo_resumes_training_from_its_checkpoint(tmp_path):
     """Ctrl-C in the middle of the second expert; the rerun keeps the first expert and resumes the second."""
     settings = DemoSettings.preset(quick=True, pairs_per_concept=2, steps=24, eval_per_concept=1, eval_steps=2,
-                                   render_steps=2, calibration_inputs=2, unrelated_per_wording=1, preserve_weight=0.0)
+                                   render_steps=2, calibration_inputs=2, unrelated_per_wording=1, preserve_weight=0.0,
+                                   workers=1)
 
     def interrupt(msg):
         if "harassment expert: step 18/24" in msg:
@@ -162,3 +168,31 @@ def test_interrupted_demo_resumes_training_from_its_checkpoint(tmp_path):
     assert hate.stat().st_mtime_ns == before
     assert set(report["experts"]) == set(CATEGORIES)
     assert not (tmp_path / "experts" / "harassment.checkpoints").exists()
+
+
+def test_interrupted_parallel_demo_stops_its_workers_and_resumes(tmp_path):
+    """With two worker processes: an interruption while they train stops both at once (no process left
+    running), and the rerun resumes the interrupted experts from their checkpoints and finishes."""
+    import multiprocessing
+
+    settings = DemoSettings.preset(quick=True, pairs_per_concept=2, steps=40, eval_per_concept=1, eval_steps=2,
+                                   render_steps=2, calibration_inputs=2, unrelated_per_wording=1, preserve_weight=0.0,
+                                   workers=2, threads=1)
+    said = []
+
+    def interrupt(msg):
+        said.append(msg)
+        if "harassment expert: step 20/40" in msg:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(tmp_path, settings, log=interrupt)
+    assert any("training 7 experts in 2 processes of 1 thread(s)" in m for m in said), said
+    assert multiprocessing.active_children() == []
+    assert not (tmp_path / "experts" / "harassment.safetensors").exists()
+    assert any((tmp_path / "experts" / "harassment.checkpoints").iterdir())
+    said = []
+    report = run_demo(tmp_path, settings, log=said.append)
+    assert any(re.search(r"resuming the harassment expert from checkpoint-0*[1-9][0-9]*\.pt", m) for m in said), said
+    assert set(report["experts"]) == set(CATEGORIES) and any("evaluating 9 models in 2 processes" in m for m in said)
+    assert not list((tmp_path / "experts").glob("*.checkpoints"))
