@@ -171,7 +171,9 @@ def run_seed(seed: int, out: Path, a) -> dict:
                                                                  if k == "base" or k.startswith(("merge:", "expert:",
                                                                                                  "all-single", "baseline:"))},
                                            log=log)
-    results["_recipe"] = {k: v for k, v in s.to_dict().items() if k not in ("seed", "threads")}
+    from safetydpo_core.world.demo import HOW_SETTINGS
+
+    results["_recipe"] = {k: v for k, v in s.to_dict().items() if k != "seed" and k not in HOW_SETTINGS}
     return results
 
 

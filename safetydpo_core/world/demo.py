@@ -151,11 +151,11 @@ class _Clock:
         self.stages[name] = round(self.stages.get(name, 0.0) + time.time() - t, 1)
 
 
-_HOW = ("threads", "workers")  # settings that change how fast a run goes, not what it computes
+HOW_SETTINGS = ("threads", "workers")  # settings that change how fast a run goes, not what it computes
 
 
 def _what(record: dict) -> dict:
-    return {**record, "settings": {k: v for k, v in record.get("settings", {}).items() if k not in _HOW}}
+    return {**record, "settings": {k: v for k, v in record.get("settings", {}).items() if k not in HOW_SETTINGS}}
 
 
 def _prepare_out(out: Path, settings: DemoSettings, overwrite: bool) -> None:
