@@ -469,11 +469,14 @@ def test_identical_pairs_are_counted_and_dropped_from_training(den, tiny_sd15, t
 
 
 # -- 10. rank above a layer's dimension ----------------------------------------------------------------
-def test_rank_above_a_layer_dimension_is_refused_naming_the_layer(tiny_sd15, data, tmp_path, capsys):
+def test_rank_above_every_layer_dimension_is_refused_naming_the_largest_layer(tiny_sd15, data, tmp_path, capsys):
+    """A rank above only some layers' sizes is capped there (test_init_lora.py); above all of them it is a
+    mistake (a needlessly huge full-rank file) and refused."""
     rc = _train(tiny_sd15, data, tmp_path / "big.safetensors", "--rank", "1000")
     assert rc == 2
     err = capsys.readouterr().err
-    assert "rank 1000" in err and any(name in err for name in ("to_q", "to_k", "to_v", "to_out"))
+    assert "rank 1000" in err and "takes at most 64" in err
+    assert any(name in err for name in ("to_q", "to_k", "to_v", "to_out"))
     assert not (tmp_path / "big.safetensors").exists()
 
 

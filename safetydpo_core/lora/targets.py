@@ -124,3 +124,17 @@ def layer_rank(module: torch.nn.Module, rank: int) -> int:
     The capped layer keeps the run's scale ``alpha / rank`` (its alpha is scaled with its rank), and its
     update is as expressive as at the full rank, so one rank can be asked of every layer."""
     return min(int(rank), max_rank(module))
+
+
+def check_rank_useful(layers: Mapping[str, torch.nn.Module], rank: int) -> None:
+    """Refuse a rank above what even the largest of ``layers`` can use (every layer would be capped: a
+    full-rank LoRA that is needlessly huge, most likely a typo), naming that layer; a rank above only some
+    layers' sizes is fine (:func:`layer_rank` caps those)."""
+    if not layers:
+        return
+    name, module = max(layers.items(), key=lambda kv: (max_rank(kv[1]), kv[0]))
+    limit = max_rank(module)
+    if rank > limit:
+        shape = "x".join(str(s) for s in module.weight.shape)
+        raise ConfigError(f"LoRA rank {rank} is larger than any adapted layer can use: the largest, {name} ({shape}), "
+                          f"takes at most {limit} (a layer's smaller dimension). Choose a rank of at most {limit}.")

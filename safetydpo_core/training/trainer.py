@@ -47,7 +47,7 @@ from ..data.preference_dataset import PreferenceDataset
 from ..denoiser.protocol import Conditioning, Denoiser
 from ..errors import ConfigError, DatasetError, Interrupted, LoraError, TrainingDiverged
 from ..lora.lora_set import LoraLayer, LoraSet
-from ..lora.targets import layer_rank
+from ..lora.targets import check_rank_useful, layer_rank
 from . import objectives
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RESUME_KEYS, TrainConfig
@@ -402,7 +402,9 @@ class ExpertTrainer:
         cfg, d = self.cfg, self.denoiser
         if cfg.gradient_checkpointing:
             d.set_gradient_checkpointing(True)
-        capped = {n: r for n, m in d.layers(cfg.targets).items() if (r := layer_rank(m, cfg.rank)) < cfg.rank}
+        layers = d.layers(cfg.targets)
+        check_rank_useful(layers, cfg.rank)
+        capped = {n: r for n, m in layers.items() if (r := layer_rank(m, cfg.rank)) < cfg.rank}
         if capped:
             log.info("rank %d is above what %d layer(s) can use; they train at their own largest rank (%s)",
                      cfg.rank, len(capped), ", ".join(f"{n}: {r}" for n, r in sorted(capped.items())[:3])
