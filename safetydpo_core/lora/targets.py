@@ -21,6 +21,7 @@ over module names rather than a list of suffixes, so it works on diffusers and L
 from __future__ import annotations
 
 import fnmatch
+import math
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -107,10 +108,7 @@ def select_layers(modules: Mapping[str, torch.nn.Module], spec: str | Sequence[s
 def shape_max_rank(shape: Sequence[int]) -> int:
     """The largest useful LoRA rank of a weight of this shape: the smaller of its output and flattened input
     sizes (a rank above it cannot add anything to the update)."""
-    n_in = 1
-    for d in shape[1:]:
-        n_in *= int(d)
-    return int(min(int(shape[0]), n_in))
+    return int(min(int(shape[0]), math.prod(int(d) for d in shape[1:])))
 
 
 def max_rank(module: torch.nn.Module) -> int:

@@ -80,12 +80,10 @@ def fit_init_lora(init: LoraSet, denoiser: "Denoiser", rank: int, *, seed: int =
 
 
 def _exact_rank(layer: LoraLayer, rank: int) -> LoraLayer:
-    """``layer`` refactored at ``rank`` (at least the rank of its update) with the same update: the SVD of
-    ``scale * up @ down``, singular values split evenly between the factors, alpha = rank (scale 1)."""
-    up = layer.up.double().reshape(layer.up.shape[0], -1)
-    down = layer.down.double().reshape(layer.down.shape[0], -1)
-    u, sv, vh = torch.linalg.svd(layer.scale * (up @ down), full_matrices=False)
-    root = sv[:rank].sqrt()
-    new_up = (u[:, :rank] * root).float().reshape(layer.up.shape[0], rank, *layer.up.shape[2:])
-    new_down = (root[:, None] * vh[:rank]).float().reshape(rank, *layer.down.shape[1:])
-    return LoraLayer(new_down, new_up, float(rank))
+    """``layer`` refactored at ``rank`` (at least the rank of its update) with the same update: the exact
+    truncated SVD of ``scale * up @ down`` (:func:`~..merge.lowrank.factored_svd`), alpha = rank (scale 1)."""
+    from ..merge.lowrank import factored_svd
+
+    out = layer.up.shape[0]
+    up, down, _ = factored_svd(layer.up.reshape(out, -1) * layer.scale, layer.down.reshape(layer.rank, -1), rank)
+    return LoraLayer(down.reshape(rank, *layer.down.shape[1:]), up.reshape(out, rank, *layer.up.shape[2:]), float(rank))

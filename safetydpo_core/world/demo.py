@@ -83,8 +83,8 @@ class DemoSettings:
     preserve_weight: float = 10.0        # output preservation (DUO) on the preservation prompts:
     preserve_prompts: str = "auto+tokens"  # the other categories' safe prompts, plain shapes, random-token text
     merge_method: str = "comerge-delta"
-    merge_rank: int | str | None = 16      # output rank of the merge ("auto": the sum of the experts' ranks, 28,
-                                           # is above what the world's conv_in, 16 channels, takes)
+    merge_rank: int | str | None = 16      # output rank of the merge, the rank the esd-u recipe was measured at
+                                           # ("auto": the sum of the experts' ranks, 28)
     calibration: str = "dataset"         # Co-Merge calibration inputs: the dataset's latents, or "prompts" (noise)
     calibration_inputs: int = 32
     finetune_steps: int = 200            # joint fine-tune of the merged LoRA on all pairs (0: none)
