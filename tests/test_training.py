@@ -204,7 +204,7 @@ def test_preservation_resumes_exactly_and_is_part_of_the_resume_check(sd15, data
         train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck", should_stop=stop_after_2)
     resumed = train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck", resume=True)
     assert full.lora.allclose(resumed.lora, rtol=0, atol=0)
-    for key, value in (("preserve_weight", 4.0), ("preserve_prompts", "auto")):
+    for key, value in (("preserve_weight", 4.0), ("preserve_prompts", "auto"), ("preserve_pictures", 2)):
         with pytest.raises(ConfigError, match=key):
             train_expert(sd15, data, TrainConfig(**{**cfg.to_dict(), key: value}), checkpoint_dir=tmp_path / "ck",
                          resume=True)

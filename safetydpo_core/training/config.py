@@ -42,6 +42,7 @@ class TrainConfig:
     sft_weight: float = 0.0
     preserve_weight: float = 0.0                # output preservation (DUO): weight of mean((pred - ref)^2)
     preserve_prompts: str = "auto"               # the preservation set(s): auto, others, neutral, safe, tokens, a+b, a file
+    preserve_pictures: int = 0                   # everyday preservation prompts noised from N pictures of their own
     adv_weight: float = 0.0                      # adversarial training against concept inversion (adversarial.py)
     adv_lr: float = 0.3                          # the adversary's step, in RMS vocabulary-embedding entries
     adv_steps: int = 6                           # the adversary's steps before each optimiser step
@@ -88,6 +89,7 @@ class TrainConfig:
         self.max_grad_norm = check_optional(self.max_grad_norm, "max_grad_norm (0 disables clipping)", 0)
         self.sft_weight = check_number(self.sft_weight, "sft_weight", 0)
         self.preserve_weight = check_number(self.preserve_weight, "preserve_weight", 0)
+        self.preserve_pictures = check_number(self.preserve_pictures, "preserve_pictures", 0, 64, integer=True)
         self.adv_weight = check_number(self.adv_weight, "adv_weight", 0)
         self.weight_decay = check_number(self.weight_decay, "weight_decay", 0)
         self.seed = check_number(self.seed, "seed", integer=True)
@@ -220,6 +222,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
                                 "trained categories' too, plus everyday prompts), tokens (random vocabulary tokens: "
                                 "text in general), sets joined with + (auto+tokens, the demo's), or (command line "
                                 "only) a .txt / .jsonl prompts file.", resume=True, choices=PRESERVE_SETS, node="preserve_prompts"),
+    Setting("preserve_pictures", "Noise each everyday preservation prompt (neutral, a prompts file) from N pictures "
+                                 "of its own, rendered by the untouched model when training starts as the dataset's "
+                                 "pairs were (and cached in the dataset folder), instead of from the batch's "
+                                 "pictures (0 = off, the default).", resume=True, lo=0, hi=64),
     Setting("adv_weight", "Adversarial training against concept inversion (AdvUnlearn-style): weight of the DPO "
                           "term on prompts whose concept word is replaced by an adversary's token, learned against "
                           "the LoRA as training goes (0 = off). Much more robust to inversion and rewording, at a "

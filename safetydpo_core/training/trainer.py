@@ -251,17 +251,17 @@ class ExpertTrainer:
         with their own noise and timestep from their own latents (or, for prompts without one, from the batch's
         safe latents ``w``). Its loss is the mean squared distance between the adapted and the adapter-off
         prediction there."""
-        from .preservation import preservation_set
-
         d, cfg = self.denoiser, self.cfg
         if self._preserve_items is None:
-            self._preserve_items = preservation_set(cfg.preserve_prompts, self.dataset, d, cfg.seed)
+            self._preserve_items = self._preservation_items()
         items = self._preserve_items
         g = step_generator(cfg.seed, step, micro, domain=3)
         pick = torch.randint(len(items), (w.shape[0],), generator=g).tolist()
         x0 = []
         for b, k in enumerate(pick):
-            lat = self.dataset.load_latent(*items[k].latent) if items[k].latent is not None else None
+            it = items[k]
+            lat = it.picture if it.picture is not None else (
+                self.dataset.load_latent(*it.latent) if it.latent is not None else None)
             x0.append(lat if lat is not None and lat.shape == w[b].shape else w[b])
         x0 = torch.stack(x0)
         noise = torch.randn(x0.shape, generator=g)
@@ -269,6 +269,13 @@ class ExpertTrainer:
         dev = torch.device(d.device)
         x0, noise, t = x0.to(dev), noise.to(dev), t.to(dev)
         return d.add_noise(x0, noise, t), t, self._encode([items[k].prompt for k in pick], size)
+
+    def _preservation_items(self):
+        """The preservation set (:mod:`.preservation`), with pictures of its everyday prompts rendered by the model
+        as it is now when ``preserve_pictures`` is set: :meth:`run` calls this before the adapters go in."""
+        from .preservation import run_items
+
+        return run_items(self.cfg, self.dataset, self.denoiser, should_stop=self.should_stop)
 
     def _micro_loss(self, adapter, order: PairOrder, step: int, micro: int, batch=None) -> objectives.ObjectiveOutput:
         """The objective of global micro-step ``micro`` of ``step`` (``batch``: its :meth:`_batch`, when already
@@ -416,6 +423,8 @@ class ExpertTrainer:
 
             self.adversary = Adversary(d, self.dataset.records, lr=cfg.adv_lr, reset=cfg.adv_reset, init=cfg.adv_init,
                                        seed=cfg.seed)
+        if cfg.preserve_weight and self._preserve_items is None:  # its pictures are the untouched model's
+            self._preserve_items = self._preservation_items()
         adapter = d.attach_lora(cfg.rank, cfg.alpha, cfg.targets)
         try:
             adapter.load(self._start_lora(adapter, init))
@@ -590,6 +599,8 @@ class ExpertTrainer:
         if cfg.preserve_weight:
             meta["safetydpo_preserve_weight"] = f"{cfg.preserve_weight:g}"
             meta["safetydpo_preserve_prompts"] = Path(cfg.preserve_prompts).name  # never a full path
+            if cfg.preserve_pictures:
+                meta["safetydpo_preserve_pictures"] = str(cfg.preserve_pictures)
         if cfg.adv_weight:
             meta["safetydpo_adv_weight"] = f"{cfg.adv_weight:g}"
             meta["safetydpo_adv_init"] = cfg.adv_init
