@@ -25,8 +25,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
-
 from .denoiser.protocol import RenderingDenoiser
 from .errors import ConfigError, DatasetError, Interrupted, SafetyDPOError
 from .eval.manifest import MANIFEST, ImageRecord, read_run, write_manifest
@@ -153,7 +151,7 @@ def sample_prompts(denoiser: RenderingDenoiser, prompts: Sequence[EvalPrompt], o
 
     ``split`` (:class:`~safetydpo_core.scaleout.Split`): render only this process's batches, skipping the
     (variant, id) in ``skip`` (done in other parts); ``out`` is then this process's part."""
-    from .data.render import initial_noise, to_pil
+    from .data.render import render_latents, to_pil
     from .lora.apply import lora_applied
 
     s = settings or SampleSettings()
@@ -218,15 +216,12 @@ def sample_prompts(denoiser: RenderingDenoiser, prompts: Sequence[EvalPrompt], o
         applied = [(lora, strength)] if lora is not None and strength != 0 else []
         with lora_applied(denoiser.module, applied):
             for (guidance, h, w), batch in units:
-                shape = denoiser.latent_shape(h, w)
                 if should_stop is not None and should_stop():
                     raise Interrupted(f"Sampling was cancelled after {written + skipped} of {total} images; "
                                       f"run again with --resume to continue.")
                 seeds = [row_seed(p, s) for p in batch]
-                noise = torch.stack([initial_noise(sd, shape) for sd in seeds])
-                cond = denoiser.encode_prompts([p.prompt for p in batch], size=(h, w))
-                uncond = denoiser.encode_prompts([s.negative] * len(batch), size=(h, w)) if guidance != 1.0 else None
-                lat = denoiser.sample(cond, uncond, noise, steps=s.steps, cfg=guidance, sampler=s.sampler)
+                lat = render_latents(denoiser, [p.prompt for p in batch], seeds, size=(h, w), steps=s.steps,
+                                     cfg=guidance, sampler=s.sampler, negative=s.negative)
                 images = to_pil(denoiser.decode_latents(lat))
                 for p, sd, im in zip(batch, seeds, images):
                     rel = f"images/{_SAFE.sub('_', variant)}/{_file_id(p.id)}.png"

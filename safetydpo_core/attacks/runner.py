@@ -192,21 +192,18 @@ def _digest(obj) -> str:
 def make_targets(den: RenderingDenoiser, prompts: Sequence[AttackPrompt], sampling: Sampling, seed: int,
                  should_stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
     """The base model's latents of each prompt from its seed (what the white-box attacks aim at)."""
-    from ..data.render import initial_noise
+    from ..data.render import render_latents
     from ..errors import Interrupted
 
     h, w = sampling.size(den)
-    shape = den.latent_shape(h, w)
     out = {}
     for start in range(0, len(prompts), sampling.batch_size):
         if should_stop is not None and should_stop():
             raise Interrupted("The attack was cancelled while the base model drew its target pictures.")
         batch = prompts[start:start + sampling.batch_size]
-        cond = den.encode_prompts([p.prompt for p in batch], size=(h, w))
-        uncond = den.encode_prompts([sampling.negative] * len(batch), size=(h, w)) if sampling.cfg != 1.0 else None
-        noise = torch.stack([initial_noise(prompt_seed(seed, p), shape) for p in batch])
-        lat = den.sample(cond, uncond, noise, steps=sampling.steps, cfg=sampling.cfg, sampler=sampling.sampler,
-                         scheduler=sampling.scheduler)
+        lat = render_latents(den, [p.prompt for p in batch], [prompt_seed(seed, p) for p in batch], size=(h, w),
+                             steps=sampling.steps, cfg=sampling.cfg, sampler=sampling.sampler,
+                             scheduler=sampling.scheduler, negative=sampling.negative)
         for p, x in zip(batch, lat):
             out[p.id] = x.detach().float().cpu().clone()
     return out

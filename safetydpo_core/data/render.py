@@ -71,6 +71,19 @@ def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
 
 
+def render_latents(denoiser, prompts: Sequence[str], seeds: Sequence[int], *, size: tuple[int, int], steps: int,
+                   cfg: float, sampler: str = "ddim", scheduler: str = "normal", negative: str = "") -> torch.Tensor:
+    """Latents of ``prompts``, each sampled from the starting noise of its seed (:func:`initial_noise`), with
+    classifier-free guidance ``cfg`` against ``negative`` (none at 1): the sampling call every renderer of the
+    pack shares (pairs, ``safetydpo sample``, attack targets, preservation pictures)."""
+    h, w = size
+    shape = denoiser.latent_shape(h, w)
+    noise = torch.stack([initial_noise(sd, shape) for sd in seeds])
+    cond = denoiser.encode_prompts(list(prompts), size=(h, w))
+    uncond = denoiser.encode_prompts([negative] * len(prompts), size=(h, w)) if cfg != 1.0 else None
+    return denoiser.sample(cond, uncond, noise, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler)
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
@@ -108,7 +121,7 @@ def render_pairs(denoiser: RenderingDenoiser, pairs: Sequence, out: str | os.Pat
         raise ConfigError("No prompt pairs to render.")
     h = s.height or denoiser.sample_size
     w = s.width or denoiser.sample_size
-    shape = denoiser.latent_shape(h, w)
+    denoiser.latent_shape(h, w)  # refuses a size the model cannot make before anything is written
     record = {**dataclasses.asdict(s), "height": h, "width": w, "judge": getattr(judge, "name", None),
               "source": "render", "model_base": denoiser.base_model_version}
     dropped: Counter = Counter()
@@ -128,12 +141,9 @@ def render_pairs(denoiser: RenderingDenoiser, pairs: Sequence, out: str | os.Pat
             if should_stop is not None and should_stop():
                 raise Interrupted(f"Rendering was cancelled after {rendered} pairs; run again with resume to continue.")
             seeds = [pair_seed(s.seed, p.id) for p in batch]
-            noise = torch.stack([initial_noise(sd, shape) for sd in seeds])
-            prompts = [p.safe for p in batch] + [p.unsafe for p in batch]
-            cond = denoiser.encode_prompts(prompts, size=(h, w))
-            uncond = denoiser.encode_prompts([s.negative] * len(prompts), size=(h, w)) if s.cfg != 1.0 else None
-            lat = denoiser.sample(cond, uncond, torch.cat([noise, noise]), steps=s.steps, cfg=s.cfg, sampler=s.sampler,
-                                  scheduler=s.scheduler)
+            lat = render_latents(denoiser, [p.safe for p in batch] + [p.unsafe for p in batch], seeds + seeds,
+                                 size=(h, w), steps=s.steps, cfg=s.cfg, sampler=s.sampler, scheduler=s.scheduler,
+                                 negative=s.negative)
             imgs = to_pil(denoiser.decode_latents(lat))
             n = len(batch)
             verdicts = judge(imgs[:n], imgs[n:], batch) if judge is not None else [(True, "")] * n

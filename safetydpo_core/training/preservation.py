@@ -226,7 +226,7 @@ def with_pictures(items: Sequence[PreserveItem], denoiser, n: int, *, seed: int,
     are kept in ``cache_dir/<key>.safetensors`` (the key covers the model, the settings, the prompts and the
     seeds), so the experts of one dataset render them once; an unwritable ``cache_dir`` only costs the
     cache."""
-    from ..data.render import initial_noise, pair_seed
+    from ..data.render import pair_seed, render_latents
 
     if n <= 0:
         return list(items)
@@ -247,19 +247,15 @@ def with_pictures(items: Sequence[PreserveItem], denoiser, n: int, *, seed: int,
     if latents is None:
         log.info("rendering %d pictures of %d preservation prompts (%d each, %d steps)", len(jobs), len(todo), n,
                  int(s["steps"]))
-        shape = denoiser.latent_shape(h, w)
-        cfg = float(s["cfg"])
         parts = []
         with torch.no_grad():
             for i in range(0, len(jobs), batch_size):
                 if should_stop is not None and should_stop():
                     raise Interrupted("Stopped while rendering the preservation pictures; run again to start over.")
                 batch = jobs[i:i + batch_size]
-                cond = denoiser.encode_prompts([p for p, _, _ in batch], size=(h, w))
-                uncond = denoiser.encode_prompts([str(s["negative"] or "")] * len(batch), size=(h, w)) if cfg != 1.0 else None
-                noise = torch.stack([initial_noise(sd, shape) for _, _, sd in batch])
-                lat = denoiser.sample(cond, uncond, noise, steps=int(s["steps"]), cfg=cfg, sampler=str(s["sampler"]),
-                                      scheduler=str(s["scheduler"]))
+                lat = render_latents(denoiser, [p for p, _, _ in batch], [sd for _, _, sd in batch], size=(h, w),
+                                     steps=int(s["steps"]), cfg=float(s["cfg"]), sampler=str(s["sampler"]),
+                                     scheduler=str(s["scheduler"]), negative=str(s["negative"] or ""))
                 parts.append(lat.detach().float().cpu())
         latents = torch.cat(parts)
         if not torch.isfinite(latents).all():

@@ -252,9 +252,7 @@ class ExpertTrainer:
         safe latents ``w``). Its loss is the mean squared distance between the adapted and the adapter-off
         prediction there."""
         d, cfg = self.denoiser, self.cfg
-        if self._preserve_items is None:
-            self._preserve_items = self._preservation_items()
-        items = self._preserve_items
+        items = self._preserve_items  # built by run() before the adapters go in
         g = step_generator(cfg.seed, step, micro, domain=3)
         pick = torch.randint(len(items), (w.shape[0],), generator=g).tolist()
         x0 = []
