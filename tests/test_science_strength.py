@@ -1,0 +1,51 @@
+"""benchmarks/science_strength.py: the scaled copy of a demo's merged LoRA, beside links to the demo's other files
+(its cached evaluations but the merged LoRA's), made once."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import science_strength  # noqa: E402
+from safetydpo_core.lora.io import load_lora, save_lora  # noqa: E402
+from safetydpo_core.lora.lora_set import LoraLayer, LoraSet  # noqa: E402
+
+
+def test_scaled_demo_scales_every_update_and_links_the_rest(tmp_path):
+    from safetydpo_core.world.model import load_world_model
+
+    den = load_world_model()
+    names = den.names()
+    shapes = {k: v for k, v in den.weight_shapes().items() if k in den.layers("attn")}
+    g = torch.Generator().manual_seed(0)
+    lora = LoraSet({k: LoraLayer(torch.randn(2, v[1], generator=g), torch.randn(v[0], 2, generator=g), 2.0)
+                    for k, v in shapes.items()}, "diffusers")
+    demo = tmp_path / "demo"
+    (demo / "eval").mkdir(parents=True)
+    save_lora(lora, demo / "merged.safetensors", names=names)
+    (demo / "demo.json").write_text(json.dumps({"settings": {"seed": 0}}))
+    for f in ("base.pt", "merged.pt"):
+        (demo / "eval" / f).write_bytes(b"cached")
+    (demo / "report.json").write_text("{}")
+
+    folder = science_strength.scaled_demo(demo, 0.8, tmp_path / "out")
+    assert folder == tmp_path / "out" / "demo" / "strength_0.8"
+    scaled = load_lora(folder / "merged.safetensors", names=names)
+    original = load_lora(demo / "merged.safetensors", names=names)
+    for name in original.layers:
+        assert torch.allclose(scaled[name].delta(), 0.8 * original[name].delta(), atol=1e-5)
+    assert (folder / "demo.json").is_symlink() and (folder / "eval" / "base.pt").is_symlink()
+    assert not (folder / "eval" / "merged.pt").exists() and not (folder / "report.json").exists()  # evaluated anew
+    stamp = (folder / "merged.safetensors").stat().st_mtime_ns
+    assert science_strength.scaled_demo(demo, 0.8, tmp_path / "out") == folder  # made once
+    assert (folder / "merged.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_a_folder_that_is_not_a_finished_demo_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="not a finished `safetydpo demo` folder"):
+        science_strength.main(["--demos", str(tmp_path), "--out", str(tmp_path / "out")])
