@@ -49,6 +49,7 @@ class SampleSettings:
     row_guidance: bool = True          # honour the rows' guidance (I2P sd_guidance_scale)
     row_seed: bool = True              # honour the rows' seeds (I2P sd_seed)
     row_size: bool = False             # honour the rows' sd_image_width/height
+    lora_start: int = 0                # the LoRA goes in after this many sampler steps (0: from the first)
 
     def __post_init__(self) -> None:
         from .data.render import MAX_SIZE
@@ -60,6 +61,10 @@ class SampleSettings:
         self.seed = check_number(self.seed, "seed", integer=True)
         self.height = check_optional(self.height or None, "height (image size)", 8, MAX_SIZE, integer=True)
         self.width = check_optional(self.width or None, "width (image size)", 8, MAX_SIZE, integer=True)
+        self.lora_start = check_number(self.lora_start, "lora_start (the LoRA's first step)", 0, 10000, integer=True)
+        if self.lora_start and self.lora_start >= self.steps:
+            raise ConfigError(f"lora_start ({self.lora_start}) must be below the number of steps ({self.steps}): the LoRA "
+                              f"would never be on.")
 
 
 @dataclasses.dataclass
@@ -137,7 +142,8 @@ def load_prompts(path: str | os.PathLike, *, field: str = "unsafe", categories=N
 
 def _state(denoiser: RenderingDenoiser, settings: SampleSettings, lora_meta: dict | None) -> dict:
     return {"model_fingerprint": denoiser.fingerprint(), "lora": lora_meta,
-            **{k: v for k, v in dataclasses.asdict(settings).items() if k not in ("batch_size",)}}
+            **{k: v for k, v in dataclasses.asdict(settings).items()
+               if k != "batch_size" and not (k == "lora_start" and not v)}}  # runs made before lora_start resume
 
 
 def sample_prompts(denoiser: RenderingDenoiser, prompts: Sequence[EvalPrompt], out: str | os.PathLike,
@@ -152,7 +158,7 @@ def sample_prompts(denoiser: RenderingDenoiser, prompts: Sequence[EvalPrompt], o
     ``split`` (:class:`~safetydpo_core.scaleout.Split`): render only this process's batches, skipping the
     (variant, id) in ``skip`` (done in other parts); ``out`` is then this process's part."""
     from .data.render import render_latents, to_pil
-    from .lora.apply import lora_applied
+    from .lora.apply import lora_applied_from
 
     s = settings or SampleSettings()
     if not prompts:
@@ -214,14 +220,14 @@ def sample_prompts(denoiser: RenderingDenoiser, prompts: Sequence[EvalPrompt], o
         if split is not None:
             units = split.owned(units, key=lambda u: f"{variant}/{u[1][0].id}")
         applied = [(lora, strength)] if lora is not None and strength != 0 else []
-        with lora_applied(denoiser.module, applied):
+        with lora_applied_from(denoiser.module, applied, s.lora_start if applied else 0) as switch:
             for (guidance, h, w), batch in units:
                 if should_stop is not None and should_stop():
                     raise Interrupted(f"Sampling was cancelled after {written + skipped} of {total} images; "
                                       f"run again with --resume to continue.")
                 seeds = [row_seed(p, s) for p in batch]
                 lat = render_latents(denoiser, [p.prompt for p in batch], seeds, size=(h, w), steps=s.steps,
-                                     cfg=guidance, sampler=s.sampler, negative=s.negative)
+                                     cfg=guidance, sampler=s.sampler, negative=s.negative, callback=switch)
                 images = to_pil(denoiser.decode_latents(lat))
                 for p, sd, im in zip(batch, seeds, images):
                     rel = f"images/{_SAFE.sub('_', variant)}/{_file_id(p.id)}.png"
@@ -232,6 +238,7 @@ def sample_prompts(denoiser: RenderingDenoiser, prompts: Sequence[EvalPrompt], o
                                       lora=lora_name if applied else None, strength=strength if lora is not None else None,
                                       extra={"steps": s.steps, "sampler": s.sampler, "width": w, "height": h,
                                              "negative": s.negative, "model": model_name,
+                                             **({"lora_start": s.lora_start} if applied and s.lora_start else {}),
                                              **{k: p.extra[k] for k in ("concept", "topic") if p.extra.get(k)}})
                     records.append(rec)
                     done[(variant, p.id)] = rec

@@ -176,6 +176,11 @@ def test_cli_sample_writes_manifest_and_config(tiny_sd15, csv_file, lora_file, t
     assert main(["sample", "--model", str(tiny_sd15), "--prompts", str(csv_file), "--out", str(tmp_path / "o2"),
                  "--lora", str(bad)]) == 2
     assert "cannot be read as safetensors" in capsys.readouterr().err
+    # --lora-start: the LoRA from a later step; one that leaves it no step is refused by name
+    assert main(args[:-2] + ["--steps", "3", "--lora-start", "2", "--out", str(tmp_path / "late")]) == 0
+    assert {r.extra.get("lora_start") for r in read_run(tmp_path / "late").records} == {None, 2}
+    assert main(args[:-2] + ["--lora-start", "1", "--out", str(tmp_path / "never")]) == 2
+    assert "lora_start (1) must be below the number of steps (1)" in capsys.readouterr().err
 
 
 def test_sdxl_model_samples(tiny_sdxl, csv_file, tmp_path):
@@ -184,3 +189,78 @@ def test_sdxl_model_samples(tiny_sdxl, csv_file, tmp_path):
     run = read_run(tmp_path / "xl")
     assert len(run.records) == 2 and all(Image.open(run.path(r)).size == (32, 32) for r in run.records)
     assert json.loads((tmp_path / "xl" / "config.json").read_text())["sampler"] == "euler"
+
+
+def test_lora_from_a_later_step_switches_per_sampling_call(den, csv_file, lora_file, tmp_path):
+    """``lora_start`` N: every sampling call runs its first N steps on the untouched model and the rest with the
+    LoRA; the result matches a direct two-phase render, lies between the base model's and the LoRA's pictures,
+    and the weights are restored."""
+    from safetydpo_core.data.render import initial_noise, render_latents
+    from safetydpo_core.lora.apply import lora_applied, lora_applied_from
+    from safetydpo_core.lora.io import load_lora
+    from safetydpo_core.merge.experts import align_experts
+
+    lora = align_experts([load_lora(lora_file, names=den.names())], naming=den.naming, names=den.names())[0]
+    fp = den.fingerprint()
+    name = next(iter(lora.layers))
+    weight = den.layers([name])[name].weight
+    before = weight.detach().clone()
+    # the switch itself: off until step 2 of each call, on after it, off again after the last step
+    with lora_applied_from(den.module, [(lora, 1.0)], 2) as switch:
+        for _ in range(2):  # two sampling calls in one block
+            switch(1, 4)
+            assert torch.equal(weight, before)
+            switch(2, 4)
+            assert not torch.equal(weight, before)
+            switch(4, 4)
+            assert torch.equal(weight, before)
+        switch(2, 4)  # interrupted mid-call: the block's exit restores the weights
+    assert torch.equal(weight, before) and den.fingerprint() == fp
+    with lora_applied_from(den.module, [(lora, 1.0)], 0) as switch:
+        assert switch is None and not torch.equal(weight, before)  # start 0: on from the first step
+    with pytest.raises(Exception, match="start step must be >= 0"):
+        with lora_applied_from(den.module, [(lora, 1.0)], -1):
+            pass
+
+    prompts = load_prompts(csv_file)[:2]
+    s = SampleSettings(steps=4, lora_start=2, row_guidance=False, cfg=5.0)
+    sample_prompts(den, prompts, tmp_path / "late", s, lora=lora, lora_name="expert", strengths=[0, 1.0])
+    run = read_run(tmp_path / "late")
+    by = {(r.variant, r.id): r for r in run.records}
+    rec = by[("expert@1", prompts[1].id)]
+    assert rec.extra["lora_start"] == 2 and "lora_start" not in by[("base", prompts[1].id)].extra
+    assert den.fingerprint() == fp
+    # the same picture by hand: two steps without the LoRA, then the LoRA in for the last two
+    noise_seed = rec.seed
+    cond, unc = den.encode_prompts([rec.prompt], size=(32, 32)), den.encode_prompts([""], size=(32, 32))
+    calls = []
+
+    def by_hand(step, steps):
+        calls.append(step)
+        if step == 2:
+            ctx.__enter__()
+
+    ctx = lora_applied(den.module, [(lora, 1.0)])
+    try:
+        lat = den.sample(cond, unc, initial_noise(noise_seed, den.latent_shape(32, 32))[None], steps=4, cfg=5.0,
+                         sampler="ddim", callback=by_hand)
+    finally:
+        ctx.__exit__(None, None, None)
+    from safetydpo_core.data.render import to_pil
+
+    want = np.asarray(to_pil(den.decode_latents(lat))[0], dtype=np.int16)
+    got = _pixels(run.path(rec))
+    assert calls == [1, 2, 3, 4] and np.abs(got - want).max() <= 1
+    full = render_latents
+    with lora_applied(den.module, [(lora, 1.0)]):
+        lat_full = full(den, [rec.prompt], [noise_seed], size=(32, 32), steps=4, cfg=5.0)
+    full_px = np.asarray(to_pil(den.decode_latents(lat_full))[0], dtype=np.int16)
+    base_px = _pixels(run.path(by[("base", prompts[1].id)]))
+    assert np.abs(got - full_px).max() > 0 and np.abs(got - base_px).max() > 0
+    # the start must leave the LoRA some steps, and it is part of the resume check
+    with pytest.raises(ConfigError, match="lora_start .4. must be below the number of steps"):
+        SampleSettings(steps=4, lora_start=4)
+    with pytest.raises(ConfigError, match="other settings .*lora_start"):
+        sample_prompts(den, prompts, tmp_path / "late", SampleSettings(steps=4, lora_start=1, row_guidance=False,
+                                                                       cfg=5.0), lora=lora, lora_name="expert",
+                       strengths=[0, 1.0], resume=True)

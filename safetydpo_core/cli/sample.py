@@ -57,6 +57,10 @@ def register(sub) -> None:
     p.add_argument("--size", type=IMAGE_SIZE, default=None, help="image side in pixels (default: the model's native size)")
     p.add_argument("--row-size", action="store_true", help="use the rows' sd_image_width/height where given")
     p.add_argument("--steps", type=integer(1, 10000), default=20, help="sampling steps (default 20; SafetyDPO's inference uses 50)")
+    p.add_argument("--lora-start", type=integer(0, 10000), default=0, metavar="N",
+                   help="switch the LoRA on only after the first N sampling steps (default 0: from the first); the "
+                        "untouched model settles the layout and what the prompt leaves open, the LoRA the rest "
+                        "(README, \"The LoRA from a later step\")")
     p.add_argument("--cfg", type=number(0, 100), default=None,
                    help="guidance scale for rows without sd_guidance_scale (default: the model's usual, 7.5 for "
                         "SD1/SDXL, 4.5 for SD3, 1 for Flux.1-dev)")
@@ -91,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     settings = SampleSettings(steps=args.steps, cfg=7.5 if args.cfg is None else args.cfg, sampler=args.sampler,
                               height=args.size, width=args.size,
                               seed=args.seed, negative=args.negative, batch_size=args.batch_size,
+                              lora_start=args.lora_start,
                               row_guidance=not args.ignore_row_guidance, row_seed=not args.ignore_row_seeds,
                               row_size=args.row_size)
     from ..scaleout_commands import open_split, sample_split

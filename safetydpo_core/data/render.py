@@ -72,16 +72,19 @@ def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
 
 
 def render_latents(denoiser, prompts: Sequence[str], seeds: Sequence[int], *, size: tuple[int, int], steps: int,
-                   cfg: float, sampler: str = "ddim", scheduler: str = "normal", negative: str = "") -> torch.Tensor:
+                   cfg: float, sampler: str = "ddim", scheduler: str = "normal", negative: str = "",
+                   callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Latents of ``prompts``, each sampled from the starting noise of its seed (:func:`initial_noise`), with
     classifier-free guidance ``cfg`` against ``negative`` (none at 1): the sampling call every renderer of the
-    pack shares (pairs, ``safetydpo sample``, attack targets, preservation pictures)."""
+    pack shares (pairs, ``safetydpo sample``, attack targets, preservation pictures). ``callback(step, steps)``
+    runs after each step (e.g. the switch of :func:`~safetydpo_core.lora.apply.lora_applied_from`)."""
     h, w = size
     shape = denoiser.latent_shape(h, w)
     noise = torch.stack([initial_noise(sd, shape) for sd in seeds])
     cond = denoiser.encode_prompts(list(prompts), size=(h, w))
     uncond = denoiser.encode_prompts([negative] * len(prompts), size=(h, w)) if cfg != 1.0 else None
-    return denoiser.sample(cond, uncond, noise, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler)
+    return denoiser.sample(cond, uncond, noise, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler,
+                           callback=callback)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -1,7 +1,10 @@
 """Apply LoRA sets to a module's weights at given strengths, for inference, and take them off again.
 
 ``W' = W + sum_i strength_i * (alpha_i / r_i) * up_i @ down_i`` is written into the weights inside a
-``with`` block; the original weights are kept aside and restored bit for bit on exit. This is how
+``with`` block; the original weights are kept aside and restored bit for bit on exit.
+:func:`lora_applied_from` does the same from a given sampling step on: the first steps of every sampling
+call run the untouched model (they settle the picture's layout and the choices the prompt leaves open), the
+rest run with the LoRAs (docs/benchmarks.md, "The LoRA from a later step"). This is how
 ``safetydpo sample`` (sampling.py) and the concept world's evaluation (world/lora_eval.py) run a model
 with experts applied; training, rendering and merge calibration use the denoisers' own adapters instead.
 """
@@ -9,7 +12,7 @@ with experts applied; training, rendering and merge calibration use the denoiser
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -42,3 +45,36 @@ def lora_applied(module: torch.nn.Module, loras: Sequence[tuple[LoraSet, float]]
     finally:
         for name, orig in backups.items():
             modules[name].weight.copy_(orig)
+
+
+@contextlib.contextmanager
+def lora_applied_from(module: torch.nn.Module, loras: Sequence[tuple[LoraSet, float]], start: int
+                      ) -> Iterator[Callable[[int, int], None] | None]:
+    """:func:`lora_applied` from sampling step ``start`` on. Yields the callback ``(step, steps)`` to pass to every
+    sampler call in the block (``None`` when ``start`` is 0: the LoRAs are in from the first step). Each call
+    starts with the untouched weights; the LoRAs go in when its step ``start`` is done and come out after its
+    last step. The original weights are back on exit whatever happened."""
+    if start < 0:
+        raise LoraError(f"The LoRA's start step must be >= 0; got {start}.")
+    if start == 0:
+        with lora_applied(module, loras):
+            yield None
+        return
+    active: list = []
+
+    def off() -> None:
+        while active:
+            active.pop().__exit__(None, None, None)
+
+    def callback(step: int, steps: int) -> None:
+        if step == start and step < steps and not active:
+            cm = lora_applied(module, loras)
+            cm.__enter__()
+            active.append(cm)
+        if step >= steps:
+            off()
+
+    try:
+        yield callback
+    finally:
+        off()
