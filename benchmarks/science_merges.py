@@ -50,6 +50,7 @@ def demo_settings(demo: Path):
                          f"comerge.safetensors or demo.json); run `safetydpo demo --out {demo}` again.")
     given = json.loads((demo / "demo.json").read_text())["settings"]
     s = DemoSettings.preset(quick=bool(given.get("quick")), seed=int(given["seed"]))
+    given.setdefault("lora_start", 0)  # demo folders made before the setting existed
     differ = sorted(k for k, v in s.to_dict().items() if k not in HOW_SETTINGS and given.get(k) != v)
     if differ:
         raise SystemExit(f"{demo} was made with settings other than the preset of its seed ({', '.join(differ)}).")

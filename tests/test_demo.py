@@ -196,3 +196,36 @@ def test_interrupted_parallel_demo_stops_its_workers_and_resumes(tmp_path):
     assert any(re.search(r"resuming the harassment expert from checkpoint-0*[1-9][0-9]*\.pt", m) for m in said), said
     assert set(report["experts"]) == set(CATEGORIES) and any("evaluating 9 models in 2 processes" in m for m in said)
     assert not list((tmp_path / "experts").glob("*.checkpoints"))
+
+
+def test_merged_lora_from_a_later_step_in_the_evaluation(tmp_path):
+    """``lora_start``: the merged LoRA's evaluation pictures run the untouched model for the first steps, the LoRA
+    after; a base-model evaluation is unaffected; the setting is checked, and 0 is what older runs did."""
+    from safetydpo_core.lora.io import save_lora
+    from safetydpo_core.lora.lora_set import LoraLayer, LoraSet
+    from safetydpo_core.world import load_world_model
+    from safetydpo_core.world.demo import _what
+    from safetydpo_core.world.lora_eval import evaluate_lora
+    from safetydpo_core.world.unrelated import unrelated_prompts
+
+    den, judge = load_world_model(), load_judge()
+    g = torch.Generator().manual_seed(0)
+    shapes = {k: v for k, v in den.weight_shapes().items() if k in den.layers("attn")}
+    lora = LoraSet({k: LoraLayer(torch.randn(4, v[1], generator=g) * 0.3, torch.randn(v[0], 4, generator=g) * 0.3, 4.0)
+                    for k, v in shapes.items()}, "diffusers")
+    path = tmp_path / "lora.safetensors"
+    save_lora(lora, path, names=den.names())
+    sets = {"unrelated": unrelated_prompts(2, seed=3)[:4]}
+    fp = den.fingerprint()
+    pics = {k: evaluate_lora(den, judge, path, sets, steps=4, cfg=3.0, lora_start=k)["unrelated"]["images"]
+            for k in (0, 2)}
+    base = evaluate_lora(den, judge, None, sets, steps=4, cfg=3.0)["unrelated"]["images"]
+    assert den.fingerprint() == fp  # the weights are back
+    assert not torch.equal(pics[2], pics[0]) and not torch.equal(pics[2], base)
+    assert torch.equal(evaluate_lora(den, judge, None, sets, steps=4, cfg=3.0, lora_start=2)["unrelated"]["images"], base)
+    with pytest.raises(ConfigError, match="lora_start must be an integer from 0 to eval_steps - 1"):
+        DemoSettings.preset(quick=True, lora_start=12)
+    assert DemoSettings.preset(lora_start=10).lora_start == 10
+    record = {"demo_version": 1, "settings": DemoSettings.preset(quick=True).to_dict()}
+    older = {"demo_version": 1, "settings": {k: v for k, v in record["settings"].items() if k != "lora_start"}}
+    assert _what(record) == _what(older)  # a folder made before the setting existed resumes

@@ -29,6 +29,10 @@ def register(sub) -> None:
                    help="prompt pairs per concept (default 24; quick 10)")
     p.add_argument("--finetune-steps", type=integer(0, 10 ** 7), default=None, metavar="N",
                    help="steps of the joint fine-tune of the merged LoRA on all pairs (default 200; quick 40; 0: none)")
+    p.add_argument("--lora-start", type=integer(0, 10000), default=None, metavar="N",
+                   help="evaluate the merged LoRA switched on only after the first N of the evaluation's sampling "
+                        "steps, as `safetydpo sample --lora-start` (default 0: every step; 10 of 20 keeps more "
+                        "unrelated content, README)")
     p.add_argument("--targets", default=None, metavar="LAYERS",
                    help="LoRA layers of the experts and the fine-tune, as `safetydpo train --targets` (default "
                         "esd-u: every layer outside cross-attention; attn: the paper's attention projections)")
@@ -51,6 +55,7 @@ def run(args) -> int:
     settings = DemoSettings.preset(quick=args.quick, seed=args.seed, steps=args.steps,
                                    pairs_per_concept=args.pairs_per_concept, merge_method=args.merge_method,
                                    finetune_steps=args.finetune_steps, targets=args.targets,
+                                   lora_start=args.lora_start,
                                    threads=args.threads, workers=args.workers)
     report = run_demo(args.out, settings, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr, flush=True))
     b, m = report["base"], report["merged"]

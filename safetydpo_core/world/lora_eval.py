@@ -52,37 +52,40 @@ def eval_sets(s) -> dict[str, list]:
     return sets
 
 
-def _apply(den: RenderingDenoiser, lora_path: Path | None):
+def _apply(den: RenderingDenoiser, lora_path: Path | None, start: int = 0):
+    """The LoRA at ``lora_path`` in ``den``'s weights (from sampling step ``start`` on); yields the sampler's
+    step callback (None: nothing to switch)."""
     if lora_path is None:
-        return contextlib.nullcontext()
-    from ..lora.apply import lora_applied
+        return contextlib.nullcontext(None)
+    from ..lora.apply import lora_applied_from
     from ..lora.io import load_lora
     from ..merge.experts import align_experts
 
     lora = align_experts([load_lora(lora_path, names=den.names())], naming=den.naming, names=den.names(),
                          weight_shapes=den.weight_shapes())[0]
-    return lora_applied(den.module, [(lora, 1.0)])
+    return lora_applied_from(den.module, [(lora, 1.0)], start)
 
 
 def evaluate_lora(den: RenderingDenoiser, judge, lora_path: Path | None, sets: Mapping[str, list], *, steps: int,
-                  cfg: float) -> dict:
+                  cfg: float, lora_start: int = 0) -> dict:
     """Pictures (uint8) and judged results of the model with the LoRA at ``lora_path`` (None: the base model)
     for each set: for pair sets the unsafe prompts, then the safe prompts; for unrelated content its prompts.
-    The same seeds for every model."""
+    The same seeds for every model. ``lora_start``: the LoRA only after that many sampling steps."""
     from .evaluate import judge_prompts
 
     entry: dict[str, Any] = {}
-    with _apply(den, lora_path):
+    with _apply(den, lora_path, lora_start) as switch:
         for set_name, items in sets.items():
             if items and isinstance(items[0], UnrelatedPrompt):
                 prompts = [u.text for u in items]
-                images, judged = judge_prompts(den, judge, prompts, [u.seed for u in items], steps=steps, cfg=cfg)
+                images, judged = judge_prompts(den, judge, prompts, [u.seed for u in items], steps=steps, cfg=cfg,
+                                               callback=switch)
                 entry[set_name] = {"images": (images * 255).round().to(torch.uint8), "judged": json.dumps(judged),
                                    "wordings": json.dumps([u.wording for u in items])}
                 continue
             seeds = [int(p.extra["seed"]) for p in items]
             prompts = [p.unsafe for p in items] + [p.safe for p in items]
-            images, judged = judge_prompts(den, judge, prompts, seeds + seeds, steps=steps, cfg=cfg)
+            images, judged = judge_prompts(den, judge, prompts, seeds + seeds, steps=steps, cfg=cfg, callback=switch)
             entry[set_name] = {"images": (images * 255).round().to(torch.uint8), "judged": json.dumps(judged),
                                "concepts": json.dumps([p.extra["shape"] for p in items])}
     return entry

@@ -120,11 +120,12 @@ def seed_noise(seeds: Sequence[int], shape: tuple[int, int, int] = (3, IMAGE_SIZ
 @torch.no_grad()
 def generate(denoiser: RenderingDenoiser, prompts: Sequence[str], seeds: Sequence[int] | int = 0, *,
              steps: int | None = None, cfg: float | None = None, sampler: str | None = None, negative: str = "",
-             batch_size: int = 64, size: int = IMAGE_SIZE) -> torch.Tensor:
+             batch_size: int = 64, size: int = IMAGE_SIZE, callback=None) -> torch.Tensor:
     """Images ``[B, 3, size, size]`` in ``[0, 1]`` for ``prompts`` from any denoiser of the protocol.
 
     ``seeds`` is one seed per prompt, or an int ``s`` meaning seeds ``s, s+1, ...``. The same (prompt, seed)
-    gives the same image, whatever the batch. Defaults follow :data:`SAMPLING`.
+    gives the same image, whatever the batch. Defaults follow :data:`SAMPLING`. ``callback(step, steps)`` goes
+    to the sampler (e.g. a LoRA switched on from a later step).
     """
     prompts = list(prompts)
     if not prompts:
@@ -143,6 +144,6 @@ def generate(denoiser: RenderingDenoiser, prompts: Sequence[str], seeds: Sequenc
         p, s = prompts[i:i + batch_size], seeds[i:i + batch_size]
         cond = denoiser.encode_prompts(p)
         uncond = denoiser.encode_prompts([negative] * len(p)) if cfg != 1.0 else None
-        lat = denoiser.sample(cond, uncond, seed_noise(s, shape), steps=steps, cfg=cfg, sampler=sampler)
+        lat = denoiser.sample(cond, uncond, seed_noise(s, shape), steps=steps, cfg=cfg, sampler=sampler, callback=callback)
         out.append(denoiser.decode_latents(lat).cpu())
     return torch.cat(out)
