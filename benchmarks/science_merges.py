@@ -43,15 +43,15 @@ from science import MERGES, _table, log, merge_lora  # noqa: E402
 
 def demo_settings(demo: Path):
     """The demo's settings (``demo.json``), checked against the preset of its seed: the recipe is the default one."""
-    from safetydpo_core.world.demo import HOW_SETTINGS, DemoSettings
+    from safetydpo_core.world.demo import DemoSettings, _what
 
     if not all((demo / f).exists() for f in ("merged.safetensors", "comerge.safetensors", "demo.json")):
         raise SystemExit(f"{demo} is not a finished `safetydpo demo` folder of this version (no merged.safetensors, "
                          f"comerge.safetensors or demo.json); run `safetydpo demo --out {demo}` again.")
     given = json.loads((demo / "demo.json").read_text())["settings"]
     s = DemoSettings.preset(quick=bool(given.get("quick")), seed=int(given["seed"]))
-    given.setdefault("lora_start", 0)  # demo folders made before the setting existed
-    differ = sorted(k for k, v in s.to_dict().items() if k not in HOW_SETTINGS and given.get(k) != v)
+    made, preset = _what({"settings": given})["settings"], _what({"settings": s.to_dict()})["settings"]
+    differ = sorted(k for k in made.keys() | preset.keys() if made.get(k) != preset.get(k))  # as the demo compares
     if differ:
         raise SystemExit(f"{demo} was made with settings other than the preset of its seed ({', '.join(differ)}).")
     return s

@@ -55,10 +55,14 @@ def scaled_demo(demo: Path, strength: float, out: Path) -> Path:
 
 
 def evaluate(folder: Path, threads: int) -> dict:
+    """The demo's goals for ``folder``, evaluated with the settings its demo was made with."""
+    import dataclasses
+
     from safetydpo_core.world.demo import DemoSettings, run_demo
 
     given = json.loads((folder / "demo.json").read_text())["settings"]
-    s = DemoSettings.preset(quick=bool(given.get("quick")), seed=int(given["seed"]), threads=threads, workers=1)
+    known = {f.name for f in dataclasses.fields(DemoSettings)}
+    s = DemoSettings(**{**{k: v for k, v in given.items() if k in known}, "threads": threads, "workers": 1})
     report = run_demo(folder, s, log=lambda m: None)
     return {k: v["value"] for k, v in report["goals"].items()}
 
