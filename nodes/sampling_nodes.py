@@ -4,6 +4,10 @@ Both runs go through ComfyUI's own sampling (``comfy.sample.sample``, as core ``
 LoRA is applied with ``comfy.sd.load_lora_for_models`` on a clone (the input MODEL is untouched), and the
 noise is drawn once (``comfy.sample.prepare_noise``, CPU-seeded) and used for both, so the only difference
 between the two images is the LoRA.
+
+``lora_start_step`` > 0 switches the LoRA on only after that many steps: the untouched model samples the
+first steps and the aligned model the rest, as two core KSampler (Advanced) nodes do it (the first returns
+its leftover noise, the second adds none). The unaligned image is the plain full run.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ from .types import LORA_MODEL
 
 
 def sample_latent(model, noise, latent_image, latent: dict, seed, steps, cfg, sampler_name, scheduler, positive,
-                  negative, denoise, pbar, offset: int):
-    """ComfyUI's sampling as ``common_ksampler`` does it, with a given noise; progress shifted by ``offset``."""
+                  negative, denoise, pbar, offset: int, start_step=None, last_step=None, force_full_denoise=False):
+    """ComfyUI's sampling as ``common_ksampler`` does it, with a given noise; progress shifted by ``offset``.
+
+    ``start_step`` / ``last_step`` run only part of the schedule, as KSampler (Advanced) does; the noise of a
+    part that continues another is zeros (its latent already holds the leftover noise)."""
     import comfy.sample
 
     def callback(step, x0, x, total):
@@ -24,6 +31,7 @@ def sample_latent(model, noise, latent_image, latent: dict, seed, steps, cfg, sa
 
     return comfy.sample.sample(model, noise, int(steps), float(cfg), sampler_name, scheduler, positive, negative,
                                latent_image, denoise=float(denoise), noise_mask=latent.get("noise_mask"),
+                               start_step=start_step, last_step=last_step, force_full_denoise=force_full_denoise,
                                callback=callback, disable_pbar=True, seed=int(seed))
 
 
@@ -54,23 +62,38 @@ class SafeSampler(Node):
             "scheduler": COMBO(schedulers(), "ComfyUI scheduler.", default="normal"),
             "strength": FLOAT(1.0, -10.0, 10.0, "Strength of the safety LoRA in the aligned run.", step=0.05),
             "denoise": FLOAT(1.0, 0.0, 1.0, "Denoising strength (1 = from pure noise).", step=0.01),
+        }, "optional": {
+            "lora_start_step": INT(0, 0, 10000, "The aligned run switches the LoRA on after this many steps (0: from the "
+                                   "first). The untouched model lays out the picture in the first steps, so a later "
+                                   "start changes less of what is unrelated to safety and removes less; on the built-in "
+                                   "world, step 10 of 20 is the measured trade-off (README). Must be below steps."),
         }}
 
     def sample(self, model, safety_lora, vae, positive, negative, latent_image, seed, steps, cfg, sampler_name,
-               scheduler, strength, denoise):
+               scheduler, strength, denoise, lora_start_step=0):
         import comfy.sample
         import comfy.utils
+        import torch
 
         if not isinstance(latent_image, dict) or "samples" not in latent_image:
             raise errors().ConfigError("latent_image: expected a LATENT (from Empty Latent Image or VAE Encode).")
+        start = int(lora_start_step or 0)
+        if not 0 <= start < int(steps):
+            raise errors().ConfigError(f"lora_start_step ({start}) must be at least 0 and below steps ({int(steps)}): "
+                                       f"the LoRA would never be on.")
         aligned_model = apply_lora(model, safety_lora, strength, "safety_lora")
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, int(seed), latent_image.get("batch_index"))
         pbar = comfy.utils.ProgressBar(2 * int(steps))
-        common = dict(latent_image=latent, latent=latent_image, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
+        common = dict(latent=latent_image, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
                       scheduler=scheduler, positive=positive, negative=negative, denoise=denoise, pbar=pbar)
-        aligned = sample_latent(aligned_model, noise.clone(), offset=0, **common)
-        unaligned = sample_latent(model, noise.clone(), offset=int(steps), **common)
+        if start:
+            head = sample_latent(model, noise.clone(), latent, offset=0, last_step=start, **common)
+            aligned = sample_latent(aligned_model, torch.zeros_like(noise), head, offset=start, start_step=start,
+                                    force_full_denoise=True, **common)
+        else:
+            aligned = sample_latent(aligned_model, noise.clone(), latent, offset=0, **common)
+        unaligned = sample_latent(model, noise.clone(), latent, offset=int(steps), **common)
         img_a = _decode(vae, aligned)
         img_u = _decode(vae, unaligned)
         out = dict(latent_image)

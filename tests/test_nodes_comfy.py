@@ -402,6 +402,29 @@ def test_sd15_render_train_resume_save_load_merge_sample_plot_evaluate(comfy_dir
     torch.testing.assert_close(unaligned, plain_img)
     assert float((aligned - unaligned).abs().max()) > 1e-4 and float(unaligned.std()) > 0
     assert a_latent["samples"].shape == (2, 4, 8, 8)
+    # the LoRA from step 1 of 3: the untouched model's first step, then the aligned model's last two, as two core
+    # KSampler (Advanced) nodes give it (leftover noise returned, no noise added to the second)
+    late, unaligned_late, _, late_latent = run(
+        "SafetyDPO_SafeSampler", model=mp, safety_lora=merged, vae=vae, positive=pos, negative=neg, latent_image=latent,
+        seed=7, steps=3, cfg=4.0, sampler_name="euler", scheduler="normal", strength=1.0, denoise=1.0, lora_start_step=1)
+    with torch.inference_mode():
+        (with_lora,) = run("SafetyDPO_ApplySafetyLoRA", model=mp, lora=merged, strength=1.0)
+        head = comfy.sample.sample(mp, noise, 3, 4.0, "euler", "normal", pos, neg, latent["samples"], seed=7,
+                                   start_step=0, last_step=1, force_full_denoise=False)
+        tail = comfy.sample.sample(with_lora, torch.zeros_like(noise), 3, 4.0, "euler", "normal", pos, neg, head, seed=7,
+                                   start_step=1, last_step=10000, force_full_denoise=True)
+        by_hand = vae.decode(tail)
+    comfy.model_management.unload_all_models()  # takes the LoRA this by-hand run patched in out of the weights
+    torch.testing.assert_close(late_latent["samples"], tail)
+    torch.testing.assert_close(late, by_hand)
+    torch.testing.assert_close(unaligned_late, plain_img)  # the unaligned run is the plain one either way
+    # neither the full aligned run nor the plain one
+    assert float((late_latent["samples"] - a_latent["samples"]).abs().max()) > 1e-4
+    assert float((late_latent["samples"] - plain).abs().max()) > 1e-4
+    with pytest.raises(core_errors().ConfigError, match=r"lora_start_step \(3\) must be .* below steps \(3\)"):
+        run("SafetyDPO_SafeSampler", model=mp, safety_lora=merged, vae=vae, positive=pos, negative=neg,
+            latent_image=latent, seed=7, steps=3, cfg=4.0, sampler_name="euler", scheduler="normal", strength=1.0,
+            denoise=1.0, lora_start_step=3)
     (patched,) = run("SafetyDPO_ApplySafetyLoRA", model=mp, lora=merged, strength=0.5)
     assert len(patched.patches) == len(keys) // 3 and not mp.patches
     with_te = {**merged, "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)}
@@ -554,6 +577,21 @@ def test_transformer_render_train_merge_save_load_sample(comfy_dirs, transformer
         latent_image={"samples": torch.zeros(1, 16, 8, 8)}, seed=1, steps=2, cfg=1.0, sampler_name="euler",
         scheduler="simple", strength=1.0, denoise=1.0)
     assert comparison.shape == (1, 64, 128, 3) and float((aligned - unaligned).abs().max()) > 1e-5
+    # the LoRA from step 2 of 3 on a flow model: the hand-over keeps the latent (its noise scaling round-trips)
+    late, _, _, _ = run(
+        "SafetyDPO_SafeSampler", model=mp, safety_lora=merged, vae=vae, positive=pos, negative=pos,
+        latent_image={"samples": torch.zeros(1, 16, 8, 8)}, seed=1, steps=3, cfg=1.0, sampler_name="euler",
+        scheduler="simple", strength=1.0, denoise=1.0, lora_start_step=2)
+    with torch.inference_mode():
+        (with_lora,) = run("SafetyDPO_ApplySafetyLoRA", model=mp, lora=merged, strength=1.0)
+        zeros = torch.zeros(1, 16, 8, 8)
+        noise = comfy.sample.prepare_noise(zeros, 1)
+        head = comfy.sample.sample(mp, noise, 3, 1.0, "euler", "simple", pos, pos, zeros, seed=1, last_step=2)
+        tail = comfy.sample.sample(with_lora, torch.zeros_like(noise), 3, 1.0, "euler", "simple", pos, pos, head, seed=1,
+                                   start_step=2, force_full_denoise=True)
+        by_hand = vae.decode(tail)
+    comfy.model_management.unload_all_models()
+    torch.testing.assert_close(late, by_hand.reshape(late.shape))
     assert_same_state(before, mp)
 
 
