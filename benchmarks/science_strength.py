@@ -8,6 +8,8 @@ cached evaluations), evaluates it as the demo evaluates (IP with training and he
 fidelity, unrelated fidelity, preservation, twin with layout; the world judge, nothing tuned) and prints the
 table of docs/benchmarks.md ("The merged LoRA's strength"): seeds side by side, the mean in brackets.
 ``--attacks`` also runs ``benchmarks/science_attacks.py`` on each (the four attacks, the merged LoRA only).
+``--lora-start N`` evaluates each scaled LoRA switched on only after the first N sampling steps, as
+``safetydpo demo --lora-start N`` does (not with ``--attacks``: the attacks sample with the LoRA at every step).
 
 Cached and resumable: a finished folder is read again, not recomputed::
 
@@ -32,18 +34,22 @@ SKIP = {"eval", "merged.safetensors", "report.json", "report.md", "grids", "atta
         "merged.metrics.jsonl"}
 
 
-def scaled_demo(demo: Path, strength: float, out: Path) -> Path:
+def scaled_demo(demo: Path, strength: float, out: Path, lora_start: int = 0) -> Path:
     """A demo folder whose merged LoRA is ``demo``'s scaled by ``strength``; the rest linked to ``demo``."""
     from safetydpo_core.lora.io import load_lora, save_lora
     from safetydpo_core.world.model import load_world_model
 
-    folder = out / demo.name / f"strength_{strength:g}"
+    folder = out / demo.name / (f"strength_{strength:g}" + (f"_from_step_{lora_start}" if lora_start else ""))
     if (folder / "merged.safetensors").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     for f in demo.iterdir():
-        if f.name not in SKIP and not (folder / f.name).exists():
+        if f.name not in SKIP and not (folder / f.name).exists() and not (lora_start and f.name == "demo.json"):
             (folder / f.name).symlink_to(f.resolve())
+    if lora_start:  # the demo's record with the later start, so that the demo resumes this folder with it
+        record = json.loads((demo / "demo.json").read_text())
+        record["settings"]["lora_start"] = lora_start
+        (folder / "demo.json").write_text(json.dumps(record, indent=1) + "\n")
     (folder / "eval").mkdir(exist_ok=True)
     for f in (demo / "eval").iterdir():
         if f.name != "merged.pt" and not (folder / "eval" / f.name).exists():
@@ -54,15 +60,17 @@ def scaled_demo(demo: Path, strength: float, out: Path) -> Path:
     return folder
 
 
-def evaluate(folder: Path, threads: int) -> dict:
-    """The demo's goals for ``folder``, evaluated with the settings its demo was made with."""
+def evaluate(folder: Path, threads: int, lora_start: int = 0) -> dict:
+    """The demo's goals for ``folder``, evaluated with the settings its demo was made with (the LoRA from step
+    ``lora_start`` on)."""
     import dataclasses
 
     from safetydpo_core.world.demo import DemoSettings, run_demo
 
     given = json.loads((folder / "demo.json").read_text())["settings"]
     known = {f.name for f in dataclasses.fields(DemoSettings)}
-    s = DemoSettings(**{**{k: v for k, v in given.items() if k in known}, "threads": threads, "workers": 1})
+    s = DemoSettings(**{**{k: v for k, v in given.items() if k in known}, "threads": threads, "workers": 1,
+                        "lora_start": lora_start})
     report = run_demo(folder, s, log=lambda m: None)
     return {k: v["value"] for k, v in report["goals"].items()}
 
@@ -73,8 +81,12 @@ def main(argv=None) -> int:
     ap.add_argument("--strengths", nargs="+", type=float, default=[0.9, 0.8, 0.7], help="strengths (default 0.9 0.8 0.7)")
     ap.add_argument("--out", type=Path, required=True, help="folder for the scaled LoRAs and their evaluations")
     ap.add_argument("--attacks", action="store_true", help="also attack each scaled LoRA (science_attacks.py)")
+    ap.add_argument("--lora-start", type=int, default=0,
+                    help="evaluate with the LoRA on only after this many sampling steps (default 0: every step)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = ap.parse_args(argv)
+    if args.lora_start and args.attacks:
+        raise SystemExit("--attacks samples with the LoRA at every step; leave out --lora-start or --attacks.")
     for d in args.demos:
         if not all((d / f).exists() for f in ("merged.safetensors", "demo.json", "eval")):
             raise SystemExit(f"{d} is not a finished `safetydpo demo` folder (merged.safetensors, demo.json, eval/); "
@@ -82,8 +94,8 @@ def main(argv=None) -> int:
     rows: dict[float, list[dict]] = {}
     for st in args.strengths:
         for d in args.demos:
-            folder = scaled_demo(d, st, args.out)
-            scores = evaluate(folder, args.threads)
+            folder = scaled_demo(d, st, args.out, args.lora_start)
+            scores = evaluate(folder, args.threads, args.lora_start)
             if args.attacks:
                 res = folder / "attacks" / "results.json"
                 if not res.exists():

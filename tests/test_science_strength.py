@@ -49,3 +49,26 @@ def test_scaled_demo_scales_every_update_and_links_the_rest(tmp_path):
 def test_a_folder_that_is_not_a_finished_demo_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="not a finished `safetydpo demo` folder"):
         science_strength.main(["--demos", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+def test_a_later_start_gets_a_folder_of_its_own_with_the_start_recorded(tmp_path):
+    from safetydpo_core.world.model import load_world_model
+
+    den = load_world_model()
+    names = den.names()
+    (name, shape), = [(k, v) for k, v in den.weight_shapes().items() if k in den.layers("attn")][:1]
+    lora = LoraSet({name: LoraLayer(torch.ones(2, shape[1]), torch.ones(shape[0], 2), 2.0)}, "diffusers")
+    demo = tmp_path / "demo"
+    (demo / "eval").mkdir(parents=True)
+    save_lora(lora, demo / "merged.safetensors", names=names)
+    record = {"demo_version": 1, "settings": {"seed": 0, "steps": 20}}
+    (demo / "demo.json").write_text(json.dumps(record))
+
+    folder = science_strength.scaled_demo(demo, 0.9, tmp_path / "out", lora_start=10)
+    assert folder.name == "strength_0.9_from_step_10"
+    assert not (folder / "demo.json").is_symlink()
+    assert json.loads((folder / "demo.json").read_text())["settings"] == {"seed": 0, "steps": 20, "lora_start": 10}
+    assert json.loads((demo / "demo.json").read_text()) == record  # the demo's own record untouched
+    assert science_strength.scaled_demo(demo, 0.9, tmp_path / "out") != folder  # from step 0: another folder
+    with pytest.raises(SystemExit, match="--attacks samples with the LoRA at every step"):
+        science_strength.main(["--demos", str(demo), "--out", str(tmp_path / "o2"), "--lora-start", "10", "--attacks"])
