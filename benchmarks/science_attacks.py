@@ -14,10 +14,15 @@ Standalone, on the output folder of ``safetydpo demo`` (its experts and merged L
     python benchmarks/science_attacks.py --demo demo-out --models base,merged --attacks wording,unlearndiff
     python benchmarks/science_attacks.py --demo demo-out --models base,merged,esd-u \
         --lora esd-u=baselines/seed_0/baselines/esd-u.safetensors     # beside an erasure baseline
+    python benchmarks/science_attacks.py --demo demo-out --models merged --lora-start 10   # as sampled from step 10
     python benchmarks/science_attacks.py --summary demos/s0 demos/s1 demos/s2   # mean ± sd over seeds
 
 prints Markdown tables (ASR per model and attack, beside the un-attacked rate; per category for the merged
 LoRA; CPU time per attack) and writes ``<demo>/attacks/results.json``.
+
+``--lora-start N`` judges each LoRA's pictures sampled with it switched on only after the first N steps (as
+``safetydpo attack --lora-start N`` and ``safetydpo sample --lora-start N`` do); the white-box attacks still
+optimise against it at every step. Those models are named ``<model> from step N`` (their own folders).
 """
 
 from __future__ import annotations
@@ -78,13 +83,16 @@ def _row(run, attack: str) -> dict:
 
 
 def attack_table(seed: int, seed_dir: Path, den, judge, loras: dict[str, Path | None], *, attacks=ATTACKS,
-                 budget: int | None = None, log=print) -> dict[str, dict[str, dict]]:
+                 budget: int | None = None, log=print, lora_start: int = 0) -> dict[str, dict[str, dict]]:
     """``{model name: {attack: {"asr", "no_attack", "per_category", "queries", "steps", "seconds", ...}}}`` for
     one seed. ``loras``: model name -> LoRA file (None: the base model). ``budget``: queries per prompt (None:
     each attack's world default). ``seconds`` is the attack's CPU time over the 56 prompts (the un-attacked
-    pictures and the base model's target pictures not included)."""
+    pictures and the base model's target pictures not included). ``lora_start``: the LoRAs from that sampling
+    step on (the base model is as it is); such a model's name gets `` from step N``."""
+    import dataclasses
+
     from safetydpo_core.attacks import AttackSettings, WorldOracle, run_attack
-    from safetydpo_core.lora.apply import lora_applied
+    from safetydpo_core.lora.apply import lora_applied, lora_withheld_until
     from safetydpo_core.lora.io import load_lora
     from safetydpo_core.merge.experts import align_experts
     from safetydpo_core.sampling import _lora_fingerprint
@@ -99,15 +107,20 @@ def attack_table(seed: int, seed_dir: Path, den, judge, loras: dict[str, Path | 
                                  weight_shapes=den.weight_shapes())[0]
         model = {"path": "world", "loras": [] if lora is None else [{"file": str(path),
                                                                      "fingerprint": _lora_fingerprint(lora)}]}
+        start = lora_start if lora is not None else 0
+        name = f"{name} from step {start}" if start else name
         table[name] = {}
         for attack in attacks:
             out = Path(seed_dir) / "attacks" / _slug(name) / attack
-            settings = AttackSettings(attack, queries=budget, seed=seed, sampling=world_sampling())
+            settings = AttackSettings(attack, queries=budget, seed=seed,
+                                      sampling=dataclasses.replace(world_sampling(), lora_start=start))
             if not (out / "attack.json").exists() or not json.loads((out / "attack.json").read_text()).get("complete"):
                 log(f"seed {seed}: {attack} against {name}")
             run = run_attack(den, prompts, settings, oracle=oracle, out=out, model=model, world=True,
                              attacked=(lambda: lora_applied(den.module, [(lora, 1.0)])) if lora is not None else None,
-                             base=lambda: contextlib.nullcontext(den), log=lambda m: log(f"  {m}"))
+                             base=lambda: contextlib.nullcontext(den), log=lambda m: log(f"  {m}"),
+                             lora_switch=(lambda: lora_withheld_until(den.module, [(lora, 1.0)], start))
+                             if start else None)
             table[name][attack] = _row(run, attack)
     return table
 
@@ -177,6 +190,8 @@ def main(argv=None) -> int:
                         "makes the erasure baselines)")
     p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated attacks (default: all four)")
     p.add_argument("--budget", type=int, default=None, help="queries per prompt (default: each attack's world default)")
+    p.add_argument("--lora-start", type=int, default=0, metavar="N",
+                   help="judge pictures sampled with each LoRA from step N on (default 0: every step)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--summary", nargs="+", metavar="DEMO", default=None,
                    help="only print the mean ± sd over these demo folders' attacks/results.json (one per seed)")
@@ -226,16 +241,22 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         table = attack_table(seed, demo, load_world_model(), load_judge(), loras, attacks=attacks, budget=a.budget,
-                             log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", file=sys.stderr, flush=True))
+                             lora_start=a.lora_start, log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", file=sys.stderr, flush=True))
     except SafetyDPOError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {a.threads} thread(s), "
                f"{platform.python_version()}")
-    result = {"seed": seed, "machine": machine, "attacks": attacks, "table": table,
-              "wall_seconds": round(time.time() - t0, 1)}
     from safetydpo_core.utils.atomic import atomic_write_text
 
+    # the models and attacks of earlier runs on this demo stay in results.json beside this run's
+    old = demo / "attacks" / "results.json"
+    old = json.loads(old.read_text()) if old.exists() else {}
+    merged_table = old.get("table", {}) if old.get("seed") == seed else {}
+    merged_table = {m: {**merged_table.get(m, {}), **table.get(m, {})} for m in {**merged_table, **table}}
+    result = {"seed": seed, "machine": machine,
+              "attacks": list(dict.fromkeys([*(old.get("attacks", []) if merged_table else []), *attacks])),
+              "table": merged_table, "wall_seconds": round(time.time() - t0, 1)}
     atomic_write_text(demo / "attacks" / "results.json", json.dumps(result, indent=1) + "\n")
     print(f"Attacks on the world, seed {seed} ({machine}):\n")
     print(markdown(table, attacks))

@@ -109,6 +109,12 @@ def test_bad_input_is_a_clear_error_and_leaves_the_disk_alone(pairs, tmp_path, c
     assert str(foreign) in err and "error" in err
     assert main([*base, "--attack", "wording", "--lora", str(tmp_path / "missing.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # a later LoRA start needs a LoRA to switch, and a step the sampling reaches (FAST samples 4 steps)
+    assert main([*base, "--attack", "wording", "--lora-start", "2"]) == 2
+    assert "no --lora was given" in capsys.readouterr().err
+    assert main([*base, "--attack", "wording", "--lora", str(foreign), "--lora-start", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "lora_start" in err and "below the sampling steps (4)" in err
     assert not out.exists(), "a refused run wrote its output folder"
 
     busy = tmp_path / "busy"

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -147,6 +148,53 @@ def test_the_wording_attack_defeats_a_lora_that_only_blocks_one_word(world):
     # without the LoRA the rewrites are just as unsafe: the attack changes the wording, not the content
     base = run_attack(den, prompts, settings, oracle=oracle)
     assert base.summary["text"]["no_attack"] == 1.0 and base.summary["text"]["asr"] == 1.0
+
+
+def test_a_later_lora_start_judges_pictures_sampled_as_deployed(world, tmp_path):
+    """With ``lora_start`` the attacked model's pictures are those of ``safetydpo sample --lora-start``: the
+    LoRA withheld from the first steps inside the block where the attack keeps it applied."""
+    from safetydpo_core.attacks.base import AttackContext, Candidate
+    from safetydpo_core.lora.apply import lora_applied, lora_applied_from, lora_withheld_until
+
+    den, oracle = world
+    lora = one_word_lora(den, "nude", "outfit", ("nudity", "naked"))
+    loras = [(lora, 1.0)]
+    prompts = [AttackPrompt(p.id, re.sub(r"\b(nudity|naked)\b", "nude", p.prompt), p.category, p.concept, p.safe,
+                            p.seed) for p in world_prompts(3, seed=123, concepts="sexual")]
+    items = [(p, Candidate(p.prompt)) for p in prompts]
+    late = dataclasses.replace(FAST, lora_start=3)
+
+    def ctx(sampling, switch=None):
+        return AttackContext(den, None, sampling, Budget(1, 0), 0, {}, True, lora_switch=switch)
+
+    weights = {n: t.clone() for n, t in den.module.state_dict().items()}
+    with lora_applied(den.module, loras):
+        applied = {n: t.clone() for n, t in den.module.state_dict().items()}
+        withheld = ctx(late, lambda: lora_withheld_until(den.module, loras, 3)).render(items)
+        every_step = ctx(FAST).render(items)
+        assert all(torch.equal(t, applied[n]) for n, t in den.module.state_dict().items())  # applied again, bit for bit
+    with lora_applied_from(den.module, loras, 3) as switch:  # how `safetydpo sample --lora-start 3` samples
+        deployed = ctx(FAST, lambda: contextlib.nullcontext(switch)).render(items)
+    base = ctx(FAST).render(items)
+    assert all(torch.equal(t, weights[n]) for n, t in den.module.state_dict().items())
+    torch.testing.assert_close(withheld, deployed, atol=1e-5, rtol=0)
+    assert float((withheld - every_step).abs().max()) > 0.05 and float((withheld - base).abs().max()) > 0.05
+
+    # a run records the start (and refuses it without a LoRA to switch); the report says so
+    settings = AttackSettings("wording", queries=1, seed=0, sampling=late)
+    with pytest.raises(ConfigError, match="no LoRA was given to switch"):
+        run_attack(den, prompts, settings, oracle=oracle, out=tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+    run_attack(den, prompts, settings, oracle=oracle, out=tmp_path / "late",
+               attacked=lambda: lora_applied(den.module, loras),
+               lora_switch=lambda: lora_withheld_until(den.module, loras, 3))
+    state = json.loads((tmp_path / "late" / "attack.json").read_text())["state"]
+    assert state["settings"]["sampling"]["lora_start"] == 3
+    assert "the LoRAs from step 3 on" in (tmp_path / "late" / "report.md").read_text()
+    assert "lora_start" not in AttackSettings("wording", sampling=FAST).to_json()["sampling"]  # older runs resume
+    for bad in (-1, 6, 2.5, True):
+        with pytest.raises(ConfigError, match="lora_start"):
+            dataclasses.replace(FAST, lora_start=bad)
 
 
 # -- Ring-A-Bell's concept vector ---------------------------------------------------------------------------

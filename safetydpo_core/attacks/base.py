@@ -23,6 +23,7 @@ picture is judged unsafe within the budget.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -174,12 +175,22 @@ class Sampling:
     width: int | None = None
     negative: str = ""
     batch_size: int = 8
+    lora_start: int = 0         # the attacked model's LoRAs only after this many steps (0: from the first)
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0:
             raise ConfigError(f"Sampling steps and batch size must be positive; got {self.steps} and {self.batch_size}.")
         if self.cfg < 0:
             raise ConfigError(f"The guidance scale must be >= 0; got {self.cfg}.")
+        if isinstance(self.lora_start, bool) or not isinstance(self.lora_start, int) or not 0 <= self.lora_start < self.steps:
+            raise ConfigError(f"lora_start (the LoRA's first sampling step) must be an integer from 0 to below the "
+                              f"sampling steps ({self.steps}); got {self.lora_start!r}.")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        if not self.lora_start:
+            del d["lora_start"]  # what runs made before the setting recorded: they resume
+        return d
 
     def size(self, den: Denoiser) -> tuple[int, int]:
         return (self.height or den.sample_size, self.width or den.sample_size)
@@ -294,6 +305,7 @@ class AttackContext:
     targets: dict[str, torch.Tensor] | None = None
     progress: ProgressFn | None = None
     should_stop: Callable[[], bool] | None = None
+    lora_switch: Callable[[], Any] | None = None  # a context yielding the sampler's step callback (lora_start)
     _embedder: Any = None
 
     @property
@@ -361,7 +373,9 @@ class AttackContext:
             cond = self.encode_candidates([c for _, c in batch], (h, w))
             uncond = self.den.encode_prompts([s.negative] * len(batch), size=(h, w)) if s.cfg != 1.0 else None
             noise = torch.stack([initial_noise(self.seed_of(p), shape) for p, _ in batch])
-            lat = self.den.sample(cond, uncond, noise, steps=s.steps, cfg=s.cfg, sampler=s.sampler, scheduler=s.scheduler)
+            with (self.lora_switch() if self.lora_switch is not None else contextlib.nullcontext()) as switch:
+                lat = self.den.sample(cond, uncond, noise, steps=s.steps, cfg=s.cfg, sampler=s.sampler,
+                                      scheduler=s.scheduler, callback=switch)
             out.append(self.den.decode_latents(lat).float().cpu())
         return torch.cat(out)
 

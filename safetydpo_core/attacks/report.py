@@ -20,7 +20,9 @@ def markdown(run, state: dict) -> str:
              f"{run.budget.steps} optimisation steps",
              f"* oracle: {run.oracle or 'none (no ASR)'}; seed {s['settings']['seed']}; sampling "
              f"{s['settings']['sampling']['steps']} steps, cfg {s['settings']['sampling']['cfg']}, "
-             f"{s['settings']['sampling']['sampler']}",
+             f"{s['settings']['sampling']['sampler']}"
+             + (f"; the LoRAs from step {s['settings']['sampling']['lora_start']} on (the attacks optimise against "
+                f"them at every step)" if s['settings']['sampling'].get('lora_start') else ""),
              f"* model: {s['model'].get('path', '')} (fingerprint {s['model']['fingerprint']})"
              + (f", LoRAs: {', '.join(l.get('file', '') for l in s['model'].get('loras', []))}"
                 if s['model'].get('loras') else ", no LoRA"), ""]

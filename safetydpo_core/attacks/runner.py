@@ -109,7 +109,7 @@ class AttackSettings:
 
     def to_json(self) -> dict:
         return {"attack": self.attack, "queries": self.queries, "steps": self.steps, "seed": self.seed,
-                "sampling": dataclasses.asdict(self.sampling), "options": dict(self.options),
+                "sampling": self.sampling.to_json(), "options": dict(self.options),
                 "chunk_size": self.chunk_size}
 
 
@@ -316,13 +316,18 @@ def run_attack(den: RenderingDenoiser, prompts: Sequence[AttackPrompt], settings
                oracle: Oracle | None, out: str | os.PathLike | None = None,
                attacked: Callable[[], ContextManager[Any]] | None = None,
                base: Callable[[], ContextManager[Any]] | None = None,
+               lora_switch: Callable[[], ContextManager[Any]] | None = None,
                overwrite: bool = False, model: dict | None = None, world: bool | None = None,
                log: Callable[[str], None] | None = None, progress: ProgressFn | None = None,
                should_stop: Callable[[], bool] | None = None, split=None) -> AttackRun | None:
     """Run (or resume) ``settings.attack`` on ``prompts`` against ``den``; see the module docstring.
 
     ``attacked()`` / ``base()``: contexts in which ``den`` is (or that yield) the attacked model and the base
-    model (default: ``den`` as it is, for both; e.g. ``lambda: lora_applied(den.module, loras)``). ``model``: what identifies the attacked model in the run's state (model path,
+    model (default: ``den`` as it is, for both; e.g. ``lambda: lora_applied(den.module, loras)``).
+    ``lora_switch()``: with ``settings.sampling.lora_start`` > 0, a context (entered inside ``attacked()``) that
+    yields the sampler's step callback which keeps the attacked model's LoRAs out of the first steps of each
+    picture (``lambda: lora_withheld_until(den.module, loras, start)``); the attack itself optimises against the
+    LoRAs at every step. ``model``: what identifies the attacked model in the run's state (model path,
     LoRA files and their fingerprints); ``den.fingerprint()`` is added (taken outside ``attacked()``).
     ``split``: this process's :class:`~safetydpo_core.scaleout.Split` under ``accelerate launch``; the main
     process returns the joined run, the others None.
@@ -330,6 +335,9 @@ def run_attack(den: RenderingDenoiser, prompts: Sequence[AttackPrompt], settings
     from .oracles import is_world
 
     check_prompts(prompts)
+    if settings.sampling.lora_start and lora_switch is None:
+        raise ConfigError(f"lora_start={settings.sampling.lora_start} switches the attacked model's LoRA on after the "
+                          f"first steps, but no LoRA was given to switch; attack a model with a LoRA, or leave it 0.")
     attack = get_attack(settings.attack)
     world = is_world(den) if world is None else world
     budget = settings.budget(attack, world)
@@ -387,7 +395,7 @@ def run_attack(den: RenderingDenoiser, prompts: Sequence[AttackPrompt], settings
     with attacked() as aden:
         aden = aden if aden is not None else den
         ctx = AttackContext(aden, oracle, settings.sampling, budget, settings.seed, dict(settings.options), world,
-                            targets, should_stop=should_stop)
+                            targets, should_stop=should_stop, lora_switch=lora_switch)
         if todo:
             attack.prepare(ctx, prompts)
         for k, chunk in enumerate(todo):

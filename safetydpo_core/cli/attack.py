@@ -77,6 +77,10 @@ def register(sub) -> None:
     p.add_argument("--size", type=IMAGE_SIZE, default=None, help="picture side in pixels (default: the model's)")
     p.add_argument("--negative", default="", help="negative prompt (default empty)")
     p.add_argument("--batch-size", type=integer(1, 1024), default=None, help="pictures rendered together (default 64 on the world, else 4)")
+    p.add_argument("--lora-start", type=integer(0, 10000), default=0, metavar="N",
+                   help="judge pictures sampled with the LoRAs switched on only after the first N steps, as "
+                        "`safetydpo sample --lora-start N` makes them (default 0: every step); the white-box attacks "
+                        "still optimise against the LoRAs at every step")
     p.add_argument("--eta", type=number(0, 1000), default=None, help="ring-a-bell: strength of the concept vector (default 3)")
     p.add_argument("--tokens", type=POSITIVE_INT, default=None,
                    help="ring-a-bell: tokens of the hard prompt (16); unlearndiff: prepended tokens (3 world, 5 else)")
@@ -113,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from ..attacks.base import Sampling, read_attack_prompts
     from ..attacks.oracles import is_world, make_oracle
     from ..attacks.runner import AttackSettings, run_attack
-    from ..lora.apply import lora_applied
+    from ..lora.apply import lora_applied, lora_withheld_until
 
     apply_config_file(args._parser, args, given_flags(getattr(args, "_argv", None)))
     from ..errors import ConfigError
@@ -134,12 +138,16 @@ def run(args: argparse.Namespace) -> int:
     split = open_split(args, "attack", out, [p.id for p in prompts], resume=True)
     options = {k: getattr(args, k) for k in ("eta", "tokens", "population", "lr") if getattr(args, k) is not None}
     # settings are checked before the model loads
-    probe = AttackSettings(args.attack, queries=args.budget, steps=args.steps, seed=args.seed, options=options)
+    probe = AttackSettings(args.attack, queries=args.budget, steps=args.steps, seed=args.seed, options=options,
+                           sampling=Sampling(steps=args.sample_steps or 20, lora_start=args.lora_start))
+    if args.lora_start and not args.lora:
+        raise ConfigError(f"--lora-start {args.lora_start} switches the LoRA on after the first steps, but no --lora "
+                          f"was given; add the aligned model's --lora, or leave --lora-start out.")
     den = load_denoiser(args)
     world = is_world(den)
     sampling = Sampling(steps=args.sample_steps or 20, cfg=args.cfg if args.cfg is not None else (3.0 if world else 7.5),
                         sampler=args.sampler, height=args.size, width=args.size, negative=args.negative,
-                        batch_size=args.batch_size or (64 if world else 4))
+                        batch_size=args.batch_size or (64 if world else 4), lora_start=args.lora_start)
     settings = AttackSettings(probe.attack, queries=probe.queries, steps=probe.steps, seed=probe.seed,
                               sampling=sampling, options=options)
     loras, lora_info = _load_loras(den, args.lora)
@@ -152,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
             result = run_attack(den, prompts, settings, oracle=oracle, out=out, overwrite=args.overwrite,
                                 attacked=(lambda: lora_applied(den.module, applied)) if applied else None,
                                 base=lambda: contextlib.nullcontext(den),
+                                lora_switch=(lambda: lora_withheld_until(den.module, applied, args.lora_start))
+                                if applied else None,
                                 model={"path": str(args.model), "loras": lora_info}, world=world,
                                 log=lambda m: print(m, file=sys.stderr, flush=True),
                                 progress=lambda d, n, i: bar(round(d, 2), n, i), split=split)

@@ -4,7 +4,8 @@
 ``with`` block; the original weights are kept aside and restored bit for bit on exit.
 :func:`lora_applied_from` does the same from a given sampling step on: the first steps of every sampling
 call run the untouched model (they settle the picture's layout and the choices the prompt leaves open), the
-rest run with the LoRAs (docs/benchmarks.md, "The LoRA from a later step"). This is how
+rest run with the LoRAs (docs/benchmarks.md, "The LoRA from a later step"); :func:`lora_withheld_until` gives
+the same sampling inside a block where the LoRAs stay applied (the attacks, attacks/runner.py). This is how
 ``safetydpo sample`` (sampling.py) and the concept world's evaluation (world/lora_eval.py) run a model
 with experts applied; training, rendering and merge calibration use the denoisers' own adapters instead.
 """
@@ -78,3 +79,50 @@ def lora_applied_from(module: torch.nn.Module, loras: Sequence[tuple[LoraSet, fl
         yield callback
     finally:
         off()
+
+
+@contextlib.contextmanager
+@torch.no_grad()
+def lora_withheld_until(module: torch.nn.Module, loras: Sequence[tuple[LoraSet, float]], start: int
+                        ) -> Iterator[Callable[[int, int], None] | None]:
+    """Inside a :func:`lora_applied` block of the same ``loras``: every sampling call in this block runs its
+    first ``start`` steps without them, as :func:`lora_applied_from` does. For a model that must keep its LoRAs
+    applied around the sampling (a white-box attack optimises against them) and be sampled as it is deployed.
+    Yields the callback ``(step, steps)`` (``None`` when ``start`` is 0). The weights without the LoRAs are the
+    applied ones minus the updates (equal to the untouched weights up to float rounding); the applied weights
+    are back, bit for bit, on exit."""
+    if start < 0:
+        raise LoraError(f"The LoRA's start step must be >= 0; got {start}.")
+    if start == 0:
+        yield None
+        return
+    modules = dict(module.named_modules())
+    applied: dict[str, torch.Tensor] = {}
+    without: dict[str, torch.Tensor] = {}
+    for lora, strength in loras:
+        if strength == 0:
+            continue
+        for name, layer in lora.items():
+            w = getattr(modules.get(name), "weight", None)
+            if w is None:
+                raise LoraError(f"LoRA layer {name!r} does not exist in this model; the LoRA was made for another model.")
+            if name not in applied:
+                applied[name] = w.detach().clone()
+                without[name] = w.detach().float().clone()
+            without[name] -= strength * layer.delta(torch.float32).to(w.device).reshape(w.shape)
+
+    def put(weights: dict[str, torch.Tensor]) -> None:
+        for name, v in weights.items():
+            modules[name].weight.copy_(v.to(modules[name].weight.dtype))
+
+    def callback(step: int, steps: int) -> None:
+        if step == start and step < steps:
+            put(applied)
+        if step >= steps:
+            put(without)
+
+    put(without)
+    try:
+        yield callback
+    finally:
+        put(applied)
