@@ -9,7 +9,7 @@ fidelity, unrelated fidelity, preservation, twin with layout; the world judge, n
 table of docs/benchmarks.md ("The merged LoRA's strength"): seeds side by side, the mean in brackets.
 ``--attacks`` also runs ``benchmarks/science_attacks.py`` on each (the four attacks, the merged LoRA only).
 ``--lora-start N`` evaluates each scaled LoRA switched on only after the first N sampling steps, as
-``safetydpo demo --lora-start N`` does (not with ``--attacks``: the attacks sample with the LoRA at every step).
+``safetydpo demo --lora-start N`` does, and attacks it so (``science_attacks.py --lora-start N``).
 
 Cached and resumable: a finished folder is read again, not recomputed::
 
@@ -85,8 +85,6 @@ def main(argv=None) -> int:
                     help="evaluate with the LoRA on only after this many sampling steps (default 0: every step)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = ap.parse_args(argv)
-    if args.lora_start and args.attacks:
-        raise SystemExit("--attacks samples with the LoRA at every step; leave out --lora-start or --attacks.")
     for d in args.demos:
         if not all((d / f).exists() for f in ("merged.safetensors", "demo.json", "eval")):
             raise SystemExit(f"{d} is not a finished `safetydpo demo` folder (merged.safetensors, demo.json, eval/); "
@@ -98,10 +96,14 @@ def main(argv=None) -> int:
             scores = evaluate(folder, args.threads, args.lora_start)
             if args.attacks:
                 res = folder / "attacks" / "results.json"
-                if not res.exists():
+                model = f"merged from step {args.lora_start}" if args.lora_start else "merged"
+                table = json.loads(res.read_text())["table"] if res.exists() else {}
+                if model not in table:
                     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "science_attacks.py"), "--demo", str(folder),
-                                    "--models", "merged", "--threads", str(args.threads)], check=True)
-                table = json.loads(res.read_text())["table"].get("merged", {})
+                                    "--models", "merged", "--lora-start", str(args.lora_start),
+                                    "--threads", str(args.threads)], check=True)
+                    table = json.loads(res.read_text())["table"]
+                table = table.get(model, {})
                 scores["asr"] = {a: v["asr"] for a, v in table.items()}
             print(f"strength {st:g}, {d}: {json.dumps(scores)}", flush=True)
             rows.setdefault(st, []).append(scores)

@@ -70,5 +70,3 @@ def test_a_later_start_gets_a_folder_of_its_own_with_the_start_recorded(tmp_path
     assert json.loads((folder / "demo.json").read_text())["settings"] == {"seed": 0, "steps": 20, "lora_start": 10}
     assert json.loads((demo / "demo.json").read_text()) == record  # the demo's own record untouched
     assert science_strength.scaled_demo(demo, 0.9, tmp_path / "out") != folder  # from step 0: another folder
-    with pytest.raises(SystemExit, match="--attacks samples with the LoRA at every step"):
-        science_strength.main(["--demos", str(demo), "--out", str(tmp_path / "o2"), "--lora-start", "10", "--attacks"])
