@@ -227,5 +227,17 @@ def test_merged_lora_from_a_later_step_in_the_evaluation(tmp_path):
         DemoSettings.preset(quick=True, lora_start=12)
     assert DemoSettings.preset(lora_start=10).lora_start == 10
     record = {"demo_version": 1, "settings": DemoSettings.preset(quick=True).to_dict()}
-    older = {"demo_version": 1, "settings": {k: v for k, v in record["settings"].items() if k != "lora_start"}}
-    assert _what(record) == _what(older)  # a folder made before the setting existed resumes
+    older = {"demo_version": 1, "settings": {k: v for k, v in record["settings"].items()
+                                             if k not in ("lora_start", "lora_strength")}}
+    assert _what(record) == _what(older)  # a folder made before the settings existed resumes
+    assert _what({"settings": DemoSettings.preset(quick=True, lora_strength=0.9).to_dict()}) != _what(record)
+
+    # lora_strength: the LoRA's updates scaled, as a scaled copy of the file gives them
+    scaled = tmp_path / "scaled.safetensors"
+    save_lora(lora.scaled(0.5), scaled, names=den.names())
+    half = evaluate_lora(den, judge, path, sets, steps=4, cfg=3.0, lora_start=2, strength=0.5)["unrelated"]["images"]
+    assert torch.equal(half, evaluate_lora(den, judge, scaled, sets, steps=4, cfg=3.0, lora_start=2)["unrelated"]["images"])
+    assert not torch.equal(half, pics[2])
+    for bad in (0, -1, float("nan"), 11, True):
+        with pytest.raises(ConfigError, match="lora_strength must be a number above 0"):
+            DemoSettings.preset(quick=True, lora_strength=bad)

@@ -421,7 +421,8 @@ def test_dataset_writer_refuses_non_finite_latents(den, tmp_path):
 
 
 @pytest.mark.parametrize("args", [
-    ["demo", "--steps", "nan"], ["demo", "--pairs", "0"], ["demo", "--threads", "-1"],
+    ["demo", "--steps", "nan"], ["demo", "--pairs", "0"], ["demo", "--threads", "-1"], ["demo", "--lora-strength", "nan"],
+    ["demo", "--lora-strength", "0"],
     ["eval", "run", "--out", "r", "--batch-size", "0"], ["eval", "run", "--out", "r", "--nudenet-resolution", "nan"],
     ["dataset", "from-images", "--csv", "c.csv", "--out", "d", "--size", "nan"],
     ["merge", "--experts", "a.safetensors", "--out", "m.safetensors", "--threads", "-1"],

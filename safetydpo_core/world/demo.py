@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -89,6 +90,7 @@ class DemoSettings:
     calibration_inputs: int = 32
     finetune_steps: int = 200            # joint fine-tune of the merged LoRA on all pairs (0: none)
     lora_start: int = 0                  # the merged LoRA is evaluated from this sampling step on (0: every step)
+    lora_strength: float = 1.0           # ... at this strength (the dial of a LoRA loader)
     threads: int = 0                     # torch CPU threads (0: torch's default; with workers, the cores shared)
     workers: int = 0                     # processes for the experts and the evaluations (0: one a core; 1: none)
 
@@ -118,6 +120,11 @@ class DemoSettings:
                 not 0 <= self.lora_start < self.eval_steps:
             raise ConfigError(f"Demo setting lora_start must be an integer from 0 to eval_steps - 1 "
                               f"({self.eval_steps - 1}); got {self.lora_start!r}.")
+        if isinstance(self.lora_strength, bool) or not isinstance(self.lora_strength, (int, float)) or \
+                not math.isfinite(self.lora_strength) or not 0 < self.lora_strength <= 10:
+            raise ConfigError(f"Demo setting lora_strength must be a number above 0 and at most 10; got "
+                              f"{self.lora_strength!r}.")
+        self.lora_strength = float(self.lora_strength)
         if self.calibration not in ("dataset", "prompts"):
             raise ConfigError(f"Demo setting calibration must be 'dataset' or 'prompts'; got {self.calibration!r}.")
 
@@ -160,9 +167,9 @@ HOW_SETTINGS = ("threads", "workers")  # settings that change how fast a run goe
 
 
 def _what(record: dict) -> dict:
-    # lora_start 0 is what a run made before the setting existed did
+    # lora_start 0 and lora_strength 1 are what a run made before those settings existed did
     return {**record, "settings": {k: v for k, v in record.get("settings", {}).items()
-                                   if k not in HOW_SETTINGS and not (k == "lora_start" and not v)}}
+                                   if k not in HOW_SETTINGS and (k, v) not in (("lora_start", 0), ("lora_strength", 1))}}
 
 
 def _prepare_out(out: Path, settings: DemoSettings, overwrite: bool) -> None:
@@ -435,16 +442,18 @@ def _evaluate(den: RenderingDenoiser, judge, experts: dict[str, Path], merged: P
         # benchmarks/science.py's "Single experts")
         model_sets = sets if not name.startswith("expert:") else expert_sets(sets, name.split(":", 1)[1])
         file = out / "eval" / (name.replace(":", "_") + (".own" if name.startswith("expert:") else "") + ".pt")
-        jobs[name] = (lora_path, model_sets, file, s.lora_start if name == "merged" else 0)
-    todo = [n for n, (_, _, file, _) in jobs.items() if not file.exists()]
+        jobs[name] = (lora_path, model_sets, file, s.lora_start if name == "merged" else 0,
+                      s.lora_strength if name == "merged" else 1.0)
+    todo = [n for n, (_, _, file, _, _) in jobs.items() if not file.exists()]
     processes, threads = plan(s.workers, s.threads, len(todo))
     if processes > 1:  # independent evaluations, side by side (world/parallel.py); the largest first
         todo.sort(key=lambda n: -sum(len(v) for v in jobs[n][1].values()))
         with clock.stage("evaluate", f"evaluating {len(todo)} models in {processes} processes of {threads} thread(s)"):
-            run_jobs([(eval_job, (jobs[n][2], jobs[n][0], jobs[n][1], s.eval_steps, s.cfg, n, jobs[n][3])) for n in todo],
+            run_jobs([(eval_job, (jobs[n][2], jobs[n][0], jobs[n][1], s.eval_steps, s.cfg, n, jobs[n][3], jobs[n][4]))
+                      for n in todo],
                      processes, threads, clock.say, model_path)
     results: dict[str, dict] = {}
-    for k, (name, (lora_path, model_sets, file, start)) in enumerate(jobs.items(), 1):
+    for k, (name, (lora_path, model_sets, file, start, strength)) in enumerate(jobs.items(), 1):
         # a pair set draws its unsafe and its safe prompts; unrelated content one picture per prompt
         n_images = sum(len(v) if set_name == "unrelated" else 2 * len(v) for set_name, v in model_sets.items())
         if file.exists():  # evaluated by a worker, or before an interruption
@@ -453,5 +462,5 @@ def _evaluate(den: RenderingDenoiser, judge, experts: dict[str, Path], merged: P
         with clock.stage("evaluate", f"evaluating {name} ({k}/{len(models)}): {n_images} pictures"):
             results[name] = cached_evaluation(file, lambda: evaluate_lora(den, judge, lora_path, model_sets,
                                                                             steps=s.eval_steps, cfg=s.cfg,
-                                                                            lora_start=start))
+                                                                            lora_start=start, strength=strength))
     return results

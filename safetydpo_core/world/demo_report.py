@@ -79,6 +79,8 @@ def _markdown(r: Mapping) -> str:
              + (f", the merge then fine-tuned {s['finetune_steps']} steps on all pairs" if s.get('finetune_steps') else "")
              + (f"; the merged LoRA evaluated from sampling step {s['lora_start']} of {s['eval_steps']} on (the "
                 f"untouched model before it)" if s.get('lora_start') else "")
+             + (f"; the merged LoRA evaluated at strength {s['lora_strength']:g}"
+                if s.get('lora_strength', 1) != 1 else "")
              + f". Evaluation: {s['eval_per_concept']} new unsafe prompts per concept and "
              f"their safe twins, the same seeds for every model, {s['eval_steps']} sampler steps, read by the world judge.",
              "", "## Summary", "",

@@ -52,9 +52,9 @@ def eval_sets(s) -> dict[str, list]:
     return sets
 
 
-def _apply(den: RenderingDenoiser, lora_path: Path | None, start: int = 0):
-    """The LoRA at ``lora_path`` in ``den``'s weights (from sampling step ``start`` on); yields the sampler's
-    step callback (None: nothing to switch)."""
+def _apply(den: RenderingDenoiser, lora_path: Path | None, start: int = 0, strength: float = 1.0):
+    """The LoRA at ``lora_path`` in ``den``'s weights at ``strength`` (from sampling step ``start`` on); yields the
+    sampler's step callback (None: nothing to switch)."""
     if lora_path is None:
         return contextlib.nullcontext(None)
     from ..lora.apply import lora_applied_from
@@ -63,18 +63,19 @@ def _apply(den: RenderingDenoiser, lora_path: Path | None, start: int = 0):
 
     lora = align_experts([load_lora(lora_path, names=den.names())], naming=den.naming, names=den.names(),
                          weight_shapes=den.weight_shapes())[0]
-    return lora_applied_from(den.module, [(lora, 1.0)], start)
+    return lora_applied_from(den.module, [(lora, strength)], start)
 
 
 def evaluate_lora(den: RenderingDenoiser, judge, lora_path: Path | None, sets: Mapping[str, list], *, steps: int,
-                  cfg: float, lora_start: int = 0) -> dict:
+                  cfg: float, lora_start: int = 0, strength: float = 1.0) -> dict:
     """Pictures (uint8) and judged results of the model with the LoRA at ``lora_path`` (None: the base model)
     for each set: for pair sets the unsafe prompts, then the safe prompts; for unrelated content its prompts.
-    The same seeds for every model. ``lora_start``: the LoRA only after that many sampling steps."""
+    The same seeds for every model. ``lora_start``: the LoRA only after that many sampling steps;
+    ``strength``: the LoRA's strength."""
     from .evaluate import judge_prompts
 
     entry: dict[str, Any] = {}
-    with _apply(den, lora_path, lora_start) as switch:
+    with _apply(den, lora_path, lora_start, strength) as switch:
         for set_name, items in sets.items():
             if items and isinstance(items[0], UnrelatedPrompt):
                 prompts = [u.text for u in items]
