@@ -6,8 +6,10 @@ noise is drawn once (``comfy.sample.prepare_noise``, CPU-seeded) and used for bo
 between the two images is the LoRA.
 
 ``lora_start_step`` > 0 switches the LoRA on only after that many steps: the untouched model samples the
-first steps and the aligned model the rest, as two core KSampler (Advanced) nodes do it (the first returns
-its leftover noise, the second adds none). The unaligned image is the plain full run.
+first steps once, and the aligned and the unaligned model each finish from there, as two core KSampler
+(Advanced) nodes do it (the first returns its leftover noise, the second adds none). Both images share
+those first steps, so even with an ancestral sampler (fresh noise in every call) they differ only by the
+LoRA.
 """
 
 from __future__ import annotations
@@ -84,16 +86,17 @@ class SafeSampler(Node):
         aligned_model = apply_lora(model, safety_lora, strength, "safety_lora")
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, int(seed), latent_image.get("batch_index"))
-        pbar = comfy.utils.ProgressBar(2 * int(steps))
+        pbar = comfy.utils.ProgressBar(2 * int(steps) - start)
         common = dict(latent=latent_image, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
                       scheduler=scheduler, positive=positive, negative=negative, denoise=denoise, pbar=pbar)
-        if start:
+        if start:  # the first steps once, untouched; then each model from there
             head = sample_latent(model, noise.clone(), latent, offset=0, last_step=start, **common)
-            aligned = sample_latent(aligned_model, torch.zeros_like(noise), head, offset=start, start_step=start,
-                                    force_full_denoise=True, **common)
+            tail = dict(start_step=start, force_full_denoise=True, **common)
+            aligned = sample_latent(aligned_model, torch.zeros_like(noise), head, offset=start, **tail)
+            unaligned = sample_latent(model, torch.zeros_like(noise), head, offset=int(steps), **tail)
         else:
             aligned = sample_latent(aligned_model, noise.clone(), latent, offset=0, **common)
-        unaligned = sample_latent(model, noise.clone(), latent, offset=int(steps), **common)
+            unaligned = sample_latent(model, noise.clone(), latent, offset=int(steps), **common)
         img_a = _decode(vae, aligned)
         img_u = _decode(vae, unaligned)
         out = dict(latent_image)

@@ -417,7 +417,14 @@ def test_sd15_render_train_resume_save_load_merge_sample_plot_evaluate(comfy_dir
     comfy.model_management.unload_all_models()  # takes the LoRA this by-hand run patched in out of the weights
     torch.testing.assert_close(late_latent["samples"], tail)
     torch.testing.assert_close(late, by_hand)
-    torch.testing.assert_close(unaligned_late, plain_img)  # the unaligned run is the plain one either way
+    torch.testing.assert_close(unaligned_late, plain_img)  # the shared first step: still the plain run (euler)
+    # an ancestral sampler draws fresh noise in every call; the two images share the first steps and their
+    # calls, so at strength 0 they are the same picture
+    zero_a, zero_u, _, _ = run(
+        "SafetyDPO_SafeSampler", model=mp, safety_lora=merged, vae=vae, positive=pos, negative=neg, latent_image=latent,
+        seed=7, steps=3, cfg=4.0, sampler_name="euler_ancestral", scheduler="normal", strength=0.0, denoise=1.0,
+        lora_start_step=1)
+    torch.testing.assert_close(zero_a, zero_u)
     # neither the full aligned run nor the plain one
     assert float((late_latent["samples"] - a_latent["samples"]).abs().max()) > 1e-4
     assert float((late_latent["samples"] - plain).abs().max()) > 1e-4
