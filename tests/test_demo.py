@@ -90,6 +90,27 @@ def test_rerun_resumes_without_retraining(quick_run):
     assert report["merged"]["ip"] == json.loads((quick_run / "report.json").read_text())["merged"]["ip"]
 
 
+def test_every_merge_method_merges_the_demo_experts_with_the_recipe_rank(quick_run, tmp_path):
+    """The recipe's output rank (16) goes to the methods that choose one; Co-Merge's factor reading and concat
+    keep their own (``safetydpo demo --method comerge`` used to fail on it)."""
+    from safetydpo_core.lora.io import load_lora
+    from safetydpo_core.merge.api import METHODS
+    from safetydpo_core.world import load_world_model
+    from safetydpo_core.world.demo import merge_experts_into
+
+    den = load_world_model()
+    s = DemoSettings.preset(quick=True, seed=0, steps=QUICK_STEPS)
+    experts = {c: quick_run / "experts" / f"{c}.safetensors" for c in CATEGORIES}
+    ranks = {}
+    for method in ("comerge", "concat", "comerge-delta", "linear"):
+        assert method in METHODS
+        path = merge_experts_into(den, experts, s, tmp_path / f"{method}.safetensors", dataset=quick_run / "dataset",
+                                  pairs=quick_run / "pairs.jsonl", method=method)
+        ranks[method] = max(layer.rank for layer in load_lora(path, names=den.names()).layers.values())
+    assert ranks["comerge-delta"] == ranks["linear"] == s.merge_rank
+    assert ranks["comerge"] == s.rank and ranks["concat"] == len(experts) * s.rank  # the experts' rank, their sum
+
+
 def test_other_settings_or_foreign_folder_are_refused(quick_run, tmp_path):
     with pytest.raises(ConfigError, match="other settings"):
         run_demo(quick_run, DemoSettings.preset(quick=True, seed=1, steps=QUICK_STEPS), log=lambda m: None)

@@ -36,6 +36,7 @@ AUTO_RANK = "auto"
 AUTO_RANK_CAP = 64
 METHODS = ("comerge", "comerge-delta", "concat", "linear", "ties", "dare", "dare-ties", "magnitude")
 CALIBRATED = ("comerge", "comerge-delta")
+OWN_RANK = ("comerge", "concat")  # their output rank follows from the experts' (theirs, and their sum)
 DESCRIPTIONS = {
     "comerge": "Co-Merge, factor reading: each down/up element from the expert with the highest |w| x activation; rank r",
     "comerge-delta": "Co-Merge, delta reading: each element of the full update from the most active expert, then SVD",

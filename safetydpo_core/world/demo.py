@@ -375,11 +375,13 @@ def merge_experts_into(den: RenderingDenoiser, experts: Mapping[str, Path] | Seq
                        weights: Sequence[float] | None = None) -> Path:
     """Merge expert files into ``path`` with the demo's method, rank and calibration (``method``/``rank``
     override the settings'); Co-Merge calibrates on ``dataset``'s latents or on ``pairs``' prompts."""
-    from ..merge.api import CALIBRATED, MergeOptions, merge_files
+    from ..merge.api import CALIBRATED, OWN_RANK, MergeOptions, merge_files
     from ..merge.calibration import CalibrationOptions
 
     method = method or s.merge_method
     rank = s.merge_rank if rank is None else rank
+    if method in OWN_RANK:  # the recipe's output rank is for the methods that choose one
+        rank = None
     files = list(experts.values()) if isinstance(experts, Mapping) else list(experts)
     kw: dict[str, Any] = {}
     if method in CALIBRATED:
