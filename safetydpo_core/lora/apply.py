@@ -112,8 +112,9 @@ def lora_withheld_until(module: torch.nn.Module, loras: Sequence[tuple[LoraSet, 
             without[name] -= strength * layer.delta(torch.float32).to(w.device).reshape(w.shape)
 
     def put(weights: dict[str, torch.Tensor]) -> None:
-        for name, v in weights.items():
-            modules[name].weight.copy_(v.to(modules[name].weight.dtype))
+        with torch.no_grad():  # also when the sampler calls back outside no_grad
+            for name, v in weights.items():
+                modules[name].weight.copy_(v.to(modules[name].weight.dtype))
 
     def callback(step: int, steps: int) -> None:
         if step == start and step < steps:
