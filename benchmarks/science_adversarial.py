@@ -17,6 +17,8 @@ is cached per seed (run it again to resume or add demos or variants)::
 
     python benchmarks/science_adversarial.py --demos demos/s0 demos/s1 demos/s2 --out adversarial \\
         --variant dpo1=adv_weight=1 --variant anchor10=adv_weight=10,adv_objective=anchor
+    # a range setting as lo:hi, e.g. training on the timesteps a LoRA from step 10 of 20 acts on
+    python benchmarks/science_adversarial.py --demos demos/s0 --out adversarial --variant t500=adv_weight=0.5,timestep_range=0:500
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ def parse_variant(text: str) -> tuple[str, dict]:
         if key not in SETTINGS:
             raise SystemExit(f"--variant {text!r}: {key!r} is not a training setting.")
         kind = SETTINGS[key].kind
+        if ":" in value:  # a range, e.g. timestep_range=0:500
+            out[key] = tuple(int(v) for v in value.split(":"))
+            continue
         out[key] = int(value) if kind == "int" else float(value) if kind == "float" else value
     return name, out
 

@@ -52,6 +52,23 @@ def test_the_adversary_lowers_the_models_error_on_the_unsafe_pictures(sd15, data
     assert all(p.grad is None for p in sd15.module.parameters())  # and no network weight gets a gradient
 
 
+def test_the_adversarys_turn_keeps_to_the_training_timestep_range(sd15, data, monkeypatch):
+    """``timestep_range`` is every term's range, the adversary's token steps included."""
+    seen = []
+    real = type(sd15).sample_timesteps
+
+    def spy(self, n, generator, latent_shape=None, t_range=None):
+        t = real(self, n, generator, latent_shape=latent_shape, t_range=t_range)
+        seen.append(t)
+        return t
+
+    monkeypatch.setattr(type(sd15), "sample_timesteps", spy)
+    train_expert(sd15, data, TrainConfig(steps=2, lr=1e-3, beta=1000, seed=5, adv_weight=1.0, adv_steps=2,
+                                         timestep_range=(0, 300)))
+    drawn = torch.cat(seen)
+    assert len(seen) >= 2 * 2 and int(drawn.max()) < 300  # the adversary's 2 steps a step and the pairs'
+
+
 def test_adversarial_training_runs_resumes_exactly_and_is_recorded(sd15, data, tmp_path):
     cfg = TrainConfig(steps=5, lr=1e-3, beta=1000, seed=3, adv_weight=1.0, adv_reset=4, checkpoint_every=2)
     full = train_expert(sd15, data, cfg)

@@ -140,18 +140,18 @@ class Adversary:
 
     # -- the adversary's steps ----------------------------------------------------------------------
     def attack(self, denoiser: Denoiser, records: Sequence, unsafe: torch.Tensor, size: tuple[int, int],
-               steps: int, g: torch.Generator) -> float:
+               steps: int, g: torch.Generator, t_range: tuple[int, int] | None = None) -> float:
         """``steps`` Adam steps of the tokens of ``records``' categories that lower the adapted model's denoising
         error on ``unsafe`` (the pairs' unsafe latents) under the adversarial prompts, each at its own noise and
-        timestep from ``g``; returns the last error. Only the tokens move (the LoRA's gradients are not
-        touched)."""
+        timestep from ``g`` (in ``t_range``, the training's ``timestep_range``); returns the last error. Only the
+        tokens move (the LoRA's gradients are not touched)."""
         from ..attacks.unlearndiff import denoising_loss
 
         cats = sorted({self.key(r) for r in records})
         loss = torch.zeros(())
         for _ in range(steps):
             noise = torch.randn(unsafe.shape, generator=g)
-            t = denoiser.sample_timesteps(len(records), g, latent_shape=tuple(unsafe.shape[1:]))
+            t = denoiser.sample_timesteps(len(records), g, latent_shape=tuple(unsafe.shape[1:]), t_range=t_range)
             loss = denoising_loss(denoiser, unsafe, self.conditioning(records, size, grad=True), t, noise).mean()
             grads = torch.autograd.grad(loss, [self.vectors[c] for c in cats], allow_unused=True)
             for cat, gr in zip(cats, grads):

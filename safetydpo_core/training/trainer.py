@@ -317,7 +317,7 @@ class ExpertTrainer:
         w, l, noise, t, prompts, size, records = batch
         with self._autocast():
             error = self.adversary.attack(d, records, l.to(torch.device(d.device)), size, cfg.adv_steps,
-                                          step_generator(cfg.seed, step, 0, domain=6))
+                                          step_generator(cfg.seed, step, 0, domain=6), t_range=cfg.timestep_range)
         return error, batch
 
     def _initial_lora(self, adapter) -> LoraSet:
