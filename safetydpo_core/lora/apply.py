@@ -21,6 +21,23 @@ from ..errors import LoraError
 from .lora_set import LoraSet
 
 
+def _updates(modules: dict[str, torch.nn.Module], loras: Sequence[tuple[LoraSet, float]]
+             ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(name, weight, strength * update)`` for each layer of each ``(lora, strength)`` (strength 0 left out), the
+    update in float32 and the weight's shape; a layer the model lacks or that does not fit is an error."""
+    for lora, strength in loras:
+        if strength == 0:
+            continue
+        for name, layer in lora.items():
+            w = getattr(modules.get(name), "weight", None)
+            if w is None:
+                raise LoraError(f"LoRA layer {name!r} does not exist in this model; the LoRA was made for another model.")
+            delta = layer.delta(torch.float32).to(w.device)
+            if delta.numel() != w.numel() or delta.shape[0] != w.shape[0]:
+                raise LoraError(f"LoRA layer {name!r} does not fit: update {tuple(layer.weight_shape())} vs weight {tuple(w.shape)}.")
+            yield name, w, strength * delta.reshape(w.shape)
+
+
 @contextlib.contextmanager
 @torch.no_grad()
 def lora_applied(module: torch.nn.Module, loras: Sequence[tuple[LoraSet, float]]) -> Iterator[None]:
@@ -28,20 +45,10 @@ def lora_applied(module: torch.nn.Module, loras: Sequence[tuple[LoraSet, float]]
     modules = dict(module.named_modules())
     backups: dict[str, torch.Tensor] = {}
     try:
-        for lora, strength in loras:
-            if strength == 0:
-                continue
-            for name, layer in lora.items():
-                target = modules.get(name)
-                w = getattr(target, "weight", None)
-                if w is None:
-                    raise LoraError(f"LoRA layer {name!r} does not exist in this model; the LoRA was made for another model.")
-                if name not in backups:
-                    backups[name] = w.detach().clone()
-                delta = layer.delta(torch.float32).to(w.device)
-                if delta.numel() != w.numel() or delta.shape[0] != w.shape[0]:
-                    raise LoraError(f"LoRA layer {name!r} does not fit: update {tuple(layer.weight_shape())} vs weight {tuple(w.shape)}.")
-                w.copy_((w.float() + strength * delta.reshape(w.shape)).to(w.dtype))
+        for name, w, update in _updates(modules, loras):
+            if name not in backups:
+                backups[name] = w.detach().clone()
+            w.copy_((w.float() + update).to(w.dtype))
         yield
     finally:
         for name, orig in backups.items():
@@ -99,17 +106,11 @@ def lora_withheld_until(module: torch.nn.Module, loras: Sequence[tuple[LoraSet, 
     modules = dict(module.named_modules())
     applied: dict[str, torch.Tensor] = {}
     without: dict[str, torch.Tensor] = {}
-    for lora, strength in loras:
-        if strength == 0:
-            continue
-        for name, layer in lora.items():
-            w = getattr(modules.get(name), "weight", None)
-            if w is None:
-                raise LoraError(f"LoRA layer {name!r} does not exist in this model; the LoRA was made for another model.")
-            if name not in applied:
-                applied[name] = w.detach().clone()
-                without[name] = w.detach().float().clone()
-            without[name] -= strength * layer.delta(torch.float32).to(w.device).reshape(w.shape)
+    for name, w, update in _updates(modules, loras):
+        if name not in applied:
+            applied[name] = w.detach().clone()
+            without[name] = w.detach().float().clone()
+        without[name] -= update
 
     def put(weights: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():  # also when the sampler calls back outside no_grad
