@@ -14,7 +14,7 @@ LoRA.
 
 from __future__ import annotations
 
-from ._core import errors
+from ._core import core, errors
 from .common import FLOAT, INT, SEED, SOCKET, Node, COMBO, apply_lora, side_by_side
 from .render_node import samplers, schedulers
 from .types import LORA_MODEL
@@ -79,10 +79,7 @@ class SafeSampler(Node):
 
         if not isinstance(latent_image, dict) or "samples" not in latent_image:
             raise errors().ConfigError("latent_image: expected a LATENT (from Empty Latent Image or VAE Encode).")
-        start = int(lora_start_step or 0)
-        if not 0 <= start < int(steps):
-            raise errors().ConfigError(f"lora_start_step ({start}) must be at least 0 and below steps ({int(steps)}): "
-                                       f"the LoRA would never be on.")
+        start = core("utils.numbers").check_start_step(lora_start_step or 0, int(steps), "lora_start_step")
         aligned_model = apply_lora(model, safety_lora, strength, "safety_lora")
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, int(seed), latent_image.get("batch_index"))

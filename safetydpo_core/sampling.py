@@ -53,7 +53,7 @@ class SampleSettings:
 
     def __post_init__(self) -> None:
         from .data.render import MAX_SIZE
-        from .utils.numbers import check_number, check_optional
+        from .utils.numbers import check_number, check_optional, check_start_step
 
         self.steps = check_number(self.steps, "steps", 1, 10000, integer=True)
         self.batch_size = check_number(self.batch_size, "batch_size", 1, 1024, integer=True)
@@ -61,10 +61,7 @@ class SampleSettings:
         self.seed = check_number(self.seed, "seed", integer=True)
         self.height = check_optional(self.height or None, "height (image size)", 8, MAX_SIZE, integer=True)
         self.width = check_optional(self.width or None, "width (image size)", 8, MAX_SIZE, integer=True)
-        self.lora_start = check_number(self.lora_start, "lora_start (the LoRA's first step)", 0, 10000, integer=True)
-        if self.lora_start and self.lora_start >= self.steps:
-            raise ConfigError(f"lora_start ({self.lora_start}) must be below the number of steps ({self.steps}): the LoRA "
-                              f"would never be on.")
+        self.lora_start = check_start_step(self.lora_start, self.steps, "lora_start")
 
 
 @dataclasses.dataclass

@@ -180,7 +180,7 @@ def test_cli_sample_writes_manifest_and_config(tiny_sd15, csv_file, lora_file, t
     assert main(args[:-2] + ["--steps", "3", "--lora-start", "2", "--out", str(tmp_path / "late")]) == 0
     assert {r.extra.get("lora_start") for r in read_run(tmp_path / "late").records} == {None, 2}
     assert main(args[:-2] + ["--lora-start", "1", "--out", str(tmp_path / "never")]) == 2
-    assert "lora_start (1) must be below the number of steps (1)" in capsys.readouterr().err
+    assert "lora_start (1) must be below the number of sampling steps (1)" in capsys.readouterr().err
 
 
 def test_sdxl_model_samples(tiny_sdxl, csv_file, tmp_path):
@@ -258,7 +258,7 @@ def test_lora_from_a_later_step_switches_per_sampling_call(den, csv_file, lora_f
     base_px = _pixels(run.path(by[("base", prompts[1].id)]))
     assert np.abs(got - full_px).max() > 0 and np.abs(got - base_px).max() > 0
     # the start must leave the LoRA some steps, and it is part of the resume check
-    with pytest.raises(ConfigError, match="lora_start .4. must be below the number of steps"):
+    with pytest.raises(ConfigError, match=r"lora_start \(4\) must be below the number of sampling steps \(4\)"):
         SampleSettings(steps=4, lora_start=4)
     with pytest.raises(ConfigError, match="other settings .*lora_start"):
         sample_prompts(den, prompts, tmp_path / "late", SampleSettings(steps=4, lora_start=1, row_guidance=False,

@@ -38,6 +38,7 @@ import torch
 from ..categories import normalize_categories
 from ..denoiser.protocol import Denoiser, RenderingDenoiser
 from ..errors import ConfigError, DatasetError, Interrupted, SafetyDPOError
+from ..utils.numbers import check_start_step
 
 ProgressFn = Callable[[float], None]
 
@@ -182,9 +183,7 @@ class Sampling:
             raise ConfigError(f"Sampling steps and batch size must be positive; got {self.steps} and {self.batch_size}.")
         if self.cfg < 0:
             raise ConfigError(f"The guidance scale must be >= 0; got {self.cfg}.")
-        if isinstance(self.lora_start, bool) or not isinstance(self.lora_start, int) or not 0 <= self.lora_start < self.steps:
-            raise ConfigError(f"lora_start (the LoRA's first sampling step) must be an integer from 0 to below the "
-                              f"sampling steps ({self.steps}); got {self.lora_start!r}.")
+        self.lora_start = check_start_step(self.lora_start, self.steps, "lora_start (the LoRA's first sampling step)")
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)

@@ -2,7 +2,9 @@
 
 One validator, :func:`check_number`, is used by the command-line parsers (through
 ``cli.common.number``), by the settings dataclasses of the core (render, sample, train, merge) and by the
-ComfyUI nodes (every INT/FLOAT input against the range its spec declares). It refuses NaN and infinities
+ComfyUI nodes (every INT/FLOAT input against the range its spec declares); :func:`check_start_step`, the
+LoRA's first sampling step against the step count, by the sample, demo and attack settings and the Safe
+Sampler. It refuses NaN and infinities
 explicitly: a plain ``x < 0`` check lets NaN through because every comparison with NaN is false.
 
 :func:`check_finite_tensors` finds the first tensor holding NaN or an infinity and names it (file and key),
@@ -70,6 +72,17 @@ def check_number(value, name: str, lo=None, hi=None, *, integer: bool = False, l
 def check_optional(value, name: str, lo=None, hi=None, **kw):
     """:func:`check_number`, but ``None`` passes (a setting left at its default)."""
     return None if value is None else check_number(value, name, lo, hi, **kw)
+
+
+def check_start_step(value, steps: int, name: str) -> int:
+    """A LoRA's first sampling step (``lora_start``: the steps before it run the untouched model): an integer
+    from 0 to below ``steps``, since at or past the last step the LoRA would never be on. ``name`` names the
+    setting as the user wrote it."""
+    start = check_number(value, name, 0, 10000, integer=True)
+    if start >= steps:
+        raise ConfigError(f"{name} ({start}) must be below the number of sampling steps ({steps}): the LoRA would "
+                          f"never be on.")
+    return start
 
 
 def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:

@@ -55,6 +55,7 @@ import torch
 from ..denoiser.protocol import RenderingDenoiser
 from ..errors import ConfigError
 from ..utils.atomic import atomic_write_text
+from ..utils.numbers import check_start_step
 from .spec import WORLD
 
 DEMO_VERSION = 4
@@ -116,10 +117,7 @@ class DemoSettings:
         if not isinstance(self.targets, str) or not self.targets.strip():
             raise ConfigError(f"Demo setting targets must name LoRA layers (a preset such as esd-u or attn, or "
                               f"comma-separated layer-name suffixes); got {self.targets!r}.")
-        if not isinstance(self.lora_start, int) or isinstance(self.lora_start, bool) or \
-                not 0 <= self.lora_start < self.eval_steps:
-            raise ConfigError(f"Demo setting lora_start must be an integer from 0 to eval_steps - 1 "
-                              f"({self.eval_steps - 1}); got {self.lora_start!r}.")
+        self.lora_start = check_start_step(self.lora_start, self.eval_steps, "Demo setting lora_start")
         if isinstance(self.lora_strength, bool) or not isinstance(self.lora_strength, (int, float)) or \
                 not math.isfinite(self.lora_strength) or not 0 < self.lora_strength <= 10:
             raise ConfigError(f"Demo setting lora_strength must be a number above 0 and at most 10; got "
