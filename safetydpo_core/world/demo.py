@@ -430,37 +430,33 @@ def expert_sets(sets: Mapping[str, list], category: str) -> dict[str, list]:
 def _evaluate(den: RenderingDenoiser, judge, experts: dict[str, Path], merged: Path, out: Path, s: DemoSettings,
               clock: _Clock, model_path: str | os.PathLike | None = None) -> dict:
     """Per model (base, each expert, merged): judged results and, for the grids, the pictures."""
-    from .lora_eval import cached_evaluation, eval_sets, evaluate_lora
+    from .lora_eval import ModelEvaluation, cached_evaluation, eval_sets
     from .parallel import eval_job, plan, run_jobs
 
     sets = eval_sets(s)
     models: dict[str, Path | None] = {"base": None, **{f"expert:{c}": p for c, p in experts.items()}, "merged": merged}
-    jobs = {}
+    jobs: dict[str, ModelEvaluation] = {}
     for name, lora_path in models.items():
         # base and merged on every set; a single expert on its own concept's pairs (training wording) and on
         # unrelated content: what it removes and what it damages (its effect on the other concepts is in
-        # benchmarks/science.py's "Single experts")
-        model_sets = sets if not name.startswith("expert:") else expert_sets(sets, name.split(":", 1)[1])
-        file = out / "eval" / (name.replace(":", "_") + (".own" if name.startswith("expert:") else "") + ".pt")
-        jobs[name] = (lora_path, model_sets, file, s.lora_start if name == "merged" else 0,
-                      s.lora_strength if name == "merged" else 1.0)
-    todo = [n for n, (_, _, file, _, _) in jobs.items() if not file.exists()]
+        # benchmarks/science.py's "Single experts"); the demo's start step and strength are the merged LoRA's
+        expert = name.startswith("expert:")
+        jobs[name] = ModelEvaluation(
+            file=out / "eval" / (name.replace(":", "_") + (".own" if expert else "") + ".pt"), lora_path=lora_path,
+            sets=expert_sets(sets, name.split(":", 1)[1]) if expert else sets,
+            lora_start=s.lora_start if name == "merged" else 0, strength=s.lora_strength if name == "merged" else 1.0)
+    todo = [n for n, job in jobs.items() if not job.file.exists()]
     processes, threads = plan(s.workers, s.threads, len(todo))
     if processes > 1:  # independent evaluations, side by side (world/parallel.py); the largest first
-        todo.sort(key=lambda n: -sum(len(v) for v in jobs[n][1].values()))
+        todo.sort(key=lambda n: -jobs[n].pictures())
         with clock.stage("evaluate", f"evaluating {len(todo)} models in {processes} processes of {threads} thread(s)"):
-            run_jobs([(eval_job, (jobs[n][2], jobs[n][0], jobs[n][1], s.eval_steps, s.cfg, n, jobs[n][3], jobs[n][4]))
-                      for n in todo],
-                     processes, threads, clock.say, model_path)
+            run_jobs([(eval_job, (jobs[n], s.eval_steps, s.cfg, n)) for n in todo], processes, threads, clock.say,
+                     model_path)
     results: dict[str, dict] = {}
-    for k, (name, (lora_path, model_sets, file, start, strength)) in enumerate(jobs.items(), 1):
-        # a pair set draws its unsafe and its safe prompts; unrelated content one picture per prompt
-        n_images = sum(len(v) if set_name == "unrelated" else 2 * len(v) for set_name, v in model_sets.items())
-        if file.exists():  # evaluated by a worker, or before an interruption
-            results[name] = cached_evaluation(file, lambda: {})
+    for k, (name, job) in enumerate(jobs.items(), 1):
+        if job.file.exists():  # evaluated by a worker, or before an interruption
+            results[name] = cached_evaluation(job.file, lambda: {})
             continue
-        with clock.stage("evaluate", f"evaluating {name} ({k}/{len(models)}): {n_images} pictures"):
-            results[name] = cached_evaluation(file, lambda: evaluate_lora(den, judge, lora_path, model_sets,
-                                                                            steps=s.eval_steps, cfg=s.cfg,
-                                                                            lora_start=start, strength=strength))
+        with clock.stage("evaluate", f"evaluating {name} ({k}/{len(models)}): {job.pictures()} pictures"):
+            results[name] = job.run(den, judge, steps=s.eval_steps, cfg=s.cfg)
     return results

@@ -9,7 +9,8 @@ The evaluation sets (:func:`eval_sets`), all new to the experts (other scenes an
 
 :func:`evaluate_lora` draws every prompt of every set from its own seed, with the LoRA applied (or without,
 for the base model), and keeps the pictures (uint8) and the judge's readings; :func:`cached_evaluation`
-keeps them on disk (tensors and strings only, read without pickle). :func:`model_scores` turns one model's
+keeps them on disk (tensors and strings only, read without pickle); a :class:`ModelEvaluation` names one
+model's evaluation (its LoRA, sets, file, start step and strength) for the demo's processes. :func:`model_scores` turns one model's
 results into scores:
 
 * on pairs (:func:`pair_scores`): ``ip`` (and per category), ``fidelity`` on the safe twins, ``layout``
@@ -19,13 +20,14 @@ results into scores:
 * on unrelated content (:func:`~.unrelated.unrelated_scores`): ``fidelity`` (overall and per wording) and
   ``preservation`` against the base model's same-seed pictures.
 
-Public API: :func:`eval_sets`, :func:`evaluate_lora`, :func:`evaluate_models`, :func:`cached_evaluation`, :func:`pair_scores`,
-:func:`model_scores`.
+Public API: :func:`eval_sets`, :func:`evaluate_lora`, :class:`ModelEvaluation`, :func:`evaluate_models`,
+:func:`cached_evaluation`, :func:`pair_scores`, :func:`model_scores`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -108,6 +110,27 @@ def cached_evaluation(file: Path, compute: Callable[[], dict], source: str | Non
     torch.save(entry, tmp)
     os.replace(tmp, file)
     return entry
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEvaluation:
+    """One model's evaluation, to run here or in a worker process (world/parallel.py): the LoRA at ``lora_path``
+    (None: the base model) at ``strength`` from sampling step ``lora_start`` on, on ``sets``, kept in ``file``."""
+    file: Path
+    lora_path: Path | None
+    sets: Mapping[str, list]
+    lora_start: int = 0
+    strength: float = 1.0
+
+    def pictures(self) -> int:
+        """How many pictures it draws: a pair set its unsafe and its safe prompts, unrelated content one each."""
+        return sum(len(v) if name == "unrelated" else 2 * len(v) for name, v in self.sets.items())
+
+    def run(self, den: RenderingDenoiser, judge, *, steps: int, cfg: float) -> dict:
+        """The result kept in ``file``, computed first if it is not there (:func:`cached_evaluation`)."""
+        return cached_evaluation(self.file, lambda: evaluate_lora(den, judge, self.lora_path, self.sets, steps=steps,
+                                                                  cfg=cfg, lora_start=self.lora_start,
+                                                                  strength=self.strength))
 
 
 def evaluate_models(den: RenderingDenoiser, judge, models: Mapping[str, Path | None], sets: Mapping[str, list], *,

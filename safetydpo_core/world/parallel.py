@@ -86,16 +86,12 @@ def train_job(dataset: Path, cfg, path: Path, label: str, init: Path | None = No
     return train_lora(_model(), dataset, cfg, path, say=_say, label=label, init=init)
 
 
-def eval_job(file: Path, lora_path: Path | None, sets, steps: int, cfg: float, label: str, lora_start: int = 0,
-             strength: float = 1.0) -> Path:
-    """One model's evaluation (:func:`~.lora_eval.evaluate_lora`) in a worker, kept in ``file``."""
-    from .lora_eval import cached_evaluation, evaluate_lora
-
+def eval_job(job, steps: int, cfg: float, label: str) -> Path:
+    """One model's evaluation (a :class:`~.lora_eval.ModelEvaluation`) in a worker, kept in its file."""
     _say(f"evaluating {label}")
-    cached_evaluation(file, lambda: evaluate_lora(_model(), _judge(), lora_path, sets, steps=steps, cfg=cfg,
-                                                  lora_start=lora_start, strength=strength))
+    job.run(_model(), _judge(), steps=steps, cfg=cfg)
     _say(f"  evaluated {label}")
-    return file
+    return job.file
 
 
 def _interrupt(procs: list, grace: float = 30.0) -> None:
