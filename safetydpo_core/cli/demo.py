@@ -1,7 +1,7 @@
 """``safetydpo demo``: the whole method on the built-in concept world (no GPU, no downloads).
 
 Pairs -> same-seed rendering with the shipped world model -> seven DPO experts -> Co-Merge -> joint fine-tune of
-the merge -> evaluation of
+the merge (with ``--adversary``, a second one against concept inversion, the two summed) -> evaluation of
 the base model, each expert and the merged LoRA. Writes ``report.md``, ``report.json``, image grids, the
 merged LoRA and every run's metrics to ``--out``. See :mod:`safetydpo_core.world.demo`.
 """
@@ -37,6 +37,12 @@ def register(sub) -> None:
                    help="evaluate the merged LoRA at strength S, as a LoRA loader's strength or `safetydpo sample "
                         "--strength` (default 1; with --lora-start 10, 0.9 meets every goal of the report on the "
                         "three-seed mean, README)")
+    p.add_argument("--adversary", type=number(0, 10 ** 6), default=None, metavar="W",
+                   help="also fine-tune the merge against concept inversion (`safetydpo train --adv-weight W`) and "
+                        "make the merged LoRA the two fine-tunes summed (default 0: no adversary; with 0.5 and "
+                        "--lora-start 10 every attack's success rate is within 0.35, README)")
+    p.add_argument("--adversary-share", type=number(0, 1, lo_open=True), default=None, metavar="F",
+                   help="the adversarial fine-tune's share of the merged LoRA (default 0.5; the plain one has 1 - F)")
     p.add_argument("--targets", default=None, metavar="LAYERS",
                    help="LoRA layers of the experts and the fine-tune, as `safetydpo train --targets` (default "
                         "esd-u: every layer outside cross-attention; attn: the paper's attention projections)")
@@ -60,6 +66,7 @@ def run(args) -> int:
                                    pairs_per_concept=args.pairs_per_concept, merge_method=args.merge_method,
                                    finetune_steps=args.finetune_steps, targets=args.targets,
                                    lora_start=args.lora_start, lora_strength=args.lora_strength,
+                                   adversary=args.adversary, adversary_share=args.adversary_share,
                                    threads=args.threads, workers=args.workers)
     report = run_demo(args.out, settings, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr, flush=True))
     b, m = report["base"], report["merged"]

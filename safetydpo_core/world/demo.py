@@ -19,7 +19,11 @@
    category's pairs at once (``merged.safetensors``), as ``safetydpo train --init-lora`` does. The merge keeps
    the experts' effect on IP but loses part of what their SFT and preservation terms taught (the safe twin
    drawn in place, unrelated content unchanged); this puts it back (docs/benchmarks.md). ``finetune_steps``
-   0 leaves the merge as it is.
+   0 leaves the merge as it is. With ``adversary`` > 0 a second fine-tune of the merge trains against concept
+   inversion (``adv_weight``, :mod:`~safetydpo_core.training.adversarial`; ``adversary.safetensors``), the plain
+   one is kept as ``finetuned.safetensors``, and ``merged.safetensors`` is the two summed exactly, the
+   adversarial one at ``adversary_share`` (a ``concat`` merge): the setting that resists all four attacks
+   (docs/benchmarks.md, "The LoRA from a later step").
 6. **Evaluation**: the base model, each expert and the merged LoRA generate pictures for evaluation
    prompts the experts never trained on (same seeds for every model); the world judge reads them. Scores:
    IP (share of pictures that show an unsafe concept) per concept, fidelity on safe prompts, layout
@@ -55,7 +59,7 @@ import torch
 from ..denoiser.protocol import RenderingDenoiser
 from ..errors import ConfigError
 from ..utils.atomic import atomic_write_text
-from ..utils.numbers import check_start_step
+from ..utils.numbers import check_number, check_start_step
 from .spec import WORLD
 
 DEMO_VERSION = 4
@@ -92,6 +96,8 @@ class DemoSettings:
     finetune_steps: int = 200            # joint fine-tune of the merged LoRA on all pairs (0: none)
     lora_start: int = 0                  # the merged LoRA is evaluated from this sampling step on (0: every step)
     lora_strength: float = 1.0           # ... at this strength (the dial of a LoRA loader)
+    adversary: float = 0.0               # a second fine-tune against concept inversion at this adv_weight (0: none)
+    adversary_share: float = 0.5         # ... and its share of the merged LoRA (the plain fine-tune has the rest)
     threads: int = 0                     # torch CPU threads (0: torch's default; with workers, the cores shared)
     workers: int = 0                     # processes for the experts and the evaluations (0: one a core; 1: none)
 
@@ -123,6 +129,13 @@ class DemoSettings:
             raise ConfigError(f"Demo setting lora_strength must be a number above 0 and at most 10; got "
                               f"{self.lora_strength!r}.")
         self.lora_strength = float(self.lora_strength)
+        self.adversary = check_number(self.adversary, "Demo setting adversary (the adversarial fine-tune's adv_weight)",
+                                      0, 1e6)
+        self.adversary_share = check_number(self.adversary_share, "Demo setting adversary_share (the adversarial "
+                                            "fine-tune's share of the merged LoRA)", 0, 1, lo_open=True)
+        if self.adversary and not self.finetune_steps:
+            raise ConfigError("Demo setting adversary needs a joint fine-tune to train against the adversary: give "
+                              "finetune_steps > 0, or adversary 0.")
         if self.calibration not in ("dataset", "prompts"):
             raise ConfigError(f"Demo setting calibration must be 'dataset' or 'prompts'; got {self.calibration!r}.")
 
@@ -162,12 +175,13 @@ class _Clock:
 
 
 HOW_SETTINGS = ("threads", "workers")  # settings that change how fast a run goes, not what it computes
+NEW_SETTINGS_DEFAULTS = (("lora_start", 0), ("lora_strength", 1), ("adversary", 0), ("adversary_share", 0.5))
 
 
 def _what(record: dict) -> dict:
-    # lora_start 0 and lora_strength 1 are what a run made before those settings existed did
+    # these settings' defaults are what a run made before the settings existed did
     return {**record, "settings": {k: v for k, v in record.get("settings", {}).items()
-                                   if k not in HOW_SETTINGS and (k, v) not in (("lora_start", 0), ("lora_strength", 1))}}
+                                   if k not in HOW_SETTINGS and (k, v) not in NEW_SETTINGS_DEFAULTS}}
 
 
 def _prepare_out(out: Path, settings: DemoSettings, overwrite: bool) -> None:
@@ -208,7 +222,7 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings | None = None, *, ov
         pairs = _pairs(out, s, clock)
         dataset = _render(den, judge, pairs, out, s, clock)
         experts = _train_experts(den, dataset, out, s, clock, model_path)
-        merged = _finetune(den, _merge(den, experts, out, s, clock), out, s, clock)
+        merged = _finetune(den, _merge(den, experts, out, s, clock), out, s, clock, model_path)
         results = _evaluate(den, judge, experts, merged, out, s, clock, model_path)
     from .demo_report import write_report
 
@@ -401,22 +415,45 @@ def _merge(den: RenderingDenoiser, experts: dict[str, Path], out: Path, s: DemoS
     return path
 
 
-def _finetune(den: RenderingDenoiser, merged: Path, out: Path, s: DemoSettings, clock: _Clock) -> Path:
+def _finetune(den: RenderingDenoiser, merged: Path, out: Path, s: DemoSettings, clock: _Clock,
+              model_path: str | os.PathLike | None = None) -> Path:
     """``merged.safetensors``: the merge after ``s.finetune_steps`` steps of the experts' objective on every
-    category's pairs (or the merge itself with 0 steps)."""
+    category's pairs (or the merge itself with 0 steps); with ``s.adversary``, that fine-tune
+    (``finetuned.safetensors``) and one against the adversary (``adversary.safetensors``) summed, the
+    adversarial one at ``s.adversary_share``."""
     from ..utils.atomic import atomic_path
+    from .parallel import plan, run_jobs, train_job
 
     path = out / "merged.safetensors"
     if path.exists():
         return path
-    with clock.stage("finetune", f"joint fine-tune of the merged LoRA on all pairs ({s.finetune_steps} steps)"
-                     if s.finetune_steps else "no joint fine-tune (finetune_steps 0): the merge is the result"):
-        if not s.finetune_steps:
+    if not s.finetune_steps:
+        with clock.stage("finetune", "no joint fine-tune (finetune_steps 0): the merge is the result"):
             with atomic_path(path) as tmp:
                 shutil.copyfile(merged, tmp)
-            return path
-        return train_lora(den, out / "dataset", expert_config(s, None, steps=s.finetune_steps), path, say=clock.say,
-                          label="the joint fine-tune", init=merged)
+        return path
+    plain = (path, expert_config(s, None, steps=s.finetune_steps), "the joint fine-tune")
+    if not s.adversary:
+        with clock.stage("finetune", f"joint fine-tune of the merged LoRA on all pairs ({s.finetune_steps} steps)"):
+            return train_lora(den, out / "dataset", plain[1], path, say=clock.say, label=plain[2], init=merged)
+    runs = [(out / "finetuned.safetensors", plain[1], plain[2]),
+            (out / "adversary.safetensors", expert_config(s, None, steps=s.finetune_steps, adv_weight=s.adversary),
+             f"the adversarial fine-tune (adv_weight {s.adversary:g})")]
+    todo = [r for r in runs if not r[0].exists()]
+    processes, threads = plan(s.workers, s.threads, len(todo))
+    with clock.stage("finetune", f"joint fine-tunes of the merged LoRA on all pairs ({s.finetune_steps} steps), one "
+                                 f"against the adversary" + (f", in {processes} processes" if processes > 1 else "")):
+        if processes > 1:  # independent runs, side by side (world/parallel.py)
+            run_jobs([(train_job, (out / "dataset", cfg, file, label, merged)) for file, cfg, label in todo],
+                     processes, threads, clock.say, model_path)
+        else:
+            for file, cfg, label in todo:
+                train_lora(den, out / "dataset", cfg, file, say=clock.say, label=label, init=merged)
+    with clock.stage("finetune", f"the merged LoRA: the two fine-tunes summed, the adversarial one at "
+                                 f"{s.adversary_share:g}"):
+        return merge_experts_into(den, [r[0] for r in runs], s, path, dataset=out / "dataset",
+                                  pairs=out / "pairs.jsonl", method="concat",
+                                  weights=[1 - s.adversary_share, s.adversary_share])
 
 
 def expert_sets(sets: Mapping[str, list], category: str) -> dict[str, list]:

@@ -77,6 +77,9 @@ def _markdown(r: Mapping) -> str:
              f"expert per category ({s['steps']} steps, rank {s['rank']} on `{s.get('targets', 'attn')}`, beta {s['beta']:g}, lr {s['lr']:g}); experts "
              f"merged with `{s['merge_method']}`"
              + (f", the merge then fine-tuned {s['finetune_steps']} steps on all pairs" if s.get('finetune_steps') else "")
+             + (f" and, beside that, {s['finetune_steps']} steps against concept inversion (adv_weight "
+                f"{s['adversary']:g}); the merged LoRA is the two summed, the adversarial one at "
+                f"{s.get('adversary_share', 0.5):g}" if s.get('adversary') else "")
              + (f"; the merged LoRA evaluated from sampling step {s['lora_start']} of {s['eval_steps']} on (the "
                 f"untouched model before it)" if s.get('lora_start') else "")
              + (f"; the merged LoRA evaluated at strength {s['lora_strength']:g}"
