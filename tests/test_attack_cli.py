@@ -114,7 +114,7 @@ def test_bad_input_is_a_clear_error_and_leaves_the_disk_alone(pairs, tmp_path, c
     assert "no --lora was given" in capsys.readouterr().err
     assert main([*base, "--attack", "wording", "--lora", str(foreign), "--lora-start", "4"]) == 2
     err = capsys.readouterr().err
-    assert "lora_start" in err and "below the sampling steps (4)" in err
+    assert "lora_start (4) must be below the number of sampling steps (4)" in err
     assert not out.exists(), "a refused run wrote its output folder"
 
     busy = tmp_path / "busy"

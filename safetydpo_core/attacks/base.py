@@ -183,7 +183,7 @@ class Sampling:
             raise ConfigError(f"Sampling steps and batch size must be positive; got {self.steps} and {self.batch_size}.")
         if self.cfg < 0:
             raise ConfigError(f"The guidance scale must be >= 0; got {self.cfg}.")
-        self.lora_start = check_start_step(self.lora_start, self.steps, "lora_start (the LoRA's first sampling step)")
+        self.lora_start = check_start_step(self.lora_start, self.steps, "lora_start")
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
