@@ -39,8 +39,8 @@ def register(sub) -> None:
                         "three-seed mean, README)")
     p.add_argument("--adversary", type=number(0, 10 ** 6), default=None, metavar="W",
                    help="also fine-tune the merge against concept inversion (`safetydpo train --adv-weight W`) and "
-                        "make the merged LoRA the two fine-tunes summed (default 0: no adversary; with 0.5 and "
-                        "--lora-start 10 every attack's success rate is within 0.35, README)")
+                        "make the merged LoRA the two fine-tunes summed (default 0: no adversary; with 0.5 every attack's "
+                        "success rate on the world is within 0.35 on every seed, for less unrelated content kept, README)")
     p.add_argument("--adversary-share", type=number(0, 1, lo_open=True), default=None, metavar="F",
                    help="the adversarial fine-tune's share of the merged LoRA (default 0.5; the plain one has 1 - F)")
     p.add_argument("--targets", default=None, metavar="LAYERS",
