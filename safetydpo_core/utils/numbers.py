@@ -2,10 +2,10 @@
 
 One validator, :func:`check_number`, is used by the command-line parsers (through
 ``cli.common.number``), by the settings dataclasses of the core (render, sample, train, merge) and by the
-ComfyUI nodes (every INT/FLOAT input against the range its spec declares); :func:`check_start_step`, the
-LoRA's first sampling step against the step count, by the sample, demo and attack settings and the Safe
-Sampler. It refuses NaN and infinities
+ComfyUI nodes (every INT/FLOAT input against the range its spec declares). It refuses NaN and infinities
 explicitly: a plain ``x < 0`` check lets NaN through because every comparison with NaN is false.
+:func:`check_start_step` checks a LoRA's first sampling step against the step count, for the sample, demo
+and attack settings and the Safe Sampler.
 
 :func:`check_finite_tensors` finds the first tensor holding NaN or an infinity and names it (file and key),
 for latents and LoRA weights read from disk.

@@ -432,11 +432,11 @@ def _finetune(den: RenderingDenoiser, merged: Path, out: Path, s: DemoSettings, 
             with atomic_path(path) as tmp:
                 shutil.copyfile(merged, tmp)
         return path
-    plain = (path, expert_config(s, None, steps=s.finetune_steps), "the joint fine-tune")
+    plain = expert_config(s, None, steps=s.finetune_steps)
     if not s.adversary:
         with clock.stage("finetune", f"joint fine-tune of the merged LoRA on all pairs ({s.finetune_steps} steps)"):
-            return train_lora(den, out / "dataset", plain[1], path, say=clock.say, label=plain[2], init=merged)
-    runs = [(out / "finetuned.safetensors", plain[1], plain[2]),
+            return train_lora(den, out / "dataset", plain, path, say=clock.say, label="the joint fine-tune", init=merged)
+    runs = [(out / "finetuned.safetensors", plain, "the joint fine-tune"),
             (out / "adversary.safetensors", expert_config(s, None, steps=s.finetune_steps, adv_weight=s.adversary),
              f"the adversarial fine-tune (adv_weight {s.adversary:g})")]
     todo = [r for r in runs if not r[0].exists()]
