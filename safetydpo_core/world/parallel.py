@@ -1,32 +1,35 @@
-"""The demo's independent jobs (the seven experts, the evaluation of each model) in worker processes.
+"""The demo's jobs (the seven experts, the joint fine-tunes, the evaluation of each model) in worker processes.
 
 Why: the world model's layers are small, so torch's second thread adds little to one training step or one
 sampling batch (its parallel regions are short and each ends in a barrier), while two processes of one
-thread each keep both cores busy. The demo's experts do not depend on each other, nor do its evaluations,
-so they run side by side (docs/benchmarks.md, "The demo's time").
+thread each keep both cores busy. The demo's experts do not depend on each other, nor do its evaluations
+but the merged LoRA's, which waits for the fine-tunes; so they run side by side (docs/benchmarks.md, "The
+demo's time").
 
 How:
 
 * :func:`plan` decides the processes and the torch threads of each: ``workers`` 0 (auto) takes one process a
   core, at most one a job; ``threads`` 0 shares the cores among them.
-* :func:`run_jobs` runs the jobs in a ``spawn`` process pool. Each worker loads the world model (and the
+* :func:`run_jobs` runs the jobs in a ``spawn`` process pool, each once the jobs it waits for (a :class:`Job`'s
+  ``after``) are done, the earliest ready job first. Each worker loads the world model (and the
   judge) once. A job's result is a file written by the same functions as the one-process path (an expert's
   LoRA and its checkpoints, an evaluation's cache), so a run stopped anywhere resumes from whatever finished,
   and the parent reads the files afterwards. Progress lines come back through a queue and the parent prints
   them with its own clock; a job's error is raised in the parent.
 
-Public API: :func:`plan`, :func:`run_jobs`, :func:`train_job`, :func:`eval_job`.
+Public API: :func:`plan`, :class:`Job`, :func:`run_jobs`, :func:`train_job`, :func:`eval_job`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import queue as queue_mod
 import signal
 import time
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -109,11 +112,29 @@ def _interrupt(procs: list, grace: float = 30.0) -> None:
             proc.terminate()
 
 
-def run_jobs(jobs: Sequence[tuple[Callable, tuple]], processes: int, threads: int, say: LogFn,
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One job of :func:`run_jobs`: ``fn(*args)`` in a worker. It starts once the jobs at the indices ``after`` (all
+    earlier in the list) have finished and then ``prepare()``, where given, has run here in the parent (a step
+    that needs their files, such as summing two fine-tuned LoRAs into the one it evaluates)."""
+
+    fn: Callable
+    args: tuple = ()
+    after: tuple[int, ...] = ()
+    prepare: Callable[[], Any] | None = None
+
+
+def run_jobs(jobs: Sequence[Job | tuple[Callable, tuple]], processes: int, threads: int, say: LogFn,
              model_path: str | os.PathLike | None = None) -> list:
-    """Run ``(function, args)`` jobs in ``processes`` worker processes of ``threads`` torch threads each;
-    their results in the jobs' order. Progress lines of the workers go to ``say``. The first error stops the
-    rest (jobs not started are cancelled) and is raised here."""
+    """Run jobs (a :class:`Job`, or a ``(function, args)`` pair: one that waits for nothing) in ``processes``
+    worker processes of ``threads`` torch threads each; their results in the jobs' order. A job goes to a worker
+    when one is free, the earliest ready job in the list first, so a job that waits for others starts as soon as
+    they are done, ahead of those after it. Progress lines of the workers go to ``say``. The first error stops
+    the rest (jobs not started never start) and is raised here."""
+    jobs = [j if isinstance(j, Job) else Job(*j) for j in jobs]
+    for i, job in enumerate(jobs):
+        if any(not 0 <= k < i for k in job.after):
+            raise ValueError(f"Job {i} waits for jobs {job.after}; a job can only wait for jobs before it.")
     ctx = multiprocessing.get_context("spawn")
     messages = ctx.Queue()
 
@@ -127,18 +148,30 @@ def run_jobs(jobs: Sequence[tuple[Callable, tuple]], processes: int, threads: in
     pool = ProcessPoolExecutor(max_workers=processes, mp_context=ctx, initializer=_init,
                                initargs=(messages, threads, None if model_path is None else str(model_path)))
     try:
-        futures = [pool.submit(fn, *args) for fn, args in jobs]
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+        futures: dict[int, Future] = {}
+        finished: set[int] = set()
+        while len(finished) < len(jobs):
+            running = [i for i in futures if i not in finished]
+            for i, job in enumerate(jobs):
+                if len(running) >= processes:
+                    break
+                if i not in futures and finished.issuperset(job.after):
+                    if job.prepare is not None:
+                        job.prepare()
+                    futures[i] = pool.submit(job.fn, *job.args)
+                    running.append(i)
+            wait([futures[i] for i in running], timeout=0.5, return_when=FIRST_COMPLETED)
             drain()
-            for f in done:
-                if f.exception() is not None:
-                    raise f.exception()
+            for i in running:
+                if futures[i].done():
+                    if futures[i].exception() is not None:
+                        raise futures[i].exception()
+                    finished.add(i)
         drain()
-        return [f.result() for f in futures]
+        return [futures[i].result() for i in range(len(jobs))]
     except BaseException:
         _interrupt(list((getattr(pool, "_processes", None) or {}).values()))
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        drain()  # what the workers said last, once they have exited
