@@ -30,9 +30,10 @@
    preservation and twin rate on unsafe prompts, unrelated fidelity and preservation on plain shapes. Each
    expert is evaluated on its own concept's pairs and on the plain shapes. ``report.md``, ``report.json``, ``grids/*.png``.
 
-The experts, and the evaluations of the nine models, do not depend on each other: with ``workers`` they run
-side by side in worker processes (:mod:`.parallel`), which on a CPU is nearly twice as fast on two cores as
-one process with two torch threads.
+The experts do not depend on each other, nor do the evaluations of the nine models but the merged LoRA's: with
+``workers`` they run side by side in worker processes (:mod:`.parallel`), which on a CPU is nearly twice as
+fast on two cores as one process with two torch threads. The fine-tunes and the evaluations share one pool:
+the base model and the experts are evaluated while the fine-tunes train.
 
 Every stage saves its output before the next starts; running the same command again resumes where it
 stopped (training from its last checkpoint). Settings are recorded in ``demo.json``; a folder made with other
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -222,8 +224,8 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings | None = None, *, ov
         pairs = _pairs(out, s, clock)
         dataset = _render(den, judge, pairs, out, s, clock)
         experts = _train_experts(den, dataset, out, s, clock, model_path)
-        merged = _finetune(den, _merge(den, experts, out, s, clock), out, s, clock, model_path)
-        results = _evaluate(den, judge, experts, merged, out, s, clock, model_path)
+        results = _finetune_and_evaluate(den, judge, experts, _merge(den, experts, out, s, clock), out, s, clock,
+                                         model_path)
     from .demo_report import write_report
 
     report = write_report(out, s, results, clock.stages, dataset_summary=json.loads((dataset / "summary.json").read_text()),
@@ -415,45 +417,69 @@ def _merge(den: RenderingDenoiser, experts: dict[str, Path], out: Path, s: DemoS
     return path
 
 
-def _finetune(den: RenderingDenoiser, merged: Path, out: Path, s: DemoSettings, clock: _Clock,
-              model_path: str | os.PathLike | None = None) -> Path:
-    """``merged.safetensors``: the merge after ``s.finetune_steps`` steps of the experts' objective on every
-    category's pairs (or the merge itself with 0 steps); with ``s.adversary``, that fine-tune
-    (``finetuned.safetensors``) and one against the adversary (``adversary.safetensors``) summed, the
-    adversarial one at ``s.adversary_share``."""
+@dataclasses.dataclass(frozen=True)
+class TrainRun:
+    """One LoRA the demo trains from the merge: its file, its :class:`~safetydpo_core.training.config.TrainConfig`,
+    the label of its progress lines, and the LoRA file it starts from."""
+
+    path: Path
+    cfg: Any
+    label: str
+    init: Path
+
+
+def _finetune_runs(merge: Path, out: Path, s: DemoSettings) -> list[TrainRun]:
+    """The joint fine-tunes of the merge (``merge``) that ``merged.safetensors`` is made of: none with
+    ``finetune_steps`` 0; else the plain one, straight into ``merged.safetensors``; with ``s.adversary``, the plain
+    one (``finetuned.safetensors``) and one against the adversary (``adversary.safetensors``), which
+    :func:`_finish_merged` sums."""
+    if not s.finetune_steps:
+        return []
+    plain = expert_config(s, None, steps=s.finetune_steps)
+    if not s.adversary:
+        return [TrainRun(out / "merged.safetensors", plain, "the joint fine-tune", merge)]
+    adversarial = expert_config(s, None, steps=s.finetune_steps, adv_weight=s.adversary)
+    return [TrainRun(out / "finetuned.safetensors", plain, "the joint fine-tune", merge),
+            TrainRun(out / "adversary.safetensors", adversarial, f"the adversarial fine-tune (adv_weight {s.adversary:g})",
+                     merge)]
+
+
+def _finetune_line(s: DemoSettings) -> str:
+    if not s.finetune_steps:
+        return "no joint fine-tune (finetune_steps 0): the merge is the result"
+    return (f"joint fine-tune{'s' if s.adversary else ''} of the merged LoRA on all pairs ({s.finetune_steps} steps)"
+            + (", one against the adversary" if s.adversary else ""))
+
+
+def _finish_merged(den: RenderingDenoiser, merge: Path, out: Path, s: DemoSettings, clock: _Clock) -> Path:
+    """``merged.safetensors`` once its fine-tunes (:func:`_finetune_runs`) are on disk: the merge itself without a
+    fine-tune, the plain fine-tune's own file, or with ``s.adversary`` the two fine-tunes summed, the adversarial
+    one at ``s.adversary_share``."""
     from ..utils.atomic import atomic_path
-    from .parallel import plan, run_jobs, train_job
 
     path = out / "merged.safetensors"
     if path.exists():
         return path
     if not s.finetune_steps:
-        with clock.stage("finetune", "no joint fine-tune (finetune_steps 0): the merge is the result"):
-            with atomic_path(path) as tmp:
-                shutil.copyfile(merged, tmp)
+        with atomic_path(path) as tmp:
+            shutil.copyfile(merge, tmp)
         return path
-    plain = expert_config(s, None, steps=s.finetune_steps)
-    if not s.adversary:
-        with clock.stage("finetune", f"joint fine-tune of the merged LoRA on all pairs ({s.finetune_steps} steps)"):
-            return train_lora(den, out / "dataset", plain, path, say=clock.say, label="the joint fine-tune", init=merged)
-    runs = [(out / "finetuned.safetensors", plain, "the joint fine-tune"),
-            (out / "adversary.safetensors", expert_config(s, None, steps=s.finetune_steps, adv_weight=s.adversary),
-             f"the adversarial fine-tune (adv_weight {s.adversary:g})")]
-    todo = [r for r in runs if not r[0].exists()]
-    processes, threads = plan(s.workers, s.threads, len(todo))
-    with clock.stage("finetune", f"joint fine-tunes of the merged LoRA on all pairs ({s.finetune_steps} steps), one "
-                                 f"against the adversary" + (f", in {processes} processes" if processes > 1 else "")):
-        if processes > 1:  # independent runs, side by side (world/parallel.py)
-            run_jobs([(train_job, (out / "dataset", cfg, file, label, merged)) for file, cfg, label in todo],
-                     processes, threads, clock.say, model_path)
-        else:
-            for file, cfg, label in todo:
-                train_lora(den, out / "dataset", cfg, file, say=clock.say, label=label, init=merged)
-    with clock.stage("finetune", f"the merged LoRA: the two fine-tunes summed, the adversarial one at "
-                                 f"{s.adversary_share:g}"):
-        return merge_experts_into(den, [r[0] for r in runs], s, path, dataset=out / "dataset",
-                                  pairs=out / "pairs.jsonl", method="concat",
-                                  weights=[1 - s.adversary_share, s.adversary_share])
+    clock.say(f"the merged LoRA: the two fine-tunes summed, the adversarial one at {s.adversary_share:g}")
+    return merge_experts_into(den, [r.path for r in _finetune_runs(merge, out, s)], s, path, dataset=out / "dataset",
+                              pairs=out / "pairs.jsonl", method="concat",
+                              weights=[1 - s.adversary_share, s.adversary_share])
+
+
+def _finetune(den: RenderingDenoiser, merge: Path, out: Path, s: DemoSettings, clock: _Clock) -> Path:
+    """``merged.safetensors`` made here, one fine-tune after the other (:func:`_finetune_runs`,
+    :func:`_finish_merged`)."""
+    path = out / "merged.safetensors"
+    if path.exists():
+        return path
+    with clock.stage("finetune", _finetune_line(s)):
+        for r in _finetune_runs(merge, out, s):
+            train_lora(den, out / "dataset", r.cfg, r.path, say=clock.say, label=r.label, init=r.init)
+        return _finish_merged(den, merge, out, s, clock)
 
 
 def expert_sets(sets: Mapping[str, list], category: str) -> dict[str, list]:
@@ -464,11 +490,10 @@ def expert_sets(sets: Mapping[str, list], category: str) -> dict[str, list]:
     return out
 
 
-def _evaluate(den: RenderingDenoiser, judge, experts: dict[str, Path], merged: Path, out: Path, s: DemoSettings,
-              clock: _Clock, model_path: str | os.PathLike | None = None) -> dict:
-    """Per model (base, each expert, merged): judged results and, for the grids, the pictures."""
-    from .lora_eval import ModelEvaluation, cached_evaluation, eval_sets
-    from .parallel import eval_job, plan, run_jobs
+def _evaluations(experts: dict[str, Path], merged: Path, out: Path, s: DemoSettings) -> dict:
+    """Each model's evaluation (a :class:`~.lora_eval.ModelEvaluation`, cached in ``out/eval``): base, each expert,
+    merged."""
+    from .lora_eval import ModelEvaluation, eval_sets
 
     sets = eval_sets(s)
     models: dict[str, Path | None] = {"base": None, **{f"expert:{c}": p for c, p in experts.items()}, "merged": merged}
@@ -482,18 +507,49 @@ def _evaluate(den: RenderingDenoiser, judge, experts: dict[str, Path], merged: P
             file=out / "eval" / (name.replace(":", "_") + (".own" if expert else "") + ".pt"), lora_path=lora_path,
             sets=expert_sets(sets, name.split(":", 1)[1]) if expert else sets,
             lora_start=s.lora_start if name == "merged" else 0, strength=s.lora_strength if name == "merged" else 1.0)
-    todo = [n for n, job in jobs.items() if not job.file.exists()]
-    processes, threads = plan(s.workers, s.threads, len(todo))
-    if processes > 1:  # independent evaluations, side by side (world/parallel.py); the largest first
-        todo.sort(key=lambda n: -jobs[n].pictures())
-        with clock.stage("evaluate", f"evaluating {len(todo)} models in {processes} processes of {threads} thread(s)"):
-            run_jobs([(eval_job, (jobs[n], s.eval_steps, s.cfg, n)) for n in todo], processes, threads, clock.say,
-                     model_path)
+    return jobs
+
+
+def _finetune_and_evaluate(den: RenderingDenoiser, judge, experts: dict[str, Path], merge: Path, out: Path,
+                           s: DemoSettings, clock: _Clock, model_path: str | os.PathLike | None = None) -> dict:
+    """The joint fine-tune(s) of the merge and every model's evaluation; per model its judged results and, for the
+    grids, the pictures.
+
+    With worker processes (world/parallel.py) the two stages share one pool, as neither keeps every core busy
+    alone: the fine-tunes are one or two jobs of unequal length (on the world the plain one takes about a third
+    of the adversarial one's time), and only the merged LoRA's evaluation waits for them. So the base model and
+    the experts are evaluated while the fine-tunes train, and the merged LoRA's evaluation starts on the first
+    free worker once its fine-tunes are on disk. Without workers, one after the other here."""
+    from .lora_eval import cached_evaluation
+    from .parallel import Job, eval_job, plan, run_jobs, train_job
+
+    merged = out / "merged.safetensors"
+    evals = _evaluations(experts, merged, out, s)
+    runs = [] if merged.exists() else [r for r in _finetune_runs(merge, out, s) if not r.path.exists()]
+    todo = [n for n, job in evals.items() if not job.file.exists()]
+    processes, threads = plan(s.workers, s.threads, len(runs) + len(todo))
+    if processes > 1:
+        jobs = [Job(train_job, (out / "dataset", r.cfg, r.path, r.label, r.init)) for r in runs]
+        finish = functools.partial(_finish_merged, den, merge, out, s, clock)
+        if "merged" in todo:
+            jobs.append(Job(eval_job, (evals["merged"], s.eval_steps, s.cfg, "merged"), after=tuple(range(len(runs))),
+                            prepare=finish))
+        # the others, the largest first
+        jobs += [Job(eval_job, (evals[n], s.eval_steps, s.cfg, n))
+                 for n in sorted((n for n in todo if n != "merged"), key=lambda n: -evals[n].pictures())]
+        making = not merged.exists()
+        line = (f"{_finetune_line(s)}, and " if making else "") + f"evaluating {len(todo)} models"
+        with clock.stage("finetune+evaluate" if making else "evaluate",
+                         f"{line} in {processes} processes of {threads} thread(s)"):
+            run_jobs(jobs, processes, threads, clock.say, model_path)
+            finish()
+    else:
+        _finetune(den, merge, out, s, clock)
     results: dict[str, dict] = {}
-    for k, (name, job) in enumerate(jobs.items(), 1):
+    for k, (name, job) in enumerate(evals.items(), 1):
         if job.file.exists():  # evaluated by a worker, or before an interruption
             results[name] = cached_evaluation(job.file, lambda: {})
             continue
-        with clock.stage("evaluate", f"evaluating {name} ({k}/{len(models)}): {job.pictures()} pictures"):
+        with clock.stage("evaluate", f"evaluating {name} ({k}/{len(evals)}): {job.pictures()} pictures"):
             results[name] = job.run(den, judge, steps=s.eval_steps, cfg=s.cfg)
     return results
