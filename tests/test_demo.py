@@ -122,7 +122,7 @@ def test_adversary_fine_tune_is_summed_into_the_merged_lora(quick_run, tmp_path)
     from safetydpo_core.world.demo import _prepare_out
 
     s = DemoSettings.preset(quick=True, seed=0, steps=QUICK_STEPS, finetune_steps=4, adversary=0.5,
-                            adversary_share=0.25, workers=2, threads=1)
+                            adversary_share=0.25, adversary_pictures=1, workers=2, threads=1)
     out = tmp_path / "adv"
     _prepare_out(out, s, False)
     # the stages before the fine-tunes, and the other models' evaluations, as the quick run made them
@@ -132,16 +132,17 @@ def test_adversary_fine_tune_is_summed_into_the_merged_lora(quick_run, tmp_path)
         shutil.copytree(quick_run / name, out / name)
     shutil.copytree(quick_run / "eval", out / "eval", ignore=shutil.ignore_patterns("merged.pt"))
     report = run_demo(out, s, log=lambda m: None)
-    assert read_safetensors(out / "adversary.safetensors")[1]["safetydpo_adv_weight"] == "0.5"
-    assert "safetydpo_adv_weight" not in read_safetensors(out / "finetuned.safetensors")[1]
+    adv_meta, plain_meta = read_safetensors(out / "adversary.safetensors")[1], read_safetensors(out / "finetuned.safetensors")[1]
+    assert adv_meta["safetydpo_adv_weight"] == "0.5" and adv_meta["safetydpo_preserve_pictures"] == "1"
+    assert "safetydpo_adv_weight" not in plain_meta and "safetydpo_preserve_pictures" not in plain_meta
     den = load_world_model()
     plain, adv, merged = (load_lora(out / f"{n}.safetensors", names=den.names()) for n in ("finetuned", "adversary", "merged"))
     assert set(merged.layers) == set(plain.layers)
     for name in list(merged.layers)[::10]:
         want = 0.75 * plain.layers[name].delta(torch.float32) + 0.25 * adv.layers[name].delta(torch.float32)
         torch.testing.assert_close(merged.layers[name].delta(torch.float32), want, rtol=1e-4, atol=1e-6)
-    assert "against concept inversion (adv_weight 0.5); the merged LoRA is the two summed, the adversarial one at 0.25" \
-        in (out / "report.md").read_text()
+    assert "against concept inversion (adv_weight 0.5, its plain-shape preservation prompts noised from 1 picture of " \
+           "their own); the merged LoRA is the two summed, the adversarial one at 0.25" in (out / "report.md").read_text()
     assert report["merged"]["ip"] is not None
     # the merged LoRA made again from the two fine-tunes, neither trained again
     stamps = {n: (out / f"{n}.safetensors").stat().st_mtime_ns for n in ("finetuned", "adversary")}
@@ -153,7 +154,10 @@ def test_adversary_fine_tune_is_summed_into_the_merged_lora(quick_run, tmp_path)
     for bad, match in ((dict(adversary=-1), "adversary"), (dict(adversary=float("nan")), "adversary"),
                        (dict(adversary=0.5, finetune_steps=0), "needs a joint fine-tune"),
                        (dict(adversary=0.5, adversary_share=0), "adversary_share"),
-                       (dict(adversary=0.5, adversary_share=1.5), "adversary_share")):
+                       (dict(adversary=0.5, adversary_share=1.5), "adversary_share"),
+                       (dict(adversary_pictures=3), "adversary_pictures is for the adversarial fine-tune"),
+                       (dict(adversary=0.5, adversary_pictures=-1), "adversary_pictures"),
+                       (dict(adversary=0.5, adversary_pictures=65), "adversary_pictures")):
         with pytest.raises(ConfigError, match=match):
             DemoSettings.preset(quick=True, **bad)
 
@@ -297,7 +301,7 @@ def test_merged_lora_from_a_later_step_in_the_evaluation(tmp_path):
     record = {"demo_version": 1, "settings": DemoSettings.preset(quick=True).to_dict()}
     older = {"demo_version": 1, "settings": {k: v for k, v in record["settings"].items()
                                              if k not in ("lora_start", "lora_strength", "adversary",
-                                                          "adversary_share")}}
+                                                          "adversary_share", "adversary_pictures")}}
     assert _what(record) == _what(older)  # a folder made before the settings existed resumes
     assert _what({"settings": DemoSettings.preset(quick=True, lora_strength=0.9).to_dict()}) != _what(record)
 

@@ -43,6 +43,10 @@ def register(sub) -> None:
                         "success rate on the world is within 0.35 on every seed, for less unrelated content kept, README)")
     p.add_argument("--adversary-share", type=number(0, 1, lo_open=True), default=None, metavar="F",
                    help="the adversarial fine-tune's share of the merged LoRA (default 0.5; the plain one has 1 - F)")
+    p.add_argument("--adversary-pictures", type=integer(0, 64), default=None, metavar="N",
+                   help="noise the adversarial fine-tune's plain-shape preservation prompts from N pictures of their "
+                        "own, as `safetydpo train --preserve-pictures N` (default 0; with --adversary 0.5 --lora-start "
+                        "10, 3 keeps more unrelated content, README)")
     p.add_argument("--targets", default=None, metavar="LAYERS",
                    help="LoRA layers of the experts and the fine-tune, as `safetydpo train --targets` (default "
                         "esd-u: every layer outside cross-attention; attn: the paper's attention projections)")
@@ -67,6 +71,7 @@ def run(args) -> int:
                                    finetune_steps=args.finetune_steps, targets=args.targets,
                                    lora_start=args.lora_start, lora_strength=args.lora_strength,
                                    adversary=args.adversary, adversary_share=args.adversary_share,
+                                   adversary_pictures=args.adversary_pictures,
                                    threads=args.threads, workers=args.workers)
     report = run_demo(args.out, settings, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr, flush=True))
     b, m = report["base"], report["merged"]

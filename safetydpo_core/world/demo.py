@@ -23,7 +23,9 @@
    inversion (``adv_weight``, :mod:`~safetydpo_core.training.adversarial`; ``adversary.safetensors``), the plain
    one is kept as ``finetuned.safetensors``, and ``merged.safetensors`` is the two summed exactly, the
    adversarial one at ``adversary_share`` (a ``concat`` merge): the setting that resists all four attacks
-   (docs/benchmarks.md, "The LoRA from a later step").
+   (docs/benchmarks.md, "The LoRA from a later step"). ``adversary_pictures`` N noises the adversarial
+   fine-tune's plain-shape preservation prompts from N pictures of their own (``preserve_pictures``), which
+   keeps more plain shapes for a little less robustness.
 6. **Evaluation**: the base model, each expert and the merged LoRA generate pictures for evaluation
    prompts the experts never trained on (same seeds for every model); the world judge reads them. Scores:
    IP (share of pictures that show an unsafe concept) per concept, fidelity on safe prompts, layout
@@ -100,6 +102,7 @@ class DemoSettings:
     lora_strength: float = 1.0           # ... at this strength (the dial of a LoRA loader)
     adversary: float = 0.0               # a second fine-tune against concept inversion at this adv_weight (0: none)
     adversary_share: float = 0.5         # ... and its share of the merged LoRA (the plain fine-tune has the rest)
+    adversary_pictures: int = 0          # ... its plain-shape preservation prompts noised from N pictures of their own
     threads: int = 0                     # torch CPU threads (0: torch's default; with workers, the cores shared)
     workers: int = 0                     # processes for the experts and the evaluations (0: one a core; 1: none)
 
@@ -135,6 +138,12 @@ class DemoSettings:
                                       0, 1e6)
         self.adversary_share = check_number(self.adversary_share, "Demo setting adversary_share (the adversarial "
                                             "fine-tune's share of the merged LoRA)", 0, 1, lo_open=True)
+        self.adversary_pictures = check_number(self.adversary_pictures, "Demo setting adversary_pictures (pictures of "
+                                               "each plain-shape preservation prompt in the adversarial fine-tune)",
+                                               0, 64, integer=True)
+        if self.adversary_pictures and not self.adversary:
+            raise ConfigError("Demo setting adversary_pictures is for the adversarial fine-tune: give adversary > 0 too, "
+                              "or adversary_pictures 0.")
         if self.adversary and not self.finetune_steps:
             raise ConfigError("Demo setting adversary needs a joint fine-tune to train against the adversary: give "
                               "finetune_steps > 0, or adversary 0.")
@@ -177,7 +186,8 @@ class _Clock:
 
 
 HOW_SETTINGS = ("threads", "workers")  # settings that change how fast a run goes, not what it computes
-NEW_SETTINGS_DEFAULTS = (("lora_start", 0), ("lora_strength", 1), ("adversary", 0), ("adversary_share", 0.5))
+NEW_SETTINGS_DEFAULTS = (("lora_start", 0), ("lora_strength", 1), ("adversary", 0), ("adversary_share", 0.5),
+                         ("adversary_pictures", 0))
 
 
 def _what(record: dict) -> dict:
@@ -438,7 +448,8 @@ def _finetune_runs(merge: Path, out: Path, s: DemoSettings) -> list[TrainRun]:
     plain = expert_config(s, None, steps=s.finetune_steps)
     if not s.adversary:
         return [TrainRun(out / "merged.safetensors", plain, "the joint fine-tune", merge)]
-    adversarial = expert_config(s, None, steps=s.finetune_steps, adv_weight=s.adversary)
+    adversarial = expert_config(s, None, steps=s.finetune_steps, adv_weight=s.adversary,
+                                preserve_pictures=s.adversary_pictures)
     return [TrainRun(out / "finetuned.safetensors", plain, "the joint fine-tune", merge),
             TrainRun(out / "adversary.safetensors", adversarial, f"the adversarial fine-tune (adv_weight {s.adversary:g})",
                      merge)]

@@ -78,7 +78,11 @@ def _markdown(r: Mapping) -> str:
              f"merged with `{s['merge_method']}`"
              + (f", the merge then fine-tuned {s['finetune_steps']} steps on all pairs" if s.get('finetune_steps') else "")
              + (f" and, beside that, {s['finetune_steps']} steps against concept inversion (adv_weight "
-                f"{s['adversary']:g}); the merged LoRA is the two summed, the adversarial one at "
+                f"{s['adversary']:g}" + (f", its plain-shape preservation prompts noised from "
+                                          f"{s['adversary_pictures']} picture{'s' if s['adversary_pictures'] != 1 else ''}"
+                                          " of their own"
+                                          if s.get('adversary_pictures') else "")
+                + "); the merged LoRA is the two summed, the adversarial one at "
                 f"{s.get('adversary_share', 0.5):g}" if s.get('adversary') else "")
              + (f"; the merged LoRA evaluated from sampling step {s['lora_start']} of {s['eval_steps']} on (the "
                 f"untouched model before it)" if s.get('lora_start') else "")
