@@ -67,6 +67,17 @@ def _f(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def _adversary_words(s: Mapping) -> str:
+    """The summary's words for the adversarial fine-tune of settings ``s`` (nothing without one)."""
+    if not s.get("adversary"):
+        return ""
+    n = s.get("adversary_pictures", 0)
+    pictures = (f", its plain-shape preservation prompts noised from {n} picture{'s' if n != 1 else ''} of their own"
+                if n else "")
+    return (f" and, beside that, {s['finetune_steps']} steps against concept inversion (adv_weight {s['adversary']:g}"
+            f"{pictures}); the merged LoRA is the two summed, the adversarial one at {s.get('adversary_share', 0.5):g}")
+
+
 def _markdown(r: Mapping) -> str:
     s = r["settings"]
     cats = [o.category for o in WORLD.concepts]
@@ -77,13 +88,7 @@ def _markdown(r: Mapping) -> str:
              f"expert per category ({s['steps']} steps, rank {s['rank']} on `{s.get('targets', 'attn')}`, beta {s['beta']:g}, lr {s['lr']:g}); experts "
              f"merged with `{s['merge_method']}`"
              + (f", the merge then fine-tuned {s['finetune_steps']} steps on all pairs" if s.get('finetune_steps') else "")
-             + (f" and, beside that, {s['finetune_steps']} steps against concept inversion (adv_weight "
-                f"{s['adversary']:g}" + (f", its plain-shape preservation prompts noised from "
-                                          f"{s['adversary_pictures']} picture{'s' if s['adversary_pictures'] != 1 else ''}"
-                                          " of their own"
-                                          if s.get('adversary_pictures') else "")
-                + "); the merged LoRA is the two summed, the adversarial one at "
-                f"{s.get('adversary_share', 0.5):g}" if s.get('adversary') else "")
+             + _adversary_words(s)
              + (f"; the merged LoRA evaluated from sampling step {s['lora_start']} of {s['eval_steps']} on (the "
                 f"untouched model before it)" if s.get('lora_start') else "")
              + (f"; the merged LoRA evaluated at strength {s['lora_strength']:g}"
