@@ -131,7 +131,15 @@ def test_adversary_fine_tune_is_summed_into_the_merged_lora(quick_run, tmp_path)
     for name in ("dataset", "experts"):
         shutil.copytree(quick_run / name, out / name)
     shutil.copytree(quick_run / "eval", out / "eval", ignore=shutil.ignore_patterns("merged.pt"))
-    report = run_demo(out, s, log=lambda m: None)
+    # one expert to train again: the adversarial fine-tune's preservation pictures are rendered beside it
+    (out / "experts" / f"{CATEGORIES[0]}.safetensors").unlink()
+    lines = []
+    report = run_demo(out, s, log=lines.append)
+    said = "\n".join(lines)
+    assert said.index("rendering the preservation pictures of the adversarial fine-tune") \
+        < said.index("training the adversarial fine-tune")
+    # and the fine-tune read them: a picture rendered again with other settings would be a second cache file
+    assert len(list((out / "dataset" / "preservation").glob("*.safetensors"))) == 1
     adv_meta, plain_meta = read_safetensors(out / "adversary.safetensors")[1], read_safetensors(out / "finetuned.safetensors")[1]
     assert adv_meta["safetydpo_adv_weight"] == "0.5" and adv_meta["safetydpo_preserve_pictures"] == "1"
     assert "safetydpo_adv_weight" not in plain_meta and "safetydpo_preserve_pictures" not in plain_meta

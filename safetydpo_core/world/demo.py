@@ -25,7 +25,8 @@
    adversarial one at ``adversary_share`` (a ``concat`` merge): the setting that resists all four attacks
    (docs/benchmarks.md, "The LoRA from a later step"). ``adversary_pictures`` N noises the adversarial
    fine-tune's plain-shape preservation prompts from N pictures of their own (``preserve_pictures``), which
-   keeps more plain shapes for a little less robustness.
+   keeps more plain shapes for a little less robustness; with workers they are rendered beside the experts'
+   last round.
 6. **Evaluation**: the base model, each expert and the merged LoRA generate pictures for evaluation
    prompts the experts never trained on (same seeds for every model); the world judge reads them. Scores:
    IP (share of pictures that show an unsafe concept) per concept, fidelity on safe prompts, layout
@@ -373,18 +374,20 @@ def expert_config(s: DemoSettings, category: str | None, **overrides: Any):
 
 def _train_experts(den: RenderingDenoiser, dataset: Path, out: Path, s: DemoSettings, clock: _Clock,
                    model_path: str | os.PathLike | None = None) -> dict[str, Path]:
-    from .parallel import plan, run_jobs, train_job
+    from .parallel import pictures_job, plan, run_jobs, train_job
 
     folder = out / "experts"
     folder.mkdir(exist_ok=True)
     concepts = list(WORLD.concepts)
     paths = {c.category: folder / f"{c.category}.safetensors" for c in concepts}
     todo = [c.category for c in concepts if not paths[c.category].exists()]
-    processes, threads = plan(s.workers, s.threads, len(todo))
+    # and, last, on a worker the experts' last round leaves idle: the adversarial fine-tune's preservation pictures
+    pictures = [(pictures_job, args) for args in _early_pictures(out, s)] if todo else []
+    processes, threads = plan(s.workers, s.threads, len(todo) + len(pictures))
     if processes > 1:  # independent runs, side by side (world/parallel.py)
         with clock.stage("train", f"training {len(todo)} experts in {processes} processes of {threads} thread(s)"):
-            run_jobs([(train_job, (dataset, expert_config(s, c), paths[c], f"the {c} expert")) for c in todo],
-                     processes, threads, clock.say, model_path)
+            run_jobs([(train_job, (dataset, expert_config(s, c), paths[c], f"the {c} expert")) for c in todo]
+                     + pictures, processes, threads, clock.say, model_path)
         return paths
     for k, concept in enumerate(concepts, 1):
         cat = concept.category
@@ -448,11 +451,38 @@ def _finetune_runs(merge: Path, out: Path, s: DemoSettings) -> list[TrainRun]:
     plain = expert_config(s, None, steps=s.finetune_steps)
     if not s.adversary:
         return [TrainRun(out / "merged.safetensors", plain, "the joint fine-tune", merge)]
-    adversarial = expert_config(s, None, steps=s.finetune_steps, adv_weight=s.adversary,
-                                preserve_pictures=s.adversary_pictures)
     return [TrainRun(out / "finetuned.safetensors", plain, "the joint fine-tune", merge),
-            TrainRun(out / "adversary.safetensors", adversarial, f"the adversarial fine-tune (adv_weight {s.adversary:g})",
-                     merge)]
+            TrainRun(out / "adversary.safetensors", _adversary_config(s),
+                     f"the adversarial fine-tune (adv_weight {s.adversary:g})", merge)]
+
+
+def _adversary_config(s: DemoSettings):
+    """The adversarial fine-tune's training settings (``s.adversary`` > 0)."""
+    return expert_config(s, None, steps=s.finetune_steps, adv_weight=s.adversary, preserve_pictures=s.adversary_pictures)
+
+
+def _early_pictures(out: Path, s: DemoSettings) -> list[tuple[Path, Any, str]]:
+    """The adversarial fine-tune's preservation pictures (``s.adversary_pictures``), as ``(dataset, settings,
+    label)`` for :func:`render_preservation_pictures`, while the fine-tune is still to come: they need only the
+    untouched model, so the experts' last round renders them on a core it leaves idle, off the demo's critical
+    path; the fine-tune then reads them from the dataset's cache. None to render otherwise."""
+    if not (s.finetune_steps and s.adversary and s.adversary_pictures) or any(
+            (out / f).exists() for f in ("adversary.safetensors", "merged.safetensors")):
+        return []
+    return [(out / "dataset", _adversary_config(s), "the adversarial fine-tune")]
+
+
+def render_preservation_pictures(den: RenderingDenoiser, dataset: Path, cfg, *, say: LogFn, label: str) -> Path:
+    """The pictures of a training run's preservation prompts (``cfg.preserve_pictures``), rendered into the
+    dataset's cache (``dataset/preservation``) as the run itself would render them when it starts; the run then
+    reads them instead. Returns the cache folder."""
+    from ..data.preference_dataset import PreferenceDataset
+    from ..training.preservation import run_items
+
+    data = PreferenceDataset(dataset, categories=cfg.category, expect_fingerprint=den.fingerprint())
+    say(f"rendering the preservation pictures of {label} ({cfg.preserve_pictures} a prompt)")
+    run_items(cfg, data, den)
+    return dataset / "preservation"
 
 
 def _finetune_line(s: DemoSettings) -> str:

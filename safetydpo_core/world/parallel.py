@@ -1,4 +1,5 @@
-"""The demo's jobs (the seven experts, the joint fine-tunes, the evaluation of each model) in worker processes.
+"""The demo's jobs (the seven experts, the joint fine-tunes, the evaluation of each model, and the preservation
+pictures of the adversarial fine-tune) in worker processes.
 
 Why: the world model's layers are small, so torch's second thread adds little to one training step or one
 sampling batch (its parallel regions are short and each ends in a barrier), while two processes of one
@@ -17,7 +18,8 @@ How:
   and the parent reads the files afterwards. Progress lines come back through a queue and the parent prints
   them with its own clock; a job's error is raised in the parent.
 
-Public API: :func:`plan`, :class:`Job`, :func:`run_jobs`, :func:`train_job`, :func:`eval_job`.
+Public API: :func:`plan`, :class:`Job`, :func:`run_jobs`, :func:`train_job`, :func:`pictures_job`,
+:func:`eval_job`.
 """
 
 from __future__ import annotations
@@ -87,6 +89,14 @@ def train_job(dataset: Path, cfg, path: Path, label: str, init: Path | None = No
     from .demo import train_lora
 
     return train_lora(_model(), dataset, cfg, path, say=_say, label=label, init=init)
+
+
+def pictures_job(dataset: Path, cfg, label: str) -> Path:
+    """A training run's preservation pictures (:func:`~.demo.render_preservation_pictures`) in a worker, ahead of
+    the run."""
+    from .demo import render_preservation_pictures
+
+    return render_preservation_pictures(_model(), dataset, cfg, say=_say, label=label)
 
 
 def eval_job(job, steps: int, cfg: float, label: str) -> Path:
