@@ -465,9 +465,9 @@ def _early_pictures(out: Path, s: DemoSettings) -> list[tuple[Path, Any, str]]:
     """The adversarial fine-tune's preservation pictures (``s.adversary_pictures``), as ``(dataset, settings,
     label)`` for :func:`render_preservation_pictures`, while the fine-tune is still to come: they need only the
     untouched model, so the experts' last round renders them on a core it leaves idle, off the demo's critical
-    path; the fine-tune then reads them from the dataset's cache. None to render otherwise."""
-    if not (s.finetune_steps and s.adversary and s.adversary_pictures) or any(
-            (out / f).exists() for f in ("adversary.safetensors", "merged.safetensors")):
+    path; the fine-tune then reads them from the dataset's cache. None to render otherwise (:class:`DemoSettings`
+    allows ``adversary_pictures`` only with an adversary, and that only with a fine-tune)."""
+    if not s.adversary_pictures or any((out / f).exists() for f in ("adversary.safetensors", "merged.safetensors")):
         return []
     return [(out / "dataset", _adversary_config(s), "the adversarial fine-tune")]
 
