@@ -1,0 +1,241 @@
+"""Where the merged LoRA's change to unrelated content comes from, on the built-in concept world (#12's preservation).
+
+Preservation is the share of same-seed plain-shape pictures whose judged attributes the LoRA leaves unchanged
+(docs/benchmarks.md, "Recipe"). For each finished ``safetydpo demo`` folder and its merged LoRA (``--lora FILE``
+for another LoRA file in the folder, e.g. ``finetuned.safetensors``), this measures three things:
+
+* **floor**: the preservation of random LoRAs with the LoRA's ranks and per-layer update norms, times k
+  (``--floor 0.5 1``): what any weight change of that size costs, whatever its direction;
+* **branches**: the preservation with the LoRA on one branch of classifier-free guidance only, the prompt's
+  (``c``) or the empty prompt's (``u``), the other branch running the untouched model;
+* **bands**: the mean squared difference from the base model's prediction, the prompt's (``c``) and the
+  guided one that the sampler follows (``u + cfg (c - u)``), in five timestep bands, for the LoRA and each
+  random one. The inputs are the preservation set's plain-shape prompts (the training wording, not the
+  evaluation's), noised from the base model's own pictures of them.
+
+The pictures are the demo's 90 plain-shape evaluation prompts with the demo's seeds, sampler steps and guidance,
+judged by the world judge (nothing tuned), so the figures compare with the demo's report. Everything is cached
+in ``--out`` and a rerun reads it back::
+
+    safetydpo demo --seed 0 --out demos/s0      # and --seed 1, 2
+    python benchmarks/science_preservation.py --demos demos/s0 demos/s1 demos/s2 --out preservation
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from safetydpo_core.lora.lora_set import LoraLayer, LoraSet  # noqa: E402
+
+BANDS = ((0, 200), (200, 400), (400, 600), (600, 800), (800, 1000))
+BRANCHES = ("c", "u")
+
+
+def random_like(lora: LoraSet, k: float, seed: int = 1234) -> LoraSet:
+    """Random factors of each layer's shapes, scaled so that each layer's update has ``k`` times the Frobenius
+    norm of ``lora``'s: a change of the same size in a random direction (the same for a seed)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, layer in lora.items():
+        down = torch.randn(layer.down.shape, generator=g)
+        up = torch.randn(layer.up.shape, generator=g)
+        made = LoraLayer(down, up, layer.alpha)
+        norm = made.delta().norm()
+        target = layer.delta().norm() * k
+        layers[name] = LoraLayer(down, up * (target / norm) if norm > 0 else up * 0, layer.alpha)
+    return LoraSet(layers, lora.naming, dict(lora.metadata))
+
+
+@contextlib.contextmanager
+def lora_on_branch(den, lora: LoraSet, branch: str) -> Iterator[None]:
+    """Inside the block every guided prediction of ``den`` (the batch ``[uncond, cond]`` that the sampler makes)
+    runs ``lora`` on one half only: ``"c"`` the prompt's, ``"u"`` the empty prompt's."""
+    from safetydpo_core.denoiser.protocol import Conditioning
+    from safetydpo_core.lora.apply import lora_applied
+
+    if branch not in BRANCHES:
+        raise ValueError(f"branch must be one of {BRANCHES}; got {branch!r}")
+    plain = den.predict
+
+    def predict(x, t, cond):
+        if x.shape[0] % 2:
+            raise ValueError("lora_on_branch needs guided sampling (cfg != 1): an uncond and a cond half.")
+        n = x.shape[0] // 2
+        halves = [Conditioning({k: v[:n] for k, v in cond.tensors.items()}),
+                  Conditioning({k: v[n:] for k, v in cond.tensors.items()})]
+        out = []
+        for i, (part, c) in enumerate(zip((slice(0, n), slice(n, None)), halves)):
+            on = (i == 0) == (branch == "u")
+            with lora_applied(den.module, [(lora, 1.0)]) if on else contextlib.nullcontext():
+                out.append(plain(x[part], t[part], c))
+        return torch.cat(out)
+
+    den.predict = predict
+    try:
+        yield
+    finally:
+        del den.predict  # the class's method again
+
+
+@torch.no_grad()
+def band_errors(den, loras: dict[str, LoraSet], prompts: list[str], *, cfg: float, steps: int, seed: int = 7,
+                noises: int = 4) -> dict[str, dict[str, tuple[float, float]]]:
+    """For each named LoRA, ``{band: (c error, guided error)}``: the mean squared difference from the base model's
+    prediction, on ``prompts`` noised from the base model's pictures of them (``noises`` noises a band)."""
+    from safetydpo_core.denoiser.protocol import Conditioning
+    from safetydpo_core.lora.apply import lora_applied
+    from safetydpo_core.world.model import seed_noise
+    from safetydpo_core.world.spec import IMAGE_SIZE
+
+    cond, uncond = den.encode_prompts(prompts), den.encode_prompts([""] * len(prompts))
+    shape = den.latent_shape(IMAGE_SIZE, IMAGE_SIZE)
+    x0 = den.sample(cond, uncond, seed_noise([seed * 100_000 + i for i in range(len(prompts))], shape),
+                    steps=steps, cfg=cfg)
+    g = torch.Generator().manual_seed(seed)
+    inputs = []
+    for lo, hi in BANDS:
+        for _ in range(noises):
+            noise = torch.randn(x0.shape, generator=g)
+            t = torch.randint(lo, hi, (x0.shape[0],), generator=g)
+            inputs.append((f"{lo}-{hi}", den.add_noise(x0, noise, t), t))
+    both = Conditioning.cat([uncond, cond])
+
+    def predictions():
+        out = []
+        for band, x_t, t in inputs:
+            pu, pc = den.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), both).float().chunk(2)
+            out.append((band, pc, pu + cfg * (pc - pu)))
+        return out
+
+    base = predictions()
+    result = {}
+    for name, lora in loras.items():
+        with lora_applied(den.module, [(lora, 1.0)]):
+            moved = predictions()
+        sums: dict[str, list[float]] = {}
+        for (band, bc, bg), (_, pc, pg) in zip(base, moved):
+            s = sums.setdefault(band, [0.0, 0.0])
+            s[0] += float(((pc - bc) ** 2).mean()) / noises
+            s[1] += float(((pg - bg) ** 2).mean()) / noises
+        result[name] = {band: (c, gd) for band, (c, gd) in sums.items()}
+    return result
+
+
+def measure(demo: Path, lora_file: str, floor: list[float], out: Path, say=print) -> dict:
+    """The three measures for one demo folder (see the module's docstring), cached under ``out/<demo name>``."""
+    from safetydpo_core.lora.io import load_lora, save_lora
+    from safetydpo_core.merge.experts import align_experts
+    from safetydpo_core.training.preservation import preservation_set
+    from safetydpo_core.world.demo import DemoSettings
+    from safetydpo_core.world.judge import load_judge
+    from safetydpo_core.world.lora_eval import cached_evaluation, eval_sets, evaluate_lora
+    from safetydpo_core.world.model import load_world_model
+    from safetydpo_core.world.unrelated import preservation
+
+    given = json.loads((demo / "demo.json").read_text())["settings"]
+    known = {f.name for f in dataclasses.fields(DemoSettings)}
+    s = DemoSettings(**{k: v for k, v in given.items() if k in known})
+    if not s.unrelated_per_wording:
+        raise SystemExit(f"{demo} was made without plain-shape prompts (unrelated_per_wording 0); nothing to preserve.")
+    den, judge = load_world_model(), load_judge()
+    base = json.loads(cached_evaluation(demo / "eval" / "base.pt", lambda: {})["unrelated"]["judged"]) \
+        if (demo / "eval" / "base.pt").exists() else None
+    if base is None:
+        raise SystemExit(f"{demo / 'eval' / 'base.pt'} is missing: run `safetydpo demo --out {demo}` to the end first.")
+    sets = {"unrelated": eval_sets(s)["unrelated"]}
+    folder = out / demo.name
+    folder.mkdir(parents=True, exist_ok=True)
+    names = den.names()
+
+    def aligned(path: Path) -> LoraSet:
+        return align_experts([load_lora(path, names=names)], naming=den.naming, names=names,
+                             weight_shapes=den.weight_shapes())[0]
+
+    def kept(entry: dict) -> float:
+        return preservation(json.loads(entry["unrelated"]["judged"]), base)
+
+    lora = aligned(demo / lora_file)
+    sample = dict(steps=s.eval_steps, cfg=s.cfg)
+    row: dict = {"lora": lora_file}
+    row["preservation"] = kept(cached_evaluation(folder / "lora.pt", lambda: evaluate_lora(
+        den, judge, demo / lora_file, sets, **sample)))
+    say(f"{demo.name}: {lora_file} keeps {row['preservation']:.3f} of the plain shapes")
+    for branch in BRANCHES:
+        def on_branch(branch=branch):
+            with lora_on_branch(den, lora, branch):
+                return evaluate_lora(den, judge, None, sets, **sample)
+        row[f"branch_{branch}"] = kept(cached_evaluation(folder / f"branch_{branch}.pt", on_branch))
+        say(f"{demo.name}: on branch {branch} only: {row[f'branch_{branch}']:.3f}")
+    randoms = {}
+    for k in floor:
+        path = folder / f"random_k{k:g}.safetensors"
+        if not path.exists():
+            save_lora(random_like(lora, k), path, names=names)
+        randoms[f"random x{k:g}"] = aligned(path)
+        row[f"random_k{k:g}"] = kept(cached_evaluation(folder / f"random_k{k:g}.pt", lambda p=path: evaluate_lora(
+            den, judge, p, sets, **sample)))
+        say(f"{demo.name}: random change of {k:g} times its size: {row[f'random_k{k:g}']:.3f}")
+    bands_file = folder / "bands.json"
+    if bands_file.exists():
+        row["bands"] = json.loads(bands_file.read_text())
+    else:
+        neutral = [it.prompt for it in preservation_set("neutral", None, den, s.seed)]
+        row["bands"] = band_errors(den, {"lora": lora, **randoms}, neutral, cfg=s.cfg, steps=s.eval_steps,
+                                   seed=s.seed + 7)
+        tmp = bands_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(row["bands"], indent=1))
+        tmp.replace(bands_file)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--demos", nargs="+", required=True, type=Path, help="finished `safetydpo demo` folders")
+    ap.add_argument("--lora", default="merged.safetensors",
+                    help="the LoRA file in each demo folder (default merged.safetensors)")
+    ap.add_argument("--floor", nargs="*", type=float, default=[0.5, 1.0],
+                    help="sizes of the random changes, in times the LoRA's per-layer norms (default 0.5 1)")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the random LoRAs and the cached results")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    args = ap.parse_args(argv)
+    if any(k <= 0 for k in args.floor):
+        raise SystemExit(f"--floor sizes must be above 0; got {args.floor}.")
+    for d in args.demos:
+        missing = [f for f in (args.lora, "demo.json", "eval/base.pt") if not (d / f).exists()]
+        if missing:
+            raise SystemExit(f"{d} is not a finished `safetydpo demo` folder (missing {', '.join(missing)}); "
+                             f"run `safetydpo demo --out {d}` first.")
+    torch.set_num_threads(args.threads)
+    rows = [measure(d, args.lora, args.floor, args.out) for d in args.demos]
+    cell = lambda vals: " / ".join(f"{v:.2f}" for v in vals) + f" ({sum(vals) / len(vals):.3f})"  # noqa: E731
+    print("\n| preservation of the plain shapes | " + " / ".join(d.name for d in args.demos) + " (mean) |")
+    print("|---|---|")
+    print(f"| {args.lora}, as deployed | {cell([r['preservation'] for r in rows])} |")
+    print(f"| on the prompt's branch c only | {cell([r['branch_c'] for r in rows])} |")
+    print(f"| on the empty prompt's branch u only | {cell([r['branch_u'] for r in rows])} |")
+    for k in args.floor:
+        print(f"| random, {k:g} times its per-layer norms | {cell([r[f'random_k{k:g}'] for r in rows])} |")
+    for d, r in zip(args.demos, rows):
+        print(f"\n{d.name}: squared difference from the base model's prediction, c / guided, per timestep band")
+        print("| LoRA | " + " | ".join(f"t {b}" for b in r["bands"]["lora"]) + " |")
+        print("|---|" + "---|" * len(r["bands"]["lora"]))
+        for name, bands in r["bands"].items():
+            print(f"| {name} | " + " | ".join(f"{c:.1e} / {g:.1e}" for c, g in bands.values()) + " |")
+    (args.out / "results.json").write_text(json.dumps({str(d): r for d, r in zip(args.demos, rows)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
