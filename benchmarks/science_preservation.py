@@ -133,7 +133,7 @@ def band_errors(den, loras: dict[str, LoraSet], prompts: list[str], *, cfg: floa
     return result
 
 
-def measure(demo: Path, lora_file: str, floor: list[float], out: Path, say=print) -> dict:
+def measure(demo: Path, lora_file: str, floor: list[float], out: Path, noises: int = 4, say=print) -> dict:
     """The three measures for one demo folder (see the module's docstring), cached under ``out/<demo name>``."""
     from safetydpo_core.lora.io import load_lora, save_lora
     from safetydpo_core.merge.experts import align_experts
@@ -187,13 +187,13 @@ def measure(demo: Path, lora_file: str, floor: list[float], out: Path, say=print
         row[f"random_k{k:g}"] = kept(cached_evaluation(folder / f"random_k{k:g}.pt", lambda p=path: evaluate_lora(
             den, judge, p, sets, **sample)))
         say(f"{demo.name}: random change of {k:g} times its size: {row[f'random_k{k:g}']:.3f}")
-    bands_file = folder / "bands.json"
+    bands_file = folder / f"bands_{noises}_noises.json"
     if bands_file.exists():
         row["bands"] = json.loads(bands_file.read_text())
     else:
         neutral = [it.prompt for it in preservation_set("neutral", None, den, s.seed)]
         row["bands"] = band_errors(den, {"lora": lora, **randoms}, neutral, cfg=s.cfg, steps=s.eval_steps,
-                                   seed=s.seed + 7)
+                                   seed=s.seed + 7, noises=noises)
         tmp = bands_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(row["bands"], indent=1))
         tmp.replace(bands_file)
@@ -208,17 +208,20 @@ def main(argv=None) -> int:
     ap.add_argument("--floor", nargs="*", type=float, default=[0.5, 1.0],
                     help="sizes of the random changes, in times the LoRA's per-layer norms (default 0.5 1)")
     ap.add_argument("--out", type=Path, required=True, help="folder for the random LoRAs and the cached results")
+    ap.add_argument("--noises", type=int, default=4, help="noises per timestep band for the squared change (default 4)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = ap.parse_args(argv)
     if any(k <= 0 for k in args.floor):
         raise SystemExit(f"--floor sizes must be above 0; got {args.floor}.")
+    if args.noises <= 0:
+        raise SystemExit(f"--noises must be at least 1; got {args.noises}.")
     for d in args.demos:
         missing = [f for f in (args.lora, "demo.json", "eval/base.pt") if not (d / f).exists()]
         if missing:
             raise SystemExit(f"{d} is not a finished `safetydpo demo` folder (missing {', '.join(missing)}); "
                              f"run `safetydpo demo --out {d}` first.")
     torch.set_num_threads(args.threads)
-    rows = [measure(d, args.lora, args.floor, args.out) for d in args.demos]
+    rows = [measure(d, args.lora, args.floor, args.out, args.noises) for d in args.demos]
     cell = lambda vals: " / ".join(f"{v:.2f}" for v in vals) + f" ({sum(vals) / len(vals):.3f})"  # noqa: E731
     print("\n| preservation of the plain shapes | " + " / ".join(d.name for d in args.demos) + " (mean) |")
     print("|---|---|")

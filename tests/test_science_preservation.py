@@ -87,3 +87,35 @@ def test_a_folder_that_is_not_a_finished_demo_is_named(tmp_path):
         science_preservation.main(["--demos", str(tmp_path), "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="--floor"):
         science_preservation.main(["--demos", str(tmp_path), "--out", str(tmp_path / "out"), "--floor", "0"])
+
+
+def test_main_measures_a_demo_folder_and_reads_its_cache_back(tmp_path, world, capsys):
+    import dataclasses
+    import json
+
+    from safetydpo_core.lora.io import save_lora
+    from safetydpo_core.world.demo import DemoSettings
+    from safetydpo_core.world.judge import load_judge
+    from safetydpo_core.world.lora_eval import cached_evaluation, eval_sets, evaluate_lora
+
+    den, lora = world
+    s = DemoSettings.preset(quick=True, unrelated_per_wording=2, eval_steps=4)
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "demo.json").write_text(json.dumps({"settings": dataclasses.asdict(s)}))
+    save_lora(lora, demo / "merged.safetensors", names=den.names())
+    sets = {"unrelated": eval_sets(s)["unrelated"]}
+    cached_evaluation(demo / "eval" / "base.pt",
+                      lambda: evaluate_lora(den, load_judge(), None, sets, steps=s.eval_steps, cfg=s.cfg))
+    out = tmp_path / "out"
+    assert science_preservation.main(["--demos", str(demo), "--out", str(out), "--floor", "1", "--noises", "1"]) == 0
+    row = json.loads((out / "results.json").read_text())[str(demo)]
+    for key in ("preservation", "branch_c", "branch_u", "random_k1"):
+        assert 0 <= row[key] <= 1
+    assert set(row["bands"]) == {"lora", "random x1"}
+    assert all(len(b) == len(science_preservation.BANDS) for b in row["bands"].values())
+    assert "| on the prompt's branch c only |" in capsys.readouterr().out
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "demo").iterdir()}
+    assert science_preservation.main(["--demos", str(demo), "--out", str(out), "--floor", "1", "--noises", "1"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "demo").iterdir()} == stamps  # read back, not redone
+    assert json.loads((out / "results.json").read_text())[str(demo)] == row
