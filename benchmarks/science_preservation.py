@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -134,7 +135,8 @@ def band_errors(den, loras: dict[str, LoraSet], prompts: list[str], *, cfg: floa
 
 
 def measure(demo: Path, lora_file: str, floor: list[float], out: Path, noises: int = 4, say=print) -> dict:
-    """The three measures for one demo folder (see the module's docstring), cached under ``out/<demo name>``."""
+    """The three measures for one demo folder (see the module's docstring), cached under ``out/<demo name>/<LoRA
+    file name>`` for that file (another file of the same name is refused)."""
     from safetydpo_core.lora.io import load_lora, save_lora
     from safetydpo_core.merge.experts import align_experts
     from safetydpo_core.training.preservation import preservation_set
@@ -155,8 +157,14 @@ def measure(demo: Path, lora_file: str, floor: list[float], out: Path, noises: i
     if base is None:
         raise SystemExit(f"{demo / 'eval' / 'base.pt'} is missing: run `safetydpo demo --out {demo}` to the end first.")
     sets = {"unrelated": eval_sets(s)["unrelated"]}
-    folder = out / demo.name
+    folder = out / demo.name / Path(lora_file).stem
     folder.mkdir(parents=True, exist_ok=True)
+    made_from = hashlib.sha256((demo / lora_file).read_bytes()).hexdigest()
+    stamp = folder / "lora.sha256"
+    if stamp.exists() and stamp.read_text().strip() != made_from:
+        raise SystemExit(f"{folder} holds results for another file named {lora_file}; give another --out (or delete "
+                         f"that folder) to measure this one.")
+    stamp.write_text(made_from + "\n")
     names = den.names()
 
     def aligned(path: Path) -> LoraSet:
@@ -187,7 +195,7 @@ def measure(demo: Path, lora_file: str, floor: list[float], out: Path, noises: i
         row[f"random_k{k:g}"] = kept(cached_evaluation(folder / f"random_k{k:g}.pt", lambda p=path: evaluate_lora(
             den, judge, p, sets, **sample)))
         say(f"{demo.name}: random change of {k:g} times its size: {row[f'random_k{k:g}']:.3f}")
-    bands_file = folder / f"bands_{noises}_noises.json"
+    bands_file = folder / ("bands_" + "_".join([f"{noises}noises"] + [f"k{k:g}" for k in floor]) + ".json")
     if bands_file.exists():
         row["bands"] = json.loads(bands_file.read_text())
     else:
@@ -236,7 +244,9 @@ def main(argv=None) -> int:
         print("|---|" + "---|" * len(r["bands"]["lora"]))
         for name, bands in r["bands"].items():
             print(f"| {name} | " + " | ".join(f"{c:.1e} / {g:.1e}" for c, g in bands.values()) + " |")
-    (args.out / "results.json").write_text(json.dumps({str(d): r for d, r in zip(args.demos, rows)}, indent=1))
+    tmp = args.out / "results.json.tmp"
+    tmp.write_text(json.dumps({str(d): r for d, r in zip(args.demos, rows)}, indent=1))
+    tmp.replace(args.out / "results.json")
     return 0
 
 

@@ -115,7 +115,11 @@ def test_main_measures_a_demo_folder_and_reads_its_cache_back(tmp_path, world, c
     assert set(row["bands"]) == {"lora", "random x1"}
     assert all(len(b) == len(science_preservation.BANDS) for b in row["bands"].values())
     assert "| on the prompt's branch c only |" in capsys.readouterr().out
-    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "demo").iterdir()}
+    cache = out / "demo" / "merged"
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.suffix != ".sha256"}
     assert science_preservation.main(["--demos", str(demo), "--out", str(out), "--floor", "1", "--noises", "1"]) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "demo").iterdir()} == stamps  # read back, not redone
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.suffix != ".sha256"} == stamps  # read back
     assert json.loads((out / "results.json").read_text())[str(demo)] == row
+    save_lora(lora.scaled(0.5), demo / "merged.safetensors", names=den.names())  # another file, the same name
+    with pytest.raises(SystemExit, match="holds results for another file named merged.safetensors"):
+        science_preservation.main(["--demos", str(demo), "--out", str(out), "--floor", "1", "--noises", "1"])
