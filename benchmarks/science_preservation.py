@@ -11,11 +11,11 @@ for another LoRA file in the folder, e.g. ``finetuned.safetensors``), this measu
 * **bands**: the mean squared difference from the base model's prediction, the prompt's (``c``) and the
   guided one that the sampler follows (``u + cfg (c - u)``), in five timestep bands, for the LoRA and each
   random one. The inputs are the preservation set's plain-shape prompts (the training wording, not the
-  evaluation's), noised from the base model's own pictures of them.
+  evaluation's), noised from the base model's own pictures of them, ``--noises`` noises a band (default 4).
 
 The pictures are the demo's 90 plain-shape evaluation prompts with the demo's seeds, sampler steps and guidance,
 judged by the world judge (nothing tuned), so the figures compare with the demo's report. Everything is cached
-in ``--out`` and a rerun reads it back::
+in ``--out``, a folder per demo and LoRA file, and a rerun reads it back::
 
     safetydpo demo --seed 0 --out demos/s0      # and --seed 1, 2
     python benchmarks/science_preservation.py --demos demos/s0 demos/s1 demos/s2 --out preservation
