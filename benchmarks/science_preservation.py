@@ -29,8 +29,8 @@ import dataclasses
 import hashlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -152,7 +152,7 @@ def measure(demo: Path, lora_file: str, floor: list[float], out: Path, noises: i
     if not s.unrelated_per_wording:
         raise SystemExit(f"{demo} was made without plain-shape prompts (unrelated_per_wording 0); nothing to preserve.")
     den, judge = load_world_model(), load_judge()
-    base = json.loads(cached_evaluation(demo / "eval" / "base.pt", lambda: {})["unrelated"]["judged"]) \
+    base = json.loads(cached_evaluation(demo / "eval" / "base.pt", dict)["unrelated"]["judged"]) \
         if (demo / "eval" / "base.pt").exists() else None
     if base is None:
         raise SystemExit(f"{demo / 'eval' / 'base.pt'} is missing: run `safetydpo demo --out {demo}` to the end first.")
@@ -175,7 +175,7 @@ def measure(demo: Path, lora_file: str, floor: list[float], out: Path, noises: i
         return preservation(json.loads(entry["unrelated"]["judged"]), base)
 
     lora = aligned(demo / lora_file)
-    sample = dict(steps=s.eval_steps, cfg=s.cfg)
+    sample = {"steps": s.eval_steps, "cfg": s.cfg}
     row: dict = {"lora": lora_file}
     row["preservation"] = kept(cached_evaluation(folder / "lora.pt", lambda: evaluate_lora(
         den, judge, demo / lora_file, sets, **sample)))
