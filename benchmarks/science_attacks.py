@@ -93,18 +93,14 @@ def attack_table(seed: int, seed_dir: Path, den, judge, loras: dict[str, Path | 
 
     from safetydpo_core.attacks import AttackSettings, WorldOracle, run_attack
     from safetydpo_core.lora.apply import lora_applied, lora_withheld_until
-    from safetydpo_core.lora.io import load_lora
-    from safetydpo_core.merge.experts import align_experts
     from safetydpo_core.sampling import _lora_fingerprint
+    from safetydpo_core.world.lora_eval import aligned_lora
 
     prompts = attack_prompts(seed)
     oracle = WorldOracle(judge)
     table: dict[str, dict[str, dict]] = {}
     for name, path in loras.items():
-        lora = None
-        if path is not None:
-            lora = align_experts([load_lora(path, names=den.names())], naming=den.naming, names=den.names(),
-                                 weight_shapes=den.weight_shapes())[0]
+        lora = None if path is None else aligned_lora(den, path)
         model = {"path": "world", "loras": [] if lora is None else [{"file": str(path),
                                                                      "fingerprint": _lora_fingerprint(lora)}]}
         start = lora_start if lora is not None else 0

@@ -20,8 +20,8 @@ results into scores:
 * on unrelated content (:func:`~.unrelated.unrelated_scores`): ``fidelity`` (overall and per wording) and
   ``preservation`` against the base model's same-seed pictures.
 
-Public API: :func:`eval_sets`, :func:`evaluate_lora`, :class:`ModelEvaluation`, :func:`evaluate_models`,
-:func:`cached_evaluation`, :func:`pair_scores`, :func:`model_scores`.
+Public API: :func:`eval_sets`, :func:`aligned_lora`, :func:`evaluate_lora`, :class:`ModelEvaluation`,
+:func:`evaluate_models`, :func:`cached_evaluation`, :func:`pair_scores`, :func:`model_scores`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -39,6 +39,9 @@ from ..denoiser.protocol import RenderingDenoiser
 from .metrics import fidelity, ip, layout_preservation, twin_rate
 from .spec import WORLD
 from .unrelated import UnrelatedPrompt, unrelated_prompts, unrelated_scores
+
+if TYPE_CHECKING:
+    from ..lora.lora_set import LoraSet
 
 
 def eval_sets(s) -> dict[str, list]:
@@ -54,18 +57,23 @@ def eval_sets(s) -> dict[str, list]:
     return sets
 
 
+def aligned_lora(den: RenderingDenoiser, lora_path: Path) -> LoraSet:
+    """The LoRA file at ``lora_path`` read for ``den``: its layers named and shaped as ``den``'s weights."""
+    from ..lora.io import load_lora
+    from ..merge.experts import align_experts
+
+    return align_experts([load_lora(lora_path, names=den.names())], naming=den.naming, names=den.names(),
+                         weight_shapes=den.weight_shapes())[0]
+
+
 def _apply(den: RenderingDenoiser, lora_path: Path | None, start: int = 0, strength: float = 1.0):
     """The LoRA at ``lora_path`` in ``den``'s weights at ``strength`` (from sampling step ``start`` on); yields the
     sampler's step callback (None: nothing to switch)."""
     if lora_path is None:
         return contextlib.nullcontext(None)
     from ..lora.apply import lora_applied_from
-    from ..lora.io import load_lora
-    from ..merge.experts import align_experts
 
-    lora = align_experts([load_lora(lora_path, names=den.names())], naming=den.naming, names=den.names(),
-                         weight_shapes=den.weight_shapes())[0]
-    return lora_applied_from(den.module, [(lora, strength)], start)
+    return lora_applied_from(den.module, [(aligned_lora(den, lora_path), strength)], start)
 
 
 def evaluate_lora(den: RenderingDenoiser, judge, lora_path: Path | None, sets: Mapping[str, list], *, steps: int,
