@@ -63,14 +63,9 @@ def scaled_demo(demo: Path, strength: float, out: Path, lora_start: int = 0) -> 
 def evaluate(folder: Path, threads: int, lora_start: int = 0) -> dict:
     """The demo's goals for ``folder``, evaluated with the settings its demo was made with (the LoRA from step
     ``lora_start`` on)."""
-    import dataclasses
-
     from safetydpo_core.world.demo import DemoSettings, run_demo
 
-    given = json.loads((folder / "demo.json").read_text())["settings"]
-    known = {f.name for f in dataclasses.fields(DemoSettings)}
-    s = DemoSettings(**{**{k: v for k, v in given.items() if k in known}, "threads": threads, "workers": 1,
-                        "lora_start": lora_start})
+    s = DemoSettings.recorded_in(folder, threads=threads, workers=1, lora_start=lora_start)
     report = run_demo(folder, s, log=lambda m: None)
     return {k: v["value"] for k, v in report["goals"].items()}
 

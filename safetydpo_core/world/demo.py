@@ -154,6 +154,13 @@ class DemoSettings:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def recorded_in(cls, folder: Path, **overrides: Any) -> "DemoSettings":
+        """The settings a demo folder's ``demo.json`` records (those this version knows), with ``overrides``."""
+        given = json.loads((folder / "demo.json").read_text(encoding="utf-8"))["settings"]
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in given.items() if k in known}, **overrides})
+
 
 @contextlib.contextmanager
 def _threads(n: int):
