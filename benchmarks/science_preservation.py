@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import json
 import sys
@@ -63,7 +62,6 @@ def random_like(lora: LoraSet, k: float, seed: int = 1234) -> LoraSet:
 def lora_on_branch(den, lora: LoraSet, branch: str) -> Iterator[None]:
     """Inside the block every guided prediction of ``den`` (the batch ``[uncond, cond]`` that the sampler makes)
     runs ``lora`` on one half only: ``"c"`` the prompt's, ``"u"`` the empty prompt's."""
-    from safetydpo_core.denoiser.protocol import Conditioning
     from safetydpo_core.lora.apply import lora_applied
 
     if branch not in BRANCHES:
@@ -74,13 +72,10 @@ def lora_on_branch(den, lora: LoraSet, branch: str) -> Iterator[None]:
         if x.shape[0] % 2:
             raise ValueError("lora_on_branch needs guided sampling (cfg != 1): an uncond and a cond half.")
         n = x.shape[0] // 2
-        halves = [Conditioning({k: v[:n] for k, v in cond.tensors.items()}),
-                  Conditioning({k: v[n:] for k, v in cond.tensors.items()})]
         out = []
-        for i, (part, c) in enumerate(zip((slice(0, n), slice(n, None)), halves)):
-            on = (i == 0) == (branch == "u")
-            with lora_applied(den.module, [(lora, 1.0)]) if on else contextlib.nullcontext():
-                out.append(plain(x[part], t[part], c))
+        for half, part in zip(BRANCHES[::-1], (slice(0, n), slice(n, None))):  # the sampler's order: uncond, cond
+            with lora_applied(den.module, [(lora, 1.0)]) if half == branch else contextlib.nullcontext():
+                out.append(plain(x[part], t[part], cond.index(part)))
         return torch.cat(out)
 
     den.predict = predict
@@ -134,28 +129,21 @@ def band_errors(den, loras: dict[str, LoraSet], prompts: list[str], *, cfg: floa
     return result
 
 
-def measure(demo: Path, lora_file: str, floor: list[float], out: Path, noises: int = 4, say=print) -> dict:
-    """The three measures for one demo folder (see the module's docstring), cached under ``out/<demo name>/<LoRA
-    file name>`` for that file (another file of the same name is refused)."""
-    from safetydpo_core.lora.io import load_lora, save_lora
-    from safetydpo_core.merge.experts import align_experts
+def measure(den, judge, demo: Path, lora_file: str, floor: list[float], out: Path, noises: int = 4,
+            say=print) -> dict:
+    """The three measures for one demo folder (see the module's docstring), with the world model ``den`` and its
+    judge, cached under ``out/<demo name>/<LoRA file name>`` for that file (another file of the same name is
+    refused)."""
+    from safetydpo_core.lora.io import save_lora
     from safetydpo_core.training.preservation import preservation_set
     from safetydpo_core.world.demo import DemoSettings
-    from safetydpo_core.world.judge import load_judge
-    from safetydpo_core.world.lora_eval import cached_evaluation, eval_sets, evaluate_lora
-    from safetydpo_core.world.model import load_world_model
+    from safetydpo_core.world.lora_eval import aligned_lora, cached_evaluation, eval_sets, evaluate_lora
     from safetydpo_core.world.unrelated import preservation
 
-    given = json.loads((demo / "demo.json").read_text())["settings"]
-    known = {f.name for f in dataclasses.fields(DemoSettings)}
-    s = DemoSettings(**{k: v for k, v in given.items() if k in known})
+    s = DemoSettings.recorded_in(demo)
     if not s.unrelated_per_wording:
         raise SystemExit(f"{demo} was made without plain-shape prompts (unrelated_per_wording 0); nothing to preserve.")
-    den, judge = load_world_model(), load_judge()
-    base = json.loads(cached_evaluation(demo / "eval" / "base.pt", dict)["unrelated"]["judged"]) \
-        if (demo / "eval" / "base.pt").exists() else None
-    if base is None:
-        raise SystemExit(f"{demo / 'eval' / 'base.pt'} is missing: run `safetydpo demo --out {demo}` to the end first.")
+    base = json.loads(cached_evaluation(demo / "eval" / "base.pt", dict)["unrelated"]["judged"])  # main() checked it
     sets = {"unrelated": eval_sets(s)["unrelated"]}
     folder = out / demo.name / Path(lora_file).stem
     folder.mkdir(parents=True, exist_ok=True)
@@ -165,16 +153,10 @@ def measure(demo: Path, lora_file: str, floor: list[float], out: Path, noises: i
         raise SystemExit(f"{folder} holds results for another file named {lora_file}; give another --out (or delete "
                          f"that folder) to measure this one.")
     stamp.write_text(made_from + "\n")
-    names = den.names()
-
-    def aligned(path: Path) -> LoraSet:
-        return align_experts([load_lora(path, names=names)], naming=den.naming, names=names,
-                             weight_shapes=den.weight_shapes())[0]
-
     def kept(entry: dict) -> float:
         return preservation(json.loads(entry["unrelated"]["judged"]), base)
 
-    lora = aligned(demo / lora_file)
+    lora = aligned_lora(den, demo / lora_file)
     sample = {"steps": s.eval_steps, "cfg": s.cfg}
     row: dict = {"lora": lora_file}
     row["preservation"] = kept(cached_evaluation(folder / "lora.pt", lambda: evaluate_lora(
@@ -190,8 +172,8 @@ def measure(demo: Path, lora_file: str, floor: list[float], out: Path, noises: i
     for k in floor:
         path = folder / f"random_k{k:g}.safetensors"
         if not path.exists():
-            save_lora(random_like(lora, k), path, names=names)
-        randoms[f"random x{k:g}"] = aligned(path)
+            save_lora(random_like(lora, k), path, names=den.names())
+        randoms[f"random x{k:g}"] = aligned_lora(den, path)
         row[f"random_k{k:g}"] = kept(cached_evaluation(folder / f"random_k{k:g}.pt", lambda p=path: evaluate_lora(
             den, judge, p, sets, **sample)))
         say(f"{demo.name}: random change of {k:g} times its size: {row[f'random_k{k:g}']:.3f}")
@@ -229,7 +211,11 @@ def main(argv=None) -> int:
             raise SystemExit(f"{d} is not a finished `safetydpo demo` folder (missing {', '.join(missing)}); "
                              f"run `safetydpo demo --out {d}` first.")
     torch.set_num_threads(args.threads)
-    rows = [measure(d, args.lora, args.floor, args.out, args.noises) for d in args.demos]
+    from safetydpo_core.world.judge import load_judge
+    from safetydpo_core.world.model import load_world_model
+
+    den, judge = load_world_model(), load_judge()
+    rows = [measure(den, judge, d, args.lora, args.floor, args.out, args.noises) for d in args.demos]
     cell = lambda vals: " / ".join(f"{v:.2f}" for v in vals) + f" ({sum(vals) / len(vals):.3f})"  # noqa: E731
     print("\n| preservation of the plain shapes | " + " / ".join(d.name for d in args.demos) + " (mean) |")
     print("|---|---|")
