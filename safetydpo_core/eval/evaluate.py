@@ -26,7 +26,6 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ConfigError, Interrupted

@@ -49,7 +49,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..categories import normalize_categories
 from ..denoiser.protocol import Denoiser
 from ..errors import ConfigError, DatasetError, Interrupted, LoraError, ModelError
 from ..lora.lora_set import LoraSet
