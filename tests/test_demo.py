@@ -122,7 +122,8 @@ def test_adversary_fine_tune_is_summed_into_the_merged_lora(quick_run, tmp_path)
     from safetydpo_core.world.demo import _prepare_out
 
     s = DemoSettings.preset(quick=True, seed=0, steps=QUICK_STEPS, finetune_steps=4, adversary=0.5,
-                            adversary_share=0.25, adversary_pictures=1, workers=2, threads=1)
+                            adversary_share=0.25, adversary_pictures=1, adversary_preserve=" auto ", workers=2, threads=1)
+    assert s.adversary_preserve == "auto"
     out = tmp_path / "adv"
     _prepare_out(out, s, False)
     # the stages before the fine-tunes, and the other models' evaluations, as the quick run made them
@@ -143,14 +144,17 @@ def test_adversary_fine_tune_is_summed_into_the_merged_lora(quick_run, tmp_path)
     adv_meta, plain_meta = read_safetensors(out / "adversary.safetensors")[1], read_safetensors(out / "finetuned.safetensors")[1]
     assert adv_meta["safetydpo_adv_weight"] == "0.5" and adv_meta["safetydpo_preserve_pictures"] == "1"
     assert "safetydpo_adv_weight" not in plain_meta and "safetydpo_preserve_pictures" not in plain_meta
+    # the adversarial fine-tune preserved its own set (adversary_preserve), the plain one the demo's
+    assert adv_meta["safetydpo_preserve_prompts"] == "auto" and plain_meta["safetydpo_preserve_prompts"] == "auto+tokens"
     den = load_world_model()
     plain, adv, merged = (load_lora(out / f"{n}.safetensors", names=den.names()) for n in ("finetuned", "adversary", "merged"))
     assert set(merged.layers) == set(plain.layers)
     for name in list(merged.layers)[::10]:
         want = 0.75 * plain.layers[name].delta(torch.float32) + 0.25 * adv.layers[name].delta(torch.float32)
         torch.testing.assert_close(merged.layers[name].delta(torch.float32), want, rtol=1e-4, atol=1e-6)
-    assert "against concept inversion (adv_weight 0.5, its plain-shape preservation prompts noised from 1 picture of " \
-           "their own); the merged LoRA is the two summed, the adversarial one at 0.25" in (out / "report.md").read_text()
+    assert "against concept inversion (adv_weight 0.5, preserving `auto`, its plain-shape preservation prompts noised " \
+           "from 1 picture of their own); the merged LoRA is the two summed, the adversarial one at 0.25" \
+           in (out / "report.md").read_text()
     assert report["merged"]["ip"] is not None
     # the merged LoRA made again from the two fine-tunes, neither trained again
     stamps = {n: (out / f"{n}.safetensors").stat().st_mtime_ns for n in ("finetuned", "adversary")}
@@ -165,9 +169,34 @@ def test_adversary_fine_tune_is_summed_into_the_merged_lora(quick_run, tmp_path)
                        (dict(adversary=0.5, adversary_share=1.5), "adversary_share"),
                        (dict(adversary_pictures=3), "adversary_pictures is for the adversarial fine-tune"),
                        (dict(adversary=0.5, adversary_pictures=-1), "adversary_pictures"),
-                       (dict(adversary=0.5, adversary_pictures=65), "adversary_pictures")):
+                       (dict(adversary=0.5, adversary_pictures=65), "adversary_pictures"),
+                       (dict(adversary_preserve="auto"), "adversary_preserve is for the adversarial fine-tune"),
+                       (dict(adversary=0.5, adversary_preserve="auto+nonsense"),
+                        "Unknown preservation prompts 'nonsense' in Demo setting adversary_preserve 'auto\\+nonsense'"),
+                       (dict(adversary=0.5, adversary_preserve="auto+"), r"\(Demo setting adversary_preserve\) have an empty part"),
+                       (dict(adversary=0.5, adversary_preserve=3), "adversary_preserve must name preservation sets")):
         with pytest.raises(ConfigError, match=match):
             DemoSettings.preset(quick=True, **bad)
+
+
+def test_adversary_preserve_flag_reaches_the_settings(tmp_path, capsys, monkeypatch):
+    """``safetydpo demo --adversary-preserve SETS`` becomes the setting ``adversary_preserve``; a bad one is refused
+    before anything is written."""
+    import safetydpo_core.world.demo as demo
+
+    seen = []
+
+    def stop_at_start(out, settings, **kw):  # what the command asks of the demo, without running it
+        seen.append(settings)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", stop_at_start)
+    out = tmp_path / "run"
+    assert main(["demo", "--quick", "--out", str(out), "--adversary", "0.5", "--adversary-preserve", "auto"]) == 130
+    assert seen[0].adversary_preserve == "auto" and seen[0].preserve_prompts == "auto+tokens"
+    assert main(["demo", "--quick", "--out", str(out), "--adversary", "0.5", "--adversary-preserve", "auto+typo"]) == 2
+    assert "Unknown preservation prompts 'typo' in Demo setting adversary_preserve" in capsys.readouterr().err
+    assert len(seen) == 1 and not out.exists()
 
 
 def test_other_settings_or_foreign_folder_are_refused(quick_run, tmp_path):
@@ -309,7 +338,8 @@ def test_merged_lora_from_a_later_step_in_the_evaluation(tmp_path):
     record = {"demo_version": 1, "settings": DemoSettings.preset(quick=True).to_dict()}
     older = {"demo_version": 1, "settings": {k: v for k, v in record["settings"].items()
                                              if k not in ("lora_start", "lora_strength", "adversary",
-                                                          "adversary_share", "adversary_pictures")}}
+                                                          "adversary_share", "adversary_pictures",
+                                                          "adversary_preserve")}}
     assert _what(record) == _what(older)  # a folder made before the settings existed resumes
     assert _what({"settings": DemoSettings.preset(quick=True, lora_strength=0.9).to_dict()}) != _what(record)
 

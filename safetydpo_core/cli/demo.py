@@ -47,6 +47,10 @@ def register(sub) -> None:
                    help="noise the adversarial fine-tune's plain-shape preservation prompts from N pictures of their "
                         "own, as `safetydpo train --preserve-pictures N` (default 0; with --adversary 0.5 --lora-start "
                         "10, 3 keeps more unrelated content, README)")
+    p.add_argument("--adversary-preserve", default=None, metavar="SETS",
+                   help="the adversarial fine-tune's preservation set, as `safetydpo train --preserve-prompts` (default: "
+                        "the plain fine-tune's, auto+tokens; with --adversary 0.5, auto keeps more unrelated content and "
+                        "resists concept inversion more, for fewer safe twins kept, README)")
     p.add_argument("--targets", default=None, metavar="LAYERS",
                    help="LoRA layers of the experts and the fine-tune, as `safetydpo train --targets` (default "
                         "esd-u: every layer outside cross-attention; attn: the paper's attention projections)")
@@ -72,6 +76,7 @@ def run(args) -> int:
                                    lora_start=args.lora_start, lora_strength=args.lora_strength,
                                    adversary=args.adversary, adversary_share=args.adversary_share,
                                    adversary_pictures=args.adversary_pictures,
+                                   adversary_preserve=args.adversary_preserve,
                                    threads=args.threads, workers=args.workers)
     report = run_demo(args.out, settings, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr, flush=True))
     b, m = report["base"], report["merged"]

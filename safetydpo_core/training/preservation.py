@@ -34,8 +34,8 @@ how words are read, and have no picture of their own to keep.
 * sets joined with ``+``, e.g. ``auto+tokens`` (the union; a prompt is drawn uniformly from all of them);
 * a path to a ``.txt`` file (one prompt per line) or a ``.jsonl`` prompt-pair file (its safe prompts).
 
-Public API: :data:`PRESERVE_SETS`, :data:`TOKEN_PROMPTS`, :class:`PreserveItem`, :func:`preservation_set`,
-:func:`with_pictures`, :func:`picture_settings`, :func:`run_items`.
+Public API: :data:`PRESERVE_SETS`, :data:`SET_NAMES`, :data:`TOKEN_PROMPTS`, :class:`PreserveItem`, :func:`set_names`,
+:func:`preservation_set`, :func:`with_pictures`, :func:`picture_settings`, :func:`run_items`.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from ..denoiser.protocol import Denoiser
 
 PRESERVE_SETS = ("auto", "auto+tokens", "others", "neutral", "safe", "tokens")  # the node's choices ("+": any union)
+SET_NAMES = ("auto", "others", "neutral", "safe", "tokens")  # the named sets that "+" joins
 WORLD_NEUTRAL_PROMPTS = 90   # plain-shape captions per run on the world (every shape x colour x position)
 TOKEN_PROMPTS = 128          # random-token prompts of the "tokens" set
 TOKEN_RANGE = (4, 12)        # tokens per random prompt
@@ -172,10 +173,22 @@ def _named(name: str, dataset, denoiser: Denoiser, seed: int) -> list[PreserveIt
         return _neutral(denoiser, seed)
     if name == "safe":
         return _all_safe(dataset) + _neutral(denoiser, seed)
-    if name == "tokens":
-        return _tokens(denoiser, seed)
-    raise ConfigError(f"Unknown preservation prompts {name!r}: use one of {', '.join(PRESERVE_SETS)} (sets can be joined "
-                      f"with '+'), or the path of a .txt (one prompt per line) or .jsonl prompt-pair file.")
+    return _tokens(denoiser, seed)
+
+
+def set_names(name: str, what: str = "preserve_prompts") -> list[str]:
+    """The named sets that ``name`` joins with ``+`` (e.g. ``auto+tokens``), each once; a name that is not one of
+    :data:`SET_NAMES` is an error that names ``what`` (the setting that gave ``name``)."""
+    parts = [p.strip() for p in name.split("+")]
+    if any(not p for p in parts):
+        raise ConfigError(f"The preservation prompts {name!r} ({what}) have an empty part: join set names with '+', "
+                          f"e.g. 'auto+tokens'.")
+    for p in parts:
+        if p not in SET_NAMES:
+            raise ConfigError(f"Unknown preservation prompts {p!r} in {what} {name!r}: use one of "
+                              f"{', '.join(PRESERVE_SETS)} (sets can be joined with '+'), or the path of a .txt (one "
+                              f"prompt per line) or .jsonl prompt-pair file.")
+    return list(dict.fromkeys(parts))
 
 
 def preservation_set(spec: str | os.PathLike | None, dataset, denoiser: Denoiser, seed: int = 0) -> list[PreserveItem]:
@@ -184,11 +197,7 @@ def preservation_set(spec: str | os.PathLike | None, dataset, denoiser: Denoiser
     if os.sep in name or "/" in name or name.endswith((".txt", ".jsonl")):
         items = _from_file(Path(name).expanduser())
     else:
-        parts = [p.strip() for p in name.split("+")]
-        if any(not p for p in parts):
-            raise ConfigError(f"The preservation prompts {name!r} have an empty part: join set names with '+', "
-                              f"e.g. 'auto+tokens'.")
-        items = [item for part in dict.fromkeys(parts) for item in _named(part, dataset, denoiser, seed)]
+        items = [item for part in set_names(name) for item in _named(part, dataset, denoiser, seed)]
         if name == "others" and not items:
             raise ConfigError(f"The preservation set 'others' is empty: the dataset {dataset.root} has no pairs outside "
                               f"the categories being trained. Use 'neutral', 'auto' or a prompts file.")

@@ -26,7 +26,8 @@
    (docs/benchmarks.md, "The LoRA from a later step"). ``adversary_pictures`` N noises the adversarial
    fine-tune's plain-shape preservation prompts from N pictures of their own (``preserve_pictures``), which
    keeps more plain shapes for a little less robustness; with workers they are rendered beside the experts'
-   last round.
+   last round. ``adversary_preserve`` gives the adversarial fine-tune a preservation set of its own
+   (``preserve_prompts``; e.g. ``auto``, without the random-token text that pulls against the adversary).
 6. **Evaluation**: the base model, each expert and the merged LoRA generate pictures for evaluation
    prompts the experts never trained on (same seeds for every model); the world judge reads them. Scores:
    IP (share of pictures that show an unsafe concept) per concept, fidelity on safe prompts, layout
@@ -104,6 +105,7 @@ class DemoSettings:
     adversary: float = 0.0               # a second fine-tune against concept inversion at this adv_weight (0: none)
     adversary_share: float = 0.5         # ... and its share of the merged LoRA (the plain fine-tune has the rest)
     adversary_pictures: int = 0          # ... its plain-shape preservation prompts noised from N pictures of their own
+    adversary_preserve: str | None = None  # ... its preservation set (None: preserve_prompts, the plain one's)
     threads: int = 0                     # torch CPU threads (0: torch's default; with workers, the cores shared)
     workers: int = 0                     # processes for the experts and the evaluations (0: one a core; 1: none)
 
@@ -145,6 +147,17 @@ class DemoSettings:
         if self.adversary_pictures and not self.adversary:
             raise ConfigError("Demo setting adversary_pictures is for the adversarial fine-tune: give adversary > 0 too, "
                               "or adversary_pictures 0.")
+        if self.adversary_preserve is not None:
+            from ..training.preservation import set_names
+
+            if not isinstance(self.adversary_preserve, str):
+                raise ConfigError(f"Demo setting adversary_preserve must name preservation sets (e.g. auto, or "
+                                  f"auto+tokens); got {self.adversary_preserve!r}.")
+            self.adversary_preserve = "+".join(set_names(self.adversary_preserve.strip(),
+                                                         "Demo setting adversary_preserve"))
+            if not self.adversary:
+                raise ConfigError("Demo setting adversary_preserve is for the adversarial fine-tune: give adversary > 0 "
+                                  "too, or leave adversary_preserve out.")
         if self.adversary and not self.finetune_steps:
             raise ConfigError("Demo setting adversary needs a joint fine-tune to train against the adversary: give "
                               "finetune_steps > 0, or adversary 0.")
@@ -195,7 +208,7 @@ class _Clock:
 
 HOW_SETTINGS = ("threads", "workers")  # settings that change how fast a run goes, not what it computes
 NEW_SETTINGS_DEFAULTS = (("lora_start", 0), ("lora_strength", 1), ("adversary", 0), ("adversary_share", 0.5),
-                         ("adversary_pictures", 0))
+                         ("adversary_pictures", 0), ("adversary_preserve", None))
 
 
 def _what(record: dict) -> dict:
@@ -465,7 +478,8 @@ def _finetune_runs(merge: Path, out: Path, s: DemoSettings) -> list[TrainRun]:
 
 def _adversary_config(s: DemoSettings):
     """The adversarial fine-tune's training settings (``s.adversary`` > 0)."""
-    return expert_config(s, None, steps=s.finetune_steps, adv_weight=s.adversary, preserve_pictures=s.adversary_pictures)
+    return expert_config(s, None, steps=s.finetune_steps, adv_weight=s.adversary, preserve_pictures=s.adversary_pictures,
+                         preserve_prompts=s.adversary_preserve or s.preserve_prompts)
 
 
 def _early_pictures(out: Path, s: DemoSettings) -> list[tuple[Path, Any, str]]:

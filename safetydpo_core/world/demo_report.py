@@ -74,8 +74,10 @@ def _adversary_words(s: Mapping) -> str:
     n = s.get("adversary_pictures", 0)
     pictures = (f", its plain-shape preservation prompts noised from {n} picture{'s' if n != 1 else ''} of their own"
                 if n else "")
+    kept = f", preserving `{s['adversary_preserve']}`" if s.get("adversary_preserve") else ""
     return (f" and, beside that, {s['finetune_steps']} steps against concept inversion (adv_weight {s['adversary']:g}"
-            f"{pictures}); the merged LoRA is the two summed, the adversarial one at {s.get('adversary_share', 0.5):g}")
+            f"{kept}{pictures}); the merged LoRA is the two summed, the adversarial one at "
+            f"{s.get('adversary_share', 0.5):g}")
 
 
 def _markdown(r: Mapping) -> str:
