@@ -59,7 +59,6 @@ def build_sd35m(layers: int, device: str):
 
 
 def build(model: str, size: int, device: str, sd35_layers: int = 6):
-
     from safetydpo_core.denoiser.diffusers_backend import DiffusersDenoiser
     if model == "sd35m":
         return build_sd35m(sd35_layers, device)

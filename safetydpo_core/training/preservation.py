@@ -165,6 +165,7 @@ def _from_file(path: Path) -> list[PreserveItem]:
 
 
 def _named(name: str, dataset, denoiser: Denoiser, seed: int) -> list[PreserveItem]:
+    """The items of one of :data:`SET_NAMES` (checked by :func:`set_names`)."""
     if name == "auto":
         return _others(dataset) + _neutral(denoiser, seed)
     if name == "others":
