@@ -153,6 +153,7 @@ def measure(den, judge, demo: Path, lora_file: str, floor: list[float], out: Pat
         raise SystemExit(f"{folder} holds results for another file named {lora_file}; give another --out (or delete "
                          f"that folder) to measure this one.")
     stamp.write_text(made_from + "\n")
+
     def kept(entry: dict) -> float:
         return preservation(json.loads(entry["unrelated"]["judged"]), base)
 
