@@ -329,3 +329,26 @@ def test_each_declared_setting_s_range_and_choices_are_what_train_config_accepts
             if s.name != "preserve_prompts":  # anything else names a prompts file, read when training starts
                 with pytest.raises(ConfigError, match=s.name):
                     TrainConfig(**{s.name: "nonsense"})
+
+
+def test_a_full_prompt_cache_never_drops_a_prompt_of_the_batch_it_encodes(sd15, data, monkeypatch):
+    """The trainer keeps COND_CACHE prompt embeddings. A batch holding the least recently used one and a new
+    prompt (so the cache overflows while the batch is encoded) gets every prompt's own embedding, the cache stays
+    within its size, and the batch's prompts are the ones kept. (It raised KeyError once preservation sets and
+    pairs together named more than 512 prompts.)"""
+    from safetydpo_core.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "COND_CACHE", 3)
+    t = trainer_module.ExpertTrainer(sd15, data, TrainConfig(steps=1, rank=2))
+    size = (64, 64)
+
+    def alone(p):
+        return sd15.encode_prompts([p], size=size).tensors
+
+    t._encode(["a red car", "a blue house", "a green tree"], size)
+    for batch in (["a red car", "a yellow boat"], ["a blue house", "a cat", "a dog", "a red car"], ["a dog", "a dog"]):
+        got = t._encode(batch, size).tensors
+        for k, v in got.items():
+            assert torch.equal(v, torch.cat([alone(p)[k] for p in batch])), (batch, k)
+        assert len(t._cond_cache) <= 3
+        assert set(list(dict.fromkeys(batch))[-3:]) <= {p for p, _ in t._cond_cache}

@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int, dict], None]
 StopFn = Callable[[], bool]
 
+COND_CACHE = 512  # prompt embeddings the trainer keeps (least recently used dropped first)
+
 # settings that must not change between an interrupted run and its resume (declared in config.SETTINGS); the
 # ESD ones are checked by training/esd.py, and grad_accum below, as micro-steps per optimiser step (x processes)
 _RESUME_KEYS = tuple(k for k in RESUME_KEYS if not k.startswith("esd_") and k != "grad_accum")
@@ -154,14 +156,16 @@ class ExpertTrainer:
         # One prompt per text-encoder call: a batch's padding and size change the kernels' reduction order, so
         # a prompt's embedding would depend on which prompts were cached before it (the process's history),
         # and data-parallel or resumed runs would drift from one uninterrupted process.
+        # The batch's own prompts go to the cache's recent end before anything is evicted, so a full cache never
+        # drops a prompt of the batch that is being encoded.
+        mine = {}
         for p in dict.fromkeys(prompts):
-            if (p, size) not in self._cond_cache:
-                self._cond_cache[(p, size)] = self.denoiser.encode_prompts([p], size=size)
-                while len(self._cond_cache) > 512:
-                    self._cond_cache.popitem(last=False)
-        for p in prompts:
-            self._cond_cache.move_to_end((p, size))
-        parts = [self._cond_cache[(p, size)] for p in prompts]
+            c = self._cond_cache.pop((p, size), None)
+            mine[p] = c if c is not None else self.denoiser.encode_prompts([p], size=size)
+            self._cond_cache[(p, size)] = mine[p]
+        while len(self._cond_cache) > COND_CACHE:
+            self._cond_cache.popitem(last=False)
+        parts = [mine[p] for p in prompts]
         if len({c.sample_shapes() for c in parts}) > 1:
             # Prompts of different token lengths (a long prompt spans more CLIP windows or T5 tokens) do not
             # stack; the denoiser pads them to one length its own way. Still a function of the batch alone.
