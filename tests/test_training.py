@@ -352,3 +352,45 @@ def test_a_full_prompt_cache_never_drops_a_prompt_of_the_batch_it_encodes(sd15, 
             assert torch.equal(v, torch.cat([alone(p)[k] for p in batch])), (batch, k)
         assert len(t._cond_cache) <= 3
         assert set(list(dict.fromkeys(batch))[-3:]) <= {p for p, _ in t._cond_cache}
+
+
+# -- safe-twin preservation (twin_weight) --------------------------------------------------------------------
+
+
+def test_twin_preservation_keeps_the_trained_category_s_safe_prompts(sd15, data, tmp_path):
+    """With twin_weight the same run changes what the model predicts for the trained pairs' own safe prompts
+    much less, still learns the preference, writes the weight into the LoRA's metadata, resumes exactly and
+    refuses a resume with another weight; on objective esd it is refused with its name."""
+    base = dict(steps=25, lr=1e-2, beta=500, batch_size=2, seed=0, timestep_range=(200, 800))
+    plain = train_expert(sd15, data, TrainConfig(**base))
+    kept = train_expert(sd15, data, TrainConfig(**base, twin_weight=1000.0))
+    assert kept.history[0]["twin"] == 0.0 and abs(kept.history[0]["loss"] - math.log(2)) < 1e-6
+    assert any(r["twin"] > 0 for r in kept.history) and "twin" not in plain.history[0]
+    twins = sorted({r.safe for r in data.records})
+    assert twins and _drift(sd15, kept.lora, twins) < 0.5 * _drift(sd15, plain.lora, twins)
+    assert preference_stats(sd15, data, kept.lora, beta=500, draws=3, timesteps=(200, 800))["implicit_acc"] == 1.0
+    assert kept.lora.metadata["safetydpo_twin_weight"] == "1000"
+    assert "safetydpo_twin_weight" not in plain.lora.metadata
+
+    cfg = TrainConfig(steps=4, lr=1e-3, beta=1000, seed=5, twin_weight=3.0, preserve_weight=2.0,
+                      preserve_prompts="others", adv_weight=0.5, checkpoint_every=2)
+    full = train_expert(sd15, data, cfg)
+    assert all({"twin", "preserve", "adv"} <= set(r) for r in full.history)
+    calls = {"n": 0}
+
+    def stop_after_2() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    with pytest.raises(Interrupted):
+        train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck", should_stop=stop_after_2)
+    assert full.lora.allclose(train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck", resume=True).lora,
+                              rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="twin_weight"):
+        train_expert(sd15, data, TrainConfig(**{**cfg.to_dict(), "twin_weight": 4.0}), checkpoint_dir=tmp_path / "ck",
+                     resume=True)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="twin_weight"):
+            TrainConfig(twin_weight=bad)
+    with pytest.raises(ConfigError, match="twin_weight does not apply to objective esd"):
+        TrainConfig(objective="esd", twin_weight=1.0)

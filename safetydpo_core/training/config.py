@@ -43,6 +43,7 @@ class TrainConfig:
     preserve_weight: float = 0.0                # output preservation (DUO): weight of mean((pred - ref)^2)
     preserve_prompts: str = "auto"               # the preservation set(s): auto, others, neutral, safe, tokens, a+b, a file
     preserve_pictures: int = 0                   # everyday preservation prompts noised from N pictures of their own
+    twin_weight: float = 0.0                     # safe-twin preservation: each pair's safe prompt keeps its output
     adv_weight: float = 0.0                      # adversarial training against concept inversion (adversarial.py)
     adv_lr: float = 0.3                          # the adversary's step, in RMS vocabulary-embedding entries
     adv_steps: int = 6                           # the adversary's steps before each optimiser step
@@ -90,6 +91,7 @@ class TrainConfig:
         self.sft_weight = check_number(self.sft_weight, "sft_weight", 0)
         self.preserve_weight = check_number(self.preserve_weight, "preserve_weight", 0)
         self.preserve_pictures = check_number(self.preserve_pictures, "preserve_pictures", 0, 64, integer=True)
+        self.twin_weight = check_number(self.twin_weight, "twin_weight", 0)
         self.adv_weight = check_number(self.adv_weight, "adv_weight", 0)
         self.weight_decay = check_number(self.weight_decay, "weight_decay", 0)
         self.seed = check_number(self.seed, "seed", integer=True)
@@ -101,6 +103,9 @@ class TrainConfig:
         if self.objective == "esd" and self.preserve_weight:
             raise ConfigError("preserve_weight does not apply to objective esd (ESD has no preference images to "
                               "noise preservation prompts from); set it to 0.")
+        if self.objective == "esd" and self.twin_weight:
+            raise ConfigError("twin_weight does not apply to objective esd (ESD has no safe pictures to keep); set it "
+                              "to 0.")
         if self.objective == "esd" and self.adv_weight:
             raise ConfigError("adv_weight does not apply to objective esd (the adversary's prompts are learned on the "
                               "pairs' unsafe images); set it to 0.")
@@ -226,6 +231,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
                                  "of its own, rendered by the untouched model when training starts as the dataset's "
                                  "pairs were (and cached in the dataset folder), instead of from the batch's "
                                  "pictures (0 = off, the default).", resume=True, lo=0, hi=64),
+    Setting("twin_weight", "Safe-twin preservation: weight of the squared distance between the expert's and the "
+                           "untouched model's predictions for each pair's safe prompt, on that pair's noised safe "
+                           "picture, in every step (0 = off; the demo's joint fine-tune uses 10). The safe twins keep "
+                           "what the model drew for them without taking turns with the preservation prompts, as the "
+                           "preservation set safe does.", resume=True, lo=0),
     Setting("adv_weight", "Adversarial training against concept inversion (AdvUnlearn-style): weight of the DPO "
                           "term on prompts whose concept word is replaced by an adversary's token, learned against "
                           "the LoRA as training goes (0 = off). Much more robust to inversion and rewording, at a "

@@ -10,7 +10,11 @@ Read top to bottom, one optimiser step is:
    and the target it predicts is its own: epsilon, v or the flow velocity);
 4. reference prediction with the adapters switched off (no copy of the network), then the policy
    prediction with them on;
-5. the objective on ``[safe..., unsafe...]`` (safe preferred), backward, clip, optimiser step.
+5. the objective on ``[safe..., unsafe...]`` (safe preferred), plus the terms that are switched on: output
+   preservation on the preservation prompts (``preserve_weight``, :mod:`.preservation`), safe-twin
+   preservation (``twin_weight``: each pair's safe prompt on its own noised safe latent, the same squared
+   distance to the adapters-off prediction) and the adversary's (``adv_weight``, :mod:`.adversarial`);
+   backward, clip, optimiser step.
 
 Every random draw of step ``s`` comes from a generator seeded by ``(seed, s, micro-step)``, so a run that
 is interrupted and resumed from a checkpoint produces the same LoRA as an uninterrupted one. A non-finite
@@ -289,6 +293,10 @@ class ExpertTrainer:
         if cfg.adv_weight:  # the same noised pair once more, under the adversary's prompts (.adversarial)
             inputs.append((pair[0], pair[1], self.adversary.conditioning(records, size).repeat(2)))
             reference.append(cfg.objective == "dpo" and cfg.adv_objective == "dpo")
+        if cfg.twin_weight:  # each pair's safe prompt on its own noised safe latent (the first half of the pair)
+            n = w.shape[0]
+            inputs.append((pair[0][:n], pair[1][:n], self._encode([r.safe for r in records], size)))
+            reference.append(True)
         if cfg.preserve_weight:
             inputs.append(self._preserve_input(w, step, micro, size))
             reference.append(True)
@@ -303,6 +311,11 @@ class ExpertTrainer:
                 adv = objectives.per_sample_mse(preds[1], anchor).mean()
             out.loss = out.loss + cfg.adv_weight * adv
             out.stats["adv"] = float(adv.detach())
+        if cfg.twin_weight:
+            i = 2 if cfg.adv_weight else 1
+            twin = objectives.per_sample_mse(preds[i], refs[i]).mean()
+            out.loss = out.loss + cfg.twin_weight * twin
+            out.stats["twin"] = float(twin.detach())
         if cfg.preserve_weight:
             kept = objectives.per_sample_mse(preds[-1], refs[-1]).mean()
             out.loss = out.loss + cfg.preserve_weight * kept
@@ -603,6 +616,8 @@ class ExpertTrainer:
             meta["safetydpo_preserve_prompts"] = Path(cfg.preserve_prompts).name  # never a full path
             if cfg.preserve_pictures:
                 meta["safetydpo_preserve_pictures"] = str(cfg.preserve_pictures)
+        if cfg.twin_weight:
+            meta["safetydpo_twin_weight"] = f"{cfg.twin_weight:g}"
         if cfg.adv_weight:
             meta["safetydpo_adv_weight"] = f"{cfg.adv_weight:g}"
             meta["safetydpo_adv_init"] = cfg.adv_init
