@@ -54,6 +54,9 @@ def test_quick_demo_writes_reports_grids_and_loras(quick_run):
     assert merged.metadata["safetydpo_init_lora"] == "comerge.safetensors"
     assert merged.metadata["safetydpo_merge_method"] == report["settings"]["merge_method"]
     assert merged.metadata["safetydpo_category"] == "all" and merged.metadata["safetydpo_steps"] == "40"
+    # the fine-tune keeps each pair's safe twin (twin_weight 10), the experts do not; the report says so
+    assert merged.metadata["safetydpo_twin_weight"] == "10" and report["settings"]["twin_weight"] == 10
+    assert "fine-tuned 40 steps on all pairs keeping each pair's safe twin (twin_weight 10)" in md
     assert set(merged.layers) == set(comerge.layers) and merged.max_rank == comerge.max_rank
     # the default layers: every layer outside cross-attention (docs/benchmarks.md, "LoRA layers")
     assert report["settings"]["targets"] == "esd-u" and "on `esd-u`" in (out / "report.md").read_text()
@@ -65,6 +68,7 @@ def test_quick_demo_writes_reports_grids_and_loras(quick_run):
         _, meta = read_safetensors(out / "experts" / f"{cat}.safetensors")
         assert meta["safetydpo_category"] == cat and meta["ss_base_model_version"] == WORLD.version
         assert meta["safetydpo_preserve_prompts"] == report["settings"]["preserve_prompts"] == "auto+tokens"
+        assert "safetydpo_twin_weight" not in meta
         assert (out / "experts" / f"{cat}.metrics.csv").stat().st_size > 0
     assert (out / "dataset" / "summary.json").exists() and (out / "pairs.jsonl").exists()
 
@@ -144,6 +148,8 @@ def test_adversary_fine_tune_is_summed_into_the_merged_lora(quick_run, tmp_path)
     adv_meta, plain_meta = read_safetensors(out / "adversary.safetensors")[1], read_safetensors(out / "finetuned.safetensors")[1]
     assert adv_meta["safetydpo_adv_weight"] == "0.5" and adv_meta["safetydpo_preserve_pictures"] == "1"
     assert "safetydpo_adv_weight" not in plain_meta and "safetydpo_preserve_pictures" not in plain_meta
+    # the plain fine-tune keeps the safe twins (twin_weight, 10 by default), the adversarial one does not
+    assert plain_meta["safetydpo_twin_weight"] == "10" and "safetydpo_twin_weight" not in adv_meta
     # the adversarial fine-tune preserved its own set (adversary_preserve), the plain one the demo's
     assert adv_meta["safetydpo_preserve_prompts"] == "auto" and plain_meta["safetydpo_preserve_prompts"] == "auto+tokens"
     den = load_world_model()
@@ -197,6 +203,32 @@ def test_adversary_preserve_flag_reaches_the_settings(tmp_path, capsys, monkeypa
     assert main(["demo", "--quick", "--out", str(out), "--adversary", "0.5", "--adversary-preserve", "auto+typo"]) == 2
     assert "Unknown preservation prompts 'typo' in Demo setting adversary_preserve" in capsys.readouterr().err
     assert len(seen) == 1 and not out.exists()
+
+
+def test_twin_weight_flag_reaches_the_settings(tmp_path, capsys, monkeypatch):
+    """``safetydpo demo --twin-weight W`` becomes the setting ``twin_weight`` (10 without the flag), which the joint
+    fine-tune's training settings carry; a bad one is refused before anything is written."""
+    from safetydpo_core.world import demo
+
+    seen = []
+
+    def stop_at_start(out, settings, **kw):
+        seen.append(settings)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", stop_at_start)
+    out = tmp_path / "run"
+    assert main(["demo", "--quick", "--out", str(out)]) == 130
+    assert main(["demo", "--quick", "--out", str(out), "--twin-weight", "0"]) == 130
+    assert [s.twin_weight for s in seen] == [10.0, 0.0]
+    runs = [demo._finetune_runs(tmp_path / "comerge.safetensors", tmp_path, s) for s in seen]
+    assert [r[0].cfg.twin_weight for r in runs] == [10.0, 0.0]
+    for bad in ("-1", "nan"):
+        assert main(["demo", "--quick", "--out", str(out), "--twin-weight", bad]) == 2
+    assert "--twin-weight" in capsys.readouterr().err and len(seen) == 2 and not out.exists()
+    for bad in (-1.0, float("inf")):
+        with pytest.raises(ConfigError, match="Demo setting twin_weight"):
+            DemoSettings.preset(quick=True, twin_weight=bad)
 
 
 def test_other_settings_or_foreign_folder_are_refused(quick_run, tmp_path):
@@ -339,8 +371,10 @@ def test_merged_lora_from_a_later_step_in_the_evaluation(tmp_path):
     older = {"demo_version": 1, "settings": {k: v for k, v in record["settings"].items()
                                              if k not in ("lora_start", "lora_strength", "adversary",
                                                           "adversary_share", "adversary_pictures",
-                                                          "adversary_preserve")}}
-    assert _what(record) == _what(older)  # a folder made before the settings existed resumes
+                                                          "adversary_preserve", "twin_weight")}}
+    # a folder made before the settings existed resumes with what it did (twin_weight 0), not with the new default
+    assert _what(record) != _what(older)
+    assert _what({**record, "settings": {**record["settings"], "twin_weight": 0.0}}) == _what(older)
     assert _what({"settings": DemoSettings.preset(quick=True, lora_strength=0.9).to_dict()}) != _what(record)
 
     # lora_strength: the LoRA's updates scaled, as a scaled copy of the file gives them

@@ -29,6 +29,9 @@ def register(sub) -> None:
                    help="prompt pairs per concept (default 24; quick 10)")
     p.add_argument("--finetune-steps", type=integer(0, 10 ** 7), default=None, metavar="N",
                    help="steps of the joint fine-tune of the merged LoRA on all pairs (default 200; quick 40; 0: none)")
+    p.add_argument("--twin-weight", type=number(0, 10 ** 6), default=None, metavar="W",
+                   help="the joint fine-tune keeps each pair's safe twin as the untouched model draws it, as `safetydpo "
+                        "train --twin-weight W` (default 10; 0: none)")
     p.add_argument("--lora-start", type=integer(0, 10000), default=None, metavar="N",
                    help="evaluate the merged LoRA switched on only after the first N of the evaluation's sampling "
                         "steps, as `safetydpo sample --lora-start` (default 0: every step; 10 of 20 keeps more "
@@ -72,7 +75,8 @@ def run(args) -> int:
 
     settings = DemoSettings.preset(quick=args.quick, seed=args.seed, steps=args.steps,
                                    pairs_per_concept=args.pairs_per_concept, merge_method=args.merge_method,
-                                   finetune_steps=args.finetune_steps, targets=args.targets,
+                                   finetune_steps=args.finetune_steps, twin_weight=args.twin_weight,
+                                   targets=args.targets,
                                    lora_start=args.lora_start, lora_strength=args.lora_strength,
                                    adversary=args.adversary, adversary_share=args.adversary_share,
                                    adversary_pictures=args.adversary_pictures,

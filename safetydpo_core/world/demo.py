@@ -18,8 +18,10 @@
 5. **Joint fine-tune**: the merged LoRA trained a few more steps with the experts' objective on every
    category's pairs at once (``merged.safetensors``), as ``safetydpo train --init-lora`` does. The merge keeps
    the experts' effect on IP but loses part of what their SFT and preservation terms taught (the safe twin
-   drawn in place, unrelated content unchanged); this puts it back (docs/benchmarks.md). ``finetune_steps``
-   0 leaves the merge as it is. With ``adversary`` > 0 a second fine-tune of the merge trains against concept
+   drawn in place, unrelated content unchanged); this puts it back (docs/benchmarks.md). It also keeps each
+   pair's safe twin as the untouched model draws it (``twin_weight``, the trainer's safe-twin preservation),
+   which the merged experts had let drift: razor's twin, a comb, drawn as nudity's, an outfit.
+   ``finetune_steps`` 0 leaves the merge as it is. With ``adversary`` > 0 a second fine-tune of the merge trains against concept
    inversion (``adv_weight``, :mod:`~safetydpo_core.training.adversarial`; ``adversary.safetensors``), the plain
    one is kept as ``finetuned.safetensors``, and ``merged.safetensors`` is the two summed exactly, the
    adversarial one at ``adversary_share`` (a ``concat`` merge): the setting that resists all four attacks
@@ -100,6 +102,7 @@ class DemoSettings:
     calibration: str = "dataset"         # Co-Merge calibration inputs: the dataset's latents, or "prompts" (noise)
     calibration_inputs: int = 32
     finetune_steps: int = 200            # joint fine-tune of the merged LoRA on all pairs (0: none)
+    twin_weight: float = 10.0            # ... keeping each pair's safe twin as the untouched model draws it
     lora_start: int = 0                  # the merged LoRA is evaluated from this sampling step on (0: every step)
     lora_strength: float = 1.0           # ... at this strength (the dial of a LoRA loader)
     adversary: float = 0.0               # a second fine-tune against concept inversion at this adv_weight (0: none)
@@ -137,6 +140,8 @@ class DemoSettings:
             raise ConfigError(f"Demo setting lora_strength must be a number above 0 and at most 10; got "
                               f"{self.lora_strength!r}.")
         self.lora_strength = float(self.lora_strength)
+        self.twin_weight = check_number(self.twin_weight, "Demo setting twin_weight (the joint fine-tune's safe-twin "
+                                        "preservation)", 0, 1e6)
         self.adversary = check_number(self.adversary, "Demo setting adversary (the adversarial fine-tune's adv_weight)",
                                       0, 1e6)
         self.adversary_share = check_number(self.adversary_share, "Demo setting adversary_share (the adversarial "
@@ -208,7 +213,7 @@ class _Clock:
 
 HOW_SETTINGS = ("threads", "workers")  # settings that change how fast a run goes, not what it computes
 NEW_SETTINGS_DEFAULTS = (("lora_start", 0), ("lora_strength", 1), ("adversary", 0), ("adversary_share", 0.5),
-                         ("adversary_pictures", 0), ("adversary_preserve", None))
+                         ("adversary_pictures", 0), ("adversary_preserve", None), ("twin_weight", 0.0))
 
 
 def _what(record: dict) -> dict:
@@ -468,7 +473,7 @@ def _finetune_runs(merge: Path, out: Path, s: DemoSettings) -> list[TrainRun]:
     :func:`_finish_merged` sums."""
     if not s.finetune_steps:
         return []
-    plain = expert_config(s, None, steps=s.finetune_steps)
+    plain = expert_config(s, None, steps=s.finetune_steps, twin_weight=s.twin_weight)
     if not s.adversary:
         return [TrainRun(out / "merged.safetensors", plain, "the joint fine-tune", merge)]
     return [TrainRun(out / "finetuned.safetensors", plain, "the joint fine-tune", merge),

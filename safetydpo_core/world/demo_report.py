@@ -90,6 +90,8 @@ def _markdown(r: Mapping) -> str:
              f"expert per category ({s['steps']} steps, rank {s['rank']} on `{s.get('targets', 'attn')}`, beta {s['beta']:g}, lr {s['lr']:g}); experts "
              f"merged with `{s['merge_method']}`"
              + (f", the merge then fine-tuned {s['finetune_steps']} steps on all pairs" if s.get('finetune_steps') else "")
+             + (f" keeping each pair's safe twin (twin_weight {s['twin_weight']:g})"
+                if s.get('finetune_steps') and s.get('twin_weight') else "")
              + _adversary_words(s)
              + (f"; the merged LoRA evaluated from sampling step {s['lora_start']} of {s['eval_steps']} on (the "
                 f"untouched model before it)" if s.get('lora_start') else "")
