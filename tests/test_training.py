@@ -81,17 +81,22 @@ def test_training_learns_the_preference_and_leaves_the_base_untouched(sd15, data
     assert {"loss", "implicit_acc", "margin", "m_w", "m_l", "r_w", "r_l", "lr", "grad_norm"} <= set(res.history[-1])
 
 
+def _stop_after(n: int):
+    """A ``should_stop`` that asks to stop from its ``n + 1``-th call on."""
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > n
+
+    return stop
+
+
 def test_resume_after_interruption_gives_the_same_lora(sd15, data, tmp_path):
     cfg = TrainConfig(steps=6, lr=1e-3, beta=1000, seed=5, condition="both", prompt_dropout=0.3, checkpoint_every=2)
     full = train_expert(sd15, data, cfg)
-    calls = {"n": 0}
-
-    def stop_after_3() -> bool:
-        calls["n"] += 1
-        return calls["n"] > 3
-
     with pytest.raises(Interrupted):
-        train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck", should_stop=stop_after_3)
+        train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck", should_stop=_stop_after(3))
     assert [s for s, _ in list_checkpoints(tmp_path / "ck")][-1] == 3
     resumed = train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck", resume=True)
     assert len(resumed.history) == 6
@@ -194,14 +199,8 @@ def test_preservation_resumes_exactly_and_is_part_of_the_resume_check(sd15, data
     cfg = TrainConfig(steps=4, lr=1e-3, beta=1000, seed=5, preserve_weight=3.0, preserve_prompts="others",
                       checkpoint_every=2)
     full = train_expert(sd15, data, cfg)
-    calls = {"n": 0}
-
-    def stop_after_2() -> bool:
-        calls["n"] += 1
-        return calls["n"] > 2
-
     with pytest.raises(Interrupted):
-        train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck", should_stop=stop_after_2)
+        train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck", should_stop=_stop_after(2))
     resumed = train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck", resume=True)
     assert full.lora.allclose(resumed.lora, rtol=0, atol=0)
     for key, value in (("preserve_weight", 4.0), ("preserve_prompts", "auto"), ("preserve_pictures", 2)):
@@ -376,14 +375,8 @@ def test_twin_preservation_keeps_the_trained_category_s_safe_prompts(sd15, data,
                       preserve_prompts="others", adv_weight=0.5, checkpoint_every=2)
     full = train_expert(sd15, data, cfg)
     assert all({"twin", "preserve", "adv"} <= set(r) for r in full.history)
-    calls = {"n": 0}
-
-    def stop_after_2() -> bool:
-        calls["n"] += 1
-        return calls["n"] > 2
-
     with pytest.raises(Interrupted):
-        train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck", should_stop=stop_after_2)
+        train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck", should_stop=_stop_after(2))
     assert full.lora.allclose(train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "ck", resume=True).lora,
                               rtol=0, atol=0)
     with pytest.raises(ConfigError, match="twin_weight"):
