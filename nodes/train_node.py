@@ -104,13 +104,14 @@ class TrainExpert(Node):
                                                "attn-self+ff leaves out the layers that read the prompt, esd-u is "
                                                "the layers the pack's demo trains on the built-in world.",
                              AUTO_TARGETS),
+            **setting_inputs("twin_weight"),
             "guidance": GUIDANCE(),
         }}
 
     def train(self, model, clip, dataset, category, steps, learning_rate, rank, beta, condition, seed,
               gradient_checkpointing, save_every, resume, allow_model_mismatch=False, sft_weight=0.0,
               preserve_weight=0.0, preserve_prompts="auto", adv_weight=0.0, init_lora=None, objective="dpo", esd_eta=1.0,
-              targets=AUTO_TARGETS, guidance=None):
+              targets=AUTO_TARGETS, twin_weight=0.0, guidance=None):
         e = errors()
         data_path = paths.dataset_folder(dataset, "dataset")
         sets = core("training.preservation").PRESERVE_SETS
@@ -131,7 +132,8 @@ class TrainExpert(Node):
                              beta=float(beta), condition=condition, lr=float(learning_rate), seed=int(seed),
                              gradient_checkpointing=bool(gradient_checkpointing), checkpoint_every=int(save_every),
                              sft_weight=float(sft_weight), preserve_weight=float(preserve_weight),
-                             preserve_prompts=str(preserve_prompts), adv_weight=float(adv_weight))
+                             preserve_prompts=str(preserve_prompts), adv_weight=float(adv_weight),
+                             twin_weight=float(twin_weight))
         den = denoiser(model, clip, guidance=guidance)
         model_fp = den.fingerprint()
         init = None

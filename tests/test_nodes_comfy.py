@@ -371,12 +371,15 @@ def test_sd15_render_train_resume_save_load_merge_sample_plot_evaluate(comfy_dir
     assert gap(tuned) < 0.01 * gap(from_zero)  # it started from the merge, not from zero
     with pytest.raises(Exception, match="init_lora"):
         _train(sd15, dataset, "all", steps=1, init_lora={"diffusion_model.nope.lora_up.weight": torch.zeros(2, 2)})
-    # the same with the adversary (adv_weight) and random-token preservation (auto+tokens): the adversary's tokens
-    # and the random vocabulary prompts come from the graph's CLIP through the Comfy backend
+    # the same with the adversary (adv_weight), random-token preservation (auto+tokens) and safe-twin preservation
+    # (twin_weight): the adversary's tokens, the random vocabulary prompts and the pairs' safe prompts come from
+    # the graph's CLIP through the Comfy backend
     hardened, metrics_a, _ = _train(sd15, dataset, "all", steps=2, init_lora=merged, rank=1, sft_weight=1.0,
                                     adv_weight=1.0, preserve_weight=1.0, preserve_prompts="auto+tokens",
-                                    learning_rate=1e-7)
+                                    twin_weight=10.0, learning_rate=1e-7)
     assert hardened.metadata["safetydpo_adv_weight"] == "1" and metrics_a["settings"]["adv_weight"] == 1.0
+    assert hardened.metadata["safetydpo_twin_weight"] == "10" and metrics_a["settings"]["twin_weight"] == 10.0
+    assert all(math.isfinite(row["twin"]) for row in metrics_a["history"])
     assert hardened.metadata["safetydpo_preserve_prompts"] == "auto+tokens"
     assert all(math.isfinite(row["preserve"]) for row in metrics_a["history"])
     assert all("adv" in row and "adv_attack" in row for row in metrics_a["history"])

@@ -235,7 +235,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
                            "untouched model's predictions for each pair's safe prompt, on that pair's noised safe "
                            "picture, in every step (0 = off; the demo's joint fine-tune uses 10). The safe twins keep "
                            "what the model drew for them without taking turns with the preservation prompts, as the "
-                           "preservation set safe does.", resume=True, lo=0),
+                           "preservation set safe does.", resume=True, lo=0, node="twin_weight",
+            widget=dict(max=1e6, step=0.1)),
     Setting("adv_weight", "Adversarial training against concept inversion (AdvUnlearn-style): weight of the DPO "
                           "term on prompts whose concept word is replaced by an adversary's token, learned against "
                           "the LoRA as training goes (0 = off). Much more robust to inversion and rewording, at a "
