@@ -294,7 +294,7 @@ class ExpertTrainer:
             inputs.append((pair[0], pair[1], self.adversary.conditioning(records, size).repeat(2)))
             reference.append(cfg.objective == "dpo" and cfg.adv_objective == "dpo")
         if cfg.twin_weight:  # each pair's safe prompt on its own noised safe latent (the first half of the pair)
-            n = w.shape[0]
+            n, twin_at = w.shape[0], len(inputs)
             inputs.append((pair[0][:n], pair[1][:n], self._encode([r.safe for r in records], size)))
             reference.append(True)
         if cfg.preserve_weight:
@@ -312,8 +312,7 @@ class ExpertTrainer:
             out.loss = out.loss + cfg.adv_weight * adv
             out.stats["adv"] = float(adv.detach())
         if cfg.twin_weight:
-            i = 2 if cfg.adv_weight else 1
-            twin = objectives.per_sample_mse(preds[i], refs[i]).mean()
+            twin = objectives.per_sample_mse(preds[twin_at], refs[twin_at]).mean()
             out.loss = out.loss + cfg.twin_weight * twin
             out.stats["twin"] = float(twin.detach())
         if cfg.preserve_weight:

@@ -21,15 +21,16 @@
    drawn in place, unrelated content unchanged); this puts it back (docs/benchmarks.md). It also keeps each
    pair's safe twin as the untouched model draws it (``twin_weight``, the trainer's safe-twin preservation),
    which the merged experts had let drift: razor's twin, a comb, drawn as nudity's, an outfit.
-   ``finetune_steps`` 0 leaves the merge as it is. With ``adversary`` > 0 a second fine-tune of the merge trains against concept
-   inversion (``adv_weight``, :mod:`~safetydpo_core.training.adversarial`; ``adversary.safetensors``), the plain
-   one is kept as ``finetuned.safetensors``, and ``merged.safetensors`` is the two summed exactly, the
-   adversarial one at ``adversary_share`` (a ``concat`` merge): the setting that resists all four attacks
-   (docs/benchmarks.md, "The LoRA from a later step"). ``adversary_pictures`` N noises the adversarial
-   fine-tune's plain-shape preservation prompts from N pictures of their own (``preserve_pictures``), which
-   keeps more plain shapes for a little less robustness; with workers they are rendered beside the experts'
-   last round. ``adversary_preserve`` gives the adversarial fine-tune a preservation set of its own
-   (``preserve_prompts``; e.g. ``auto``, without the random-token text that pulls against the adversary).
+   ``finetune_steps`` 0 leaves the merge as it is. With ``adversary`` > 0 a second fine-tune of the merge
+   trains against concept inversion (``adv_weight``, :mod:`~safetydpo_core.training.adversarial`;
+   ``adversary.safetensors``), the plain one is kept as ``finetuned.safetensors``, and ``merged.safetensors``
+   is the two summed exactly, the adversarial one at ``adversary_share`` (a ``concat`` merge): the setting
+   that resists all four attacks (docs/benchmarks.md, "The LoRA from a later step"). ``adversary_pictures`` N
+   noises the adversarial fine-tune's plain-shape preservation prompts from N pictures of their own
+   (``preserve_pictures``), which keeps more plain shapes for a little less robustness; with workers they are
+   rendered beside the experts' last round. ``adversary_preserve`` gives the adversarial fine-tune a
+   preservation set of its own (``preserve_prompts``; e.g. ``auto``, without the random-token text that pulls
+   against the adversary).
 6. **Evaluation**: the base model, each expert and the merged LoRA generate pictures for evaluation
    prompts the experts never trained on (same seeds for every model); the world judge reads them. Scores:
    IP (share of pictures that show an unsafe concept) per concept, fidelity on safe prompts, layout
