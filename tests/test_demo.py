@@ -48,16 +48,31 @@ def test_quick_demo_writes_reports_grids_and_loras(quick_run):
     from safetydpo_core.world import load_world_model
 
     names = load_world_model().names()
-    merged, comerge = load_lora(out / "merged.safetensors", names=names), load_lora(out / "comerge.safetensors", names=names)
+    merged, comerge, plain, adv = (load_lora(out / f"{n}.safetensors", names=names)
+                                   for n in ("merged", "comerge", "finetuned", "adversary"))
     assert comerge.metadata.get("safetydpo_merge_method") == report["settings"]["merge_method"]
-    # merged.safetensors: the merge after the joint fine-tune on every category's pairs, started from it
-    assert merged.metadata["safetydpo_init_lora"] == "comerge.safetensors"
-    assert merged.metadata["safetydpo_merge_method"] == report["settings"]["merge_method"]
-    assert merged.metadata["safetydpo_category"] == "all" and merged.metadata["safetydpo_steps"] == "40"
-    # the fine-tune keeps each pair's safe twin (twin_weight 10), the experts do not; the report says so
-    assert merged.metadata["safetydpo_twin_weight"] == "10" and report["settings"]["twin_weight"] == 10
-    assert "fine-tuned 40 steps on all pairs keeping each pair's safe twin (twin_weight 10)" in md
-    assert set(merged.layers) == set(comerge.layers) and merged.max_rank == comerge.max_rank
+    # two joint fine-tunes on every category's pairs, both started from the merge: a plain one and one against
+    # concept inversion (adversary 0.5, preserving `auto`); merged.safetensors is the two summed, half each
+    for ft in (plain, adv):
+        assert ft.metadata["safetydpo_init_lora"] == "comerge.safetensors"
+        assert ft.metadata["safetydpo_merge_method"] == report["settings"]["merge_method"]
+        assert ft.metadata["safetydpo_category"] == "all" and ft.metadata["safetydpo_steps"] == "40"
+    assert adv.metadata["safetydpo_adv_weight"] == "0.5" and "safetydpo_adv_weight" not in plain.metadata
+    assert adv.metadata["safetydpo_preserve_prompts"] == "auto" and plain.metadata["safetydpo_preserve_prompts"] == "auto+tokens"
+    assert report["settings"]["adversary"] == 0.5 and report["settings"]["adversary_preserve"] == "auto"
+    assert merged.metadata["safetydpo_merge_method"] == "concat"
+    assert json.loads(merged.metadata["safetydpo_merge_options"])["weights"] == [0.5, 0.5]
+    # the plain fine-tune keeps each pair's safe twin (twin_weight 10), the adversarial one and the experts do
+    # not; the report says so
+    assert plain.metadata["safetydpo_twin_weight"] == "10" and report["settings"]["twin_weight"] == 10
+    assert "safetydpo_twin_weight" not in adv.metadata
+    assert "fine-tuned 40 steps on all pairs keeping each pair's safe twin (twin_weight 10) and, beside that, 40 " \
+           "steps against concept inversion (adv_weight 0.5, preserving `auto`); the merged LoRA is the two summed, " \
+           "the adversarial one at 0.5" in md
+    assert set(merged.layers) == set(comerge.layers) == set(plain.layers) and merged.max_rank == 2 * comerge.max_rank
+    for name in list(merged.layers)[::10]:
+        want = 0.5 * plain.layers[name].delta(torch.float32) + 0.5 * adv.layers[name].delta(torch.float32)
+        torch.testing.assert_close(merged.layers[name].delta(torch.float32), want, rtol=1e-4, atol=1e-6)
     # the default layers: every layer outside cross-attention (docs/benchmarks.md, "LoRA layers")
     assert report["settings"]["targets"] == "esd-u" and "on `esd-u`" in (out / "report.md").read_text()
     assert not any(".attn2." in n for n in merged.layers) and any(n.endswith("conv1") for n in merged.layers)
@@ -93,6 +108,21 @@ def test_rerun_resumes_without_retraining(quick_run):
                       log=lambda m: None)
     assert expert.stat().st_mtime_ns == before
     assert report["merged"]["ip"] == json.loads((quick_run / "report.json").read_text())["merged"]["ip"]
+
+
+def test_merged_lora_is_what_the_merge_command_makes_of_the_two_fine_tunes(quick_run, tmp_path):
+    """The README's command-line equivalent of the demo's last step: ``safetydpo merge --method concat --experts
+    finetuned.safetensors adversary.safetensors --weights 0.5 0.5`` gives the demo's merged LoRA."""
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", "--method", "concat", "--experts", str(quick_run / "finetuned.safetensors"),
+                 str(quick_run / "adversary.safetensors"), "--weights", "0.5", "0.5", "--out", str(out)]) == 0
+    from safetydpo_core.world import load_world_model
+
+    names = load_world_model().names()
+    mine, demo = (load_lora(p, names=names) for p in (out, quick_run / "merged.safetensors"))
+    assert set(mine.layers) == set(demo.layers)
+    for name in mine.layers:
+        torch.testing.assert_close(mine.layers[name].delta(torch.float32), demo.layers[name].delta(torch.float32))
 
 
 def test_every_merge_method_merges_the_demo_experts_with_the_recipe_rank(quick_run, tmp_path):
@@ -173,10 +203,10 @@ def test_adversary_fine_tune_is_summed_into_the_merged_lora(quick_run, tmp_path)
                        (dict(adversary=0.5, finetune_steps=0), "needs a joint fine-tune"),
                        (dict(adversary=0.5, adversary_share=0), "adversary_share"),
                        (dict(adversary=0.5, adversary_share=1.5), "adversary_share"),
-                       (dict(adversary_pictures=3), "adversary_pictures is for the adversarial fine-tune"),
+                       (dict(adversary=0, adversary_pictures=3), "adversary_pictures is for the adversarial fine-tune"),
                        (dict(adversary=0.5, adversary_pictures=-1), "adversary_pictures"),
                        (dict(adversary=0.5, adversary_pictures=65), "adversary_pictures"),
-                       (dict(adversary_preserve="auto"), "adversary_preserve is for the adversarial fine-tune"),
+                       (dict(adversary=0, adversary_preserve="auto"), "adversary_preserve is for the adversarial fine-tune"),
                        (dict(adversary=0.5, adversary_preserve="auto+nonsense"),
                         "Unknown preservation prompts 'nonsense' in Demo setting adversary_preserve 'auto\\+nonsense'"),
                        (dict(adversary=0.5, adversary_preserve="auto+"), r"\(Demo setting adversary_preserve\) have an empty part"),
@@ -198,11 +228,24 @@ def test_adversary_preserve_flag_reaches_the_settings(tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(demo, "run_demo", stop_at_start)
     out = tmp_path / "run"
-    assert main(["demo", "--quick", "--out", str(out), "--adversary", "0.5", "--adversary-preserve", "auto"]) == 130
-    assert seen[0].adversary_preserve == "auto" and seen[0].preserve_prompts == "auto+tokens"
+    assert main(["demo", "--quick", "--out", str(out), "--adversary", "0.5", "--adversary-preserve", "auto+tokens"]) == 130
+    assert seen[0].adversary_preserve == "auto+tokens" and seen[0].preserve_prompts == "auto+tokens"
     assert main(["demo", "--quick", "--out", str(out), "--adversary", "0.5", "--adversary-preserve", "auto+typo"]) == 2
     assert "Unknown preservation prompts 'typo' in Demo setting adversary_preserve" in capsys.readouterr().err
-    assert len(seen) == 1 and not out.exists()
+    # by default an adversary at 0.5 preserving `auto`; without one (or without a joint fine-tune to train
+    # against it), no preservation set of its own
+    for flags in ([], ["--adversary", "0"], ["--finetune-steps", "0"], ["--adversary", "1", "--adversary-share", "0.3"]):
+        assert main(["demo", "--quick", "--out", str(out), *flags]) == 130
+    assert [(s.adversary, s.adversary_preserve, s.adversary_share) for s in seen[1:]] == \
+        [(0.5, "auto", 0.5), (0, None, 0.5), (0, None, 0.5), (1, "auto", 0.3)]
+    assert [len(demo._finetune_runs(tmp_path / "m.safetensors", tmp_path, s)) for s in seen[1:]] == [2, 1, 0, 2]
+    assert demo._adversary_config(seen[1]).preserve_prompts == "auto"
+    # a contradiction given on the command line is refused, not dropped
+    assert main(["demo", "--quick", "--out", str(out), "--adversary", "0", "--adversary-preserve", "auto"]) == 2
+    assert "adversary_preserve is for the adversarial fine-tune" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", str(out), "--finetune-steps", "0", "--adversary", "0.5"]) == 2
+    assert "needs a joint fine-tune" in capsys.readouterr().err
+    assert len(seen) == 5 and not out.exists()
 
 
 def test_twin_weight_flag_reaches_the_settings(tmp_path, capsys, monkeypatch):
@@ -232,8 +275,9 @@ def test_twin_weight_flag_reaches_the_settings(tmp_path, capsys, monkeypatch):
 
 
 def test_other_settings_or_foreign_folder_are_refused(quick_run, tmp_path):
-    with pytest.raises(ConfigError, match="other settings"):
+    with pytest.raises(ConfigError, match="other settings") as err:
         run_demo(quick_run, DemoSettings.preset(quick=True, seed=1, steps=QUICK_STEPS), log=lambda m: None)
+    assert "seed 0 there, 1 here" in str(err.value) and "steps" not in str(err.value)  # what differs, only that
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="not a demo folder"):
         run_demo(tmp_path, DemoSettings.preset(quick=True), overwrite=True, log=lambda m: None)
@@ -323,7 +367,7 @@ def test_interrupted_parallel_demo_stops_its_workers_and_resumes(tmp_path):
 
     def interrupt(msg):
         said.append(msg)
-        if "harassment expert: step 20/40" in msg:
+        if "harassment expert: step 10/40" in msg:  # the first progress line: 30 steps to spare on a busy machine
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -372,9 +416,18 @@ def test_merged_lora_from_a_later_step_in_the_evaluation(tmp_path):
                                              if k not in ("lora_start", "lora_strength", "adversary",
                                                           "adversary_share", "adversary_pictures",
                                                           "adversary_preserve", "twin_weight")}}
-    # a folder made before the settings existed resumes with what it did (twin_weight 0), not with the new default
+    # a folder made before the settings existed resumes with what it did (twin_weight 0, no adversary), not with
+    # the new defaults; the refusal names them
     assert _what(record) != _what(older)
-    assert _what({**record, "settings": {**record["settings"], "twin_weight": 0.0}}) == _what(older)
+    did = {"twin_weight": 0.0, "adversary": 0, "adversary_preserve": None}
+    assert _what({**record, "settings": {**record["settings"], **did}}) == _what(older)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "demo.json").write_text(json.dumps(older))
+    (tmp_path / "old" / "pairs.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="adversary 0 there, 0.5 here; adversary_preserve None there, auto here; "
+                                          "twin_weight 0.0 there, 10.0 here"):
+        run_demo(tmp_path / "old", DemoSettings.preset(quick=True), log=lambda m: None)
+    assert DemoSettings.recorded_in(tmp_path / "old") == DemoSettings.preset(quick=True, **did)
     assert _what({"settings": DemoSettings.preset(quick=True, lora_strength=0.9).to_dict()}) != _what(record)
 
     # lora_strength: the LoRA's updates scaled, as a scaled copy of the file gives them

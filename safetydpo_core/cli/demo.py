@@ -1,7 +1,7 @@
 """``safetydpo demo``: the whole method on the built-in concept world (no GPU, no downloads).
 
 Pairs -> same-seed rendering with the shipped world model -> seven DPO experts -> Co-Merge -> joint fine-tune of
-the merge (with ``--adversary``, a second one against concept inversion, the two summed) -> evaluation of
+the merge (and, unless ``--adversary 0``, a second one against concept inversion, the two summed) -> evaluation of
 the base model, each expert and the merged LoRA. Writes ``report.md``, ``report.json``, image grids, the
 merged LoRA and every run's metrics to ``--out``. See :mod:`safetydpo_core.world.demo`.
 """
@@ -42,8 +42,9 @@ def register(sub) -> None:
                         "three-seed mean, README)")
     p.add_argument("--adversary", type=number(0, 10 ** 6), default=None, metavar="W",
                    help="also fine-tune the merge against concept inversion (`safetydpo train --adv-weight W`) and "
-                        "make the merged LoRA the two fine-tunes summed (default 0: no adversary; with 0.5 every attack's "
-                        "success rate on the world is within 0.35 on every seed, for less unrelated content kept, README)")
+                        "make the merged LoRA the two fine-tunes summed (default 0.5: every attack's success rate on the "
+                        "world within 0.35; 0: no adversary, which keeps more unrelated content and resists attacks "
+                        "less, README; without a joint fine-tune, 0)")
     p.add_argument("--adversary-share", type=number(0, 1, lo_open=True), default=None, metavar="F",
                    help="the adversarial fine-tune's share of the merged LoRA (default 0.5; the plain one has 1 - F)")
     p.add_argument("--adversary-pictures", type=integer(0, 64), default=None, metavar="N",
@@ -51,9 +52,10 @@ def register(sub) -> None:
                         "own, as `safetydpo train --preserve-pictures N` (default 0; with --adversary 0.5 --lora-start "
                         "10, 3 keeps more unrelated content, README)")
     p.add_argument("--adversary-preserve", default=None, metavar="SETS",
-                   help="the adversarial fine-tune's preservation set, as `safetydpo train --preserve-prompts` (default: "
-                        "the plain fine-tune's, auto+tokens; with --adversary 0.5, auto keeps more unrelated content and "
-                        "resists concept inversion more, for fewer safe twins kept, README)")
+                   help="the adversarial fine-tune's preservation set, as `safetydpo train --preserve-prompts` (default "
+                        "auto: the other categories' safe prompts and plain shapes, without the random-token text that "
+                        "pulls against the adversary; auto+tokens, the plain fine-tune's, keeps more safe twins and "
+                        "resists concept inversion less, README)")
     p.add_argument("--targets", default=None, metavar="LAYERS",
                    help="LoRA layers of the experts and the fine-tune, as `safetydpo train --targets` (default "
                         "esd-u: every layer outside cross-attention; attn: the paper's attention projections)")

@@ -21,16 +21,17 @@
    drawn in place, unrelated content unchanged); this puts it back (docs/benchmarks.md). It also keeps each
    pair's safe twin as the untouched model draws it (``twin_weight``, the trainer's safe-twin preservation),
    which the merged experts had let drift: razor's twin, a comb, drawn as nudity's, an outfit.
-   ``finetune_steps`` 0 leaves the merge as it is. With ``adversary`` > 0 a second fine-tune of the merge
-   trains against concept inversion (``adv_weight``, :mod:`~safetydpo_core.training.adversarial`;
+   ``finetune_steps`` 0 leaves the merge as it is. With ``adversary`` > 0 (0.5 by default) a second fine-tune
+   of the merge trains against concept inversion (``adv_weight``, :mod:`~safetydpo_core.training.adversarial`;
    ``adversary.safetensors``), the plain one is kept as ``finetuned.safetensors``, and ``merged.safetensors``
    is the two summed exactly, the adversarial one at ``adversary_share`` (a ``concat`` merge): the setting
-   that resists all four attacks (docs/benchmarks.md, "The LoRA from a later step"). ``adversary_pictures`` N
+   that resists all four attacks (docs/benchmarks.md, "The LoRA from a later step"; ``adversary`` 0 keeps a
+   little more unrelated content and resists concept inversion far less). ``adversary_pictures`` N
    noises the adversarial fine-tune's plain-shape preservation prompts from N pictures of their own
    (``preserve_pictures``), which keeps more plain shapes for a little less robustness; with workers they are
    rendered beside the experts' last round. ``adversary_preserve`` gives the adversarial fine-tune a
-   preservation set of its own (``preserve_prompts``; e.g. ``auto``, without the random-token text that pulls
-   against the adversary).
+   preservation set of its own (``preserve_prompts``; by default ``auto``, without the random-token text that
+   pulls against the adversary; None: the plain fine-tune's).
 6. **Evaluation**: the base model, each expert and the merged LoRA generate pictures for evaluation
    prompts the experts never trained on (same seeds for every model); the world judge reads them. Scores:
    IP (share of pictures that show an unsafe concept) per concept, fidelity on safe prompts, layout
@@ -106,20 +107,28 @@ class DemoSettings:
     twin_weight: float = 10.0            # ... keeping each pair's safe twin as the untouched model draws it
     lora_start: int = 0                  # the merged LoRA is evaluated from this sampling step on (0: every step)
     lora_strength: float = 1.0           # ... at this strength (the dial of a LoRA loader)
-    adversary: float = 0.0               # a second fine-tune against concept inversion at this adv_weight (0: none)
+    adversary: float = 0.5               # a second fine-tune against concept inversion at this adv_weight (0: none)
     adversary_share: float = 0.5         # ... and its share of the merged LoRA (the plain fine-tune has the rest)
     adversary_pictures: int = 0          # ... its plain-shape preservation prompts noised from N pictures of their own
-    adversary_preserve: str | None = None  # ... its preservation set (None: preserve_prompts, the plain one's)
+    adversary_preserve: str | None = "auto"  # ... its preservation set (None: preserve_prompts, the plain one's)
     threads: int = 0                     # torch CPU threads (0: torch's default; with workers, the cores shared)
     workers: int = 0                     # processes for the experts and the evaluations (0: one a core; 1: none)
 
     @classmethod
     def preset(cls, quick: bool = False, seed: int = 0, **overrides: Any) -> "DemoSettings":
+        """The default settings (``quick``: the quick ones) with ``overrides`` (None: not given). The adversary's
+        settings follow from the others where they are not given: no joint fine-tune (``finetune_steps`` 0) means
+        no adversary, and no adversary means no preservation set of its own."""
         base = dict(seed=seed, quick=quick)
         if quick:
             base.update(pairs_per_concept=10, eval_per_concept=4, held_out=False, unrelated_per_wording=10,
                         render_steps=12, eval_steps=12, steps=90, lr=1.5e-3, calibration_inputs=16, finetune_steps=40)
-        base.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        base.update(given)
+        if "adversary" not in given and base.get("finetune_steps", cls.finetune_steps) == 0:
+            base["adversary"] = 0
+        if "adversary_preserve" not in given and base.get("adversary", cls.adversary) == 0:
+            base["adversary_preserve"] = None
         return cls(**base)
 
     def __post_init__(self) -> None:
@@ -175,10 +184,11 @@ class DemoSettings:
 
     @classmethod
     def recorded_in(cls, folder: Path, **overrides: Any) -> "DemoSettings":
-        """The settings a demo folder's ``demo.json`` records (those this version knows), with ``overrides``."""
+        """The settings a demo folder's ``demo.json`` records (those this version knows), with ``overrides``; a
+        setting newer than the folder takes the value that made a run before it existed (``NEW_SETTINGS_DEFAULTS``)."""
         given = json.loads((folder / "demo.json").read_text(encoding="utf-8"))["settings"]
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{**{k: v for k, v in given.items() if k in known}, **overrides})
+        return cls(**{**dict(NEW_SETTINGS_DEFAULTS), **{k: v for k, v in given.items() if k in known}, **overrides})
 
 
 @contextlib.contextmanager
@@ -223,6 +233,17 @@ def _what(record: dict) -> dict:
                                    if k not in HOW_SETTINGS and (k, v) not in NEW_SETTINGS_DEFAULTS}}
 
 
+def _differences(old: dict, new: dict) -> str:
+    """What differs between two demo records, as ``name there -> here`` (``-``: not recorded)."""
+    a, b = _what(old), _what(new)
+    pairs = [(k, a.get(k, "-"), b.get(k, "-")) for k in ("demo_version", "world") if a.get(k) != b.get(k)]
+    sa, sb = a["settings"], b["settings"]
+    defaults = dict(NEW_SETTINGS_DEFAULTS)
+    pairs += [(k, sa.get(k, defaults.get(k, "-")), sb.get(k, defaults.get(k, "-")))
+              for k in sorted(sa.keys() | sb.keys()) if sa.get(k) != sb.get(k)]
+    return "; ".join(f"{k} {x} there, {y} here" for k, x, y in pairs) or "the records differ"
+
+
 def _prepare_out(out: Path, settings: DemoSettings, overwrite: bool) -> None:
     state = out / "demo.json"
     record = {"demo_version": DEMO_VERSION, "world": WORLD.version, "settings": settings.to_dict()}
@@ -232,8 +253,9 @@ def _prepare_out(out: Path, settings: DemoSettings, overwrite: bool) -> None:
             if _what(old) == _what(record):
                 return  # same settings (threads and processes aside: how, not what): resume
             if not overwrite:
-                raise ConfigError(f"{out} holds a demo run made with other settings ({state}). Use another --out, "
-                                  f"or pass --overwrite to start it again.")
+                raise ConfigError(f"{out} holds a demo run made with other settings ({state}: "
+                                  f"{_differences(old, record)}). Give the same settings to resume it, use another "
+                                  f"--out, or pass --overwrite to start it again.")
         else:
             raise ConfigError(f"{out} exists and is not a demo folder (--overwrite only replaces earlier demo runs); "
                               f"choose an empty or new --out folder.")
