@@ -49,8 +49,8 @@ def register(sub) -> None:
                    help="the adversarial fine-tune's share of the merged LoRA (default 0.5; the plain one has 1 - F)")
     p.add_argument("--adversary-pictures", type=integer(0, 64), default=None, metavar="N",
                    help="noise the adversarial fine-tune's plain-shape preservation prompts from N pictures of their "
-                        "own, as `safetydpo train --preserve-pictures N` (default 0; with --adversary 0.5 --lora-start "
-                        "10, 3 keeps more unrelated content, README)")
+                        "own, as `safetydpo train --preserve-pictures N` (default 0; 3 keeps more plain shapes for a "
+                        "few safe twins and some robustness, README)")
     p.add_argument("--adversary-preserve", default=None, metavar="SETS",
                    help="the adversarial fine-tune's preservation set, as `safetydpo train --preserve-prompts` (default "
                         "auto: the other categories' safe prompts and plain shapes, without the random-token text that "

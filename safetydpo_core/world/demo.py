@@ -25,7 +25,7 @@
    of the merge trains against concept inversion (``adv_weight``, :mod:`~safetydpo_core.training.adversarial`;
    ``adversary.safetensors``), the plain one is kept as ``finetuned.safetensors``, and ``merged.safetensors``
    is the two summed exactly, the adversarial one at ``adversary_share`` (a ``concat`` merge): the setting
-   that resists all four attacks (docs/benchmarks.md, "The LoRA from a later step"; ``adversary`` 0 keeps a
+   that resists all four attacks (docs/benchmarks.md, "The adversary by default"; ``adversary`` 0 keeps a
    little more unrelated content and resists concept inversion far less). ``adversary_pictures`` N
    noises the adversarial fine-tune's plain-shape preservation prompts from N pictures of their own
    (``preserve_pictures``), which keeps more plain shapes for a little less robustness; with workers they are
@@ -234,7 +234,8 @@ def _what(record: dict) -> dict:
 
 
 def _differences(old: dict, new: dict) -> str:
-    """What differs between two demo records, as ``name there -> here`` (``-``: not recorded)."""
+    """What differs between two demo records, as ``name OLD there, NEW here`` joined by ``; `` (a setting newer
+    than a record counts as the value runs had before it existed; ``-``: not recorded)."""
     a, b = _what(old), _what(new)
     pairs = [(k, a.get(k, "-"), b.get(k, "-")) for k in ("demo_version", "world") if a.get(k) != b.get(k)]
     sa, sb = a["settings"], b["settings"]
