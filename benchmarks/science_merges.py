@@ -43,17 +43,17 @@ from science import MERGES, _table, log, merge_lora  # noqa: E402
 
 def demo_settings(demo: Path):
     """The demo's settings (``demo.json``), checked against the preset of its seed: the recipe is the default one."""
-    from safetydpo_core.world.demo import DemoSettings, _what
+    from safetydpo_core.world.demo import DemoSettings, _differences, _what
 
     if not all((demo / f).exists() for f in ("merged.safetensors", "comerge.safetensors", "demo.json")):
         raise SystemExit(f"{demo} is not a finished `safetydpo demo` folder of this version (no merged.safetensors, "
                          f"comerge.safetensors or demo.json); run `safetydpo demo --out {demo}` again.")
     given = json.loads((demo / "demo.json").read_text())["settings"]
     s = DemoSettings.preset(quick=bool(given.get("quick")), seed=int(given["seed"]))
-    made, preset = _what({"settings": given})["settings"], _what({"settings": s.to_dict()})["settings"]
-    differ = sorted(k for k in made.keys() | preset.keys() if made.get(k) != preset.get(k))  # as the demo compares
-    if differ:
-        raise SystemExit(f"{demo} was made with settings other than the preset of its seed ({', '.join(differ)}).")
+    made, preset = {"settings": given}, {"settings": s.to_dict()}
+    if _what(made) != _what(preset):  # as the demo compares, and named as it names them
+        raise SystemExit(f"{demo} was made with settings other than the preset of its seed "
+                         f"({_differences(made, preset)}).")
     return s
 
 

@@ -20,6 +20,13 @@ CATEGORIES = [o.category for o in WORLD.concepts]
 QUICK_STEPS = 50
 
 
+def _assert_weighted_sum(merged, parts):
+    """Every tenth layer of the LoRA ``merged`` updates the weights by the sum of ``parts`` (``(weight, LoRA)``)."""
+    for name in list(merged.layers)[::10]:
+        want = sum(w * lora.layers[name].delta(torch.float32) for w, lora in parts)
+        torch.testing.assert_close(merged.layers[name].delta(torch.float32), want, rtol=1e-4, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
@@ -70,9 +77,7 @@ def test_quick_demo_writes_reports_grids_and_loras(quick_run):
            "steps against concept inversion (adv_weight 0.5, preserving `auto`); the merged LoRA is the two summed, " \
            "the adversarial one at 0.5" in md
     assert set(merged.layers) == set(comerge.layers) == set(plain.layers) and merged.max_rank == 2 * comerge.max_rank
-    for name in list(merged.layers)[::10]:
-        want = 0.5 * plain.layers[name].delta(torch.float32) + 0.5 * adv.layers[name].delta(torch.float32)
-        torch.testing.assert_close(merged.layers[name].delta(torch.float32), want, rtol=1e-4, atol=1e-6)
+    _assert_weighted_sum(merged, [(0.5, plain), (0.5, adv)])
     # the default layers: every layer outside cross-attention (docs/benchmarks.md, "LoRA layers")
     assert report["settings"]["targets"] == "esd-u" and "on `esd-u`" in (out / "report.md").read_text()
     assert not any(".attn2." in n for n in merged.layers) and any(n.endswith("conv1") for n in merged.layers)
@@ -185,9 +190,7 @@ def test_adversary_fine_tune_is_summed_into_the_merged_lora(quick_run, tmp_path)
     den = load_world_model()
     plain, adv, merged = (load_lora(out / f"{n}.safetensors", names=den.names()) for n in ("finetuned", "adversary", "merged"))
     assert set(merged.layers) == set(plain.layers)
-    for name in list(merged.layers)[::10]:
-        want = 0.75 * plain.layers[name].delta(torch.float32) + 0.25 * adv.layers[name].delta(torch.float32)
-        torch.testing.assert_close(merged.layers[name].delta(torch.float32), want, rtol=1e-4, atol=1e-6)
+    _assert_weighted_sum(merged, [(0.75, plain), (0.25, adv)])
     assert "against concept inversion (adv_weight 0.5, preserving `auto`, its plain-shape preservation prompts noised " \
            "from 1 picture of their own); the merged LoRA is the two summed, the adversarial one at 0.25" \
            in (out / "report.md").read_text()
