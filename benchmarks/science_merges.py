@@ -8,8 +8,12 @@ they are):
 * **merges** of the demo's seven experts with every method of ``benchmarks/science.py`` (Co-Merge's factor
   and delta readings, concat, linear, average, TIES, DARE) at the demo's output rank; the Co-Merge delta
   merge is the demo's own ``comerge.safetensors``;
-* the demo's **merged LoRA** (``merged.safetensors``): that merge after the demo's joint fine-tune on all
-  pairs;
+* the demo's **merged LoRA** (``merged.safetensors``): that merge after the demo's fine-tune stage on all pairs
+  (with the default ``adversary`` 0.5: the plain joint fine-tune, ``finetuned.safetensors``, and the one against
+  concept inversion summed half each; the plain one is a row of its own);
+* **All-single through the same fine-tune stage** (the demo's own function, started from All-single in place of
+  the merge), so that the two differ only in what the stage starts from: the merge of seven experts, or one
+  LoRA trained on everything;
 * every model evaluated as the demo evaluates: IP (training and held-out wording), safe-twin fidelity,
   layout, twin with layout, unrelated fidelity and preservation (the world judge; nothing tuned).
 
@@ -60,15 +64,23 @@ def demo_settings(demo: Path):
 def run_demo_models(demo: Path, s, out: Path, den, judge) -> dict:
     """All-single and the merges for one demo (made with settings ``s``); returns {model name: scores}."""
     from safetydpo_core.world import WORLD
-    from safetydpo_core.world.demo import expert_config, train_lora
+    from safetydpo_core.world.demo import expert_config, finetune_stage, train_lora
     from safetydpo_core.world.lora_eval import eval_sets, evaluate_models, model_scores
 
     d = out / f"seed_{s.seed}"
     cats = [o.category for o in WORLD.concepts]
     experts = {c: demo / "experts" / f"{c}.safetensors" for c in cats}
     models: dict[str, Path | None] = {"base": None, "merged": demo / "merged.safetensors"}
-    models["all-single"] = train_lora(den, demo / "dataset", expert_config(s, None, steps=s.steps * len(cats)),
-                                      d / "all_single.safetensors", say=log, label=f"seed {s.seed} All-single")
+    if s.adversary:
+        models["finetuned"] = demo / "finetuned.safetensors"
+    single = models["all-single"] = train_lora(den, demo / "dataset", expert_config(s, None, steps=s.steps * len(cats)),
+                                               d / "all_single.safetensors", say=log, label=f"seed {s.seed} All-single")
+    if s.finetune_steps:
+        staged = d / "all_single_finetuned"
+        models["all-single+ft"] = finetune_stage(den, single, staged, s, dataset=demo / "dataset",
+                                                 pairs=demo / "pairs.jsonl", say=lambda m: log(f"seed {s.seed} All-single: {m}"))
+        if s.adversary:
+            models["all-single+plain-ft"] = staged / "finetuned.safetensors"
     for m in MERGES:
         models[f"merge:{m}"] = demo / "comerge.safetensors" if m == s.merge_method else merge_lora(
             den, experts, s, d / "merges", "demo", m, dataset=demo / "dataset", pairs=demo / "pairs.jsonl",
@@ -76,6 +88,22 @@ def run_demo_models(demo: Path, s, out: Path, den, judge) -> dict:
     entries = evaluate_models(den, judge, models, eval_sets(s), steps=s.eval_steps, cfg=s.cfg, cache=d / "eval",
                               log=lambda m: log(f"seed {s.seed}: {m}"))
     return {name: model_scores(e, entries["base"]) for name, e in entries.items()}
+
+
+def table_rows(s, names) -> list[tuple[str, str]]:
+    """The table's (label, model name) rows for demos made with settings ``s``, of the models in ``names``."""
+    default = f"merge:{s.merge_method}"
+    stage = (f"joint fine-tune, {s.finetune_steps} steps" if not s.adversary else
+             f"the plain and the adversarial fine-tunes of {s.finetune_steps} steps, summed "
+             f"{1 - s.adversary_share:g} / {s.adversary_share:g}")
+    rows = [("base", "base"), ("All-single", "all-single"),
+            (f"All-single + {stage} (the demo's fine-tune stage)", "all-single+ft"),
+            ("All-single + the plain joint fine-tune alone", "all-single+plain-ft"),
+            (f"{default[6:]} + {stage} (the demo's merged LoRA)", "merged"),
+            (f"{default[6:]} + the plain joint fine-tune alone (`--adversary 0`)", "finetuned"),
+            (f"{default[6:]} (the demo's merge before the fine-tune)", default)]
+    rows += [(m[6:], m) for m in names if m.startswith("merge:") and m != default]
+    return [(label, name) for label, name in rows if name in names]
 
 
 def main(argv=None) -> int:
@@ -94,12 +122,7 @@ def main(argv=None) -> int:
     settings = {Path(demo): demo_settings(Path(demo)) for demo in a.demos}
     per_seed = {s.seed: run_demo_models(demo, s, out, den, judge) for demo, s in settings.items()}
     R = [per_seed[k] for k in sorted(per_seed)]
-    first = next(iter(settings.values()))
-    default, fine = f"merge:{first.merge_method}", first.finetune_steps
-    rows = [("base", "base"), ("All-single", "all-single"),
-            (f"{default[6:]} + joint fine-tune, {fine} steps (the demo's merged LoRA)", "merged"),
-            (f"{default[6:]} (the demo's merge before the fine-tune)", default)]
-    rows += [(m[6:], m) for m in R[0] if m.startswith("merge:") and m != default]
+    rows = table_rows(next(iter(settings.values())), list(R[0]))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     text = "\n".join([f"Seeds {', '.join(map(str, sorted(per_seed)))} (mean ± sd); machine: {machine}, "
                       f"{a.threads} thread(s).", "", *_table(R, rows)]) + "\n"

@@ -130,6 +130,33 @@ def test_merged_lora_is_what_the_merge_command_makes_of_the_two_fine_tunes(quick
         torch.testing.assert_close(mine.layers[name].delta(torch.float32), demo.layers[name].delta(torch.float32))
 
 
+def test_finetune_stage_runs_the_demos_fine_tunes_from_any_lora(quick_run, tmp_path):
+    """``finetune_stage``, the demo's fine-tune stage as a function (benchmarks/science_merges.py runs it from
+    All-single): from a given LoRA, the plain and the adversarial fine-tunes into a folder of its own, the merged LoRA
+    their sum; a second call keeps the files."""
+    from safetydpo_core.world import load_world_model
+    from safetydpo_core.world.demo import finetune_stage
+
+    den = load_world_model()
+    s = DemoSettings.preset(quick=True, seed=0, steps=QUICK_STEPS, finetune_steps=2, threads=1)
+    out = tmp_path / "staged"
+    lines = []
+    path = finetune_stage(den, quick_run / "experts" / f"{CATEGORIES[0]}.safetensors", out, s,
+                          dataset=quick_run / "dataset", pairs=quick_run / "pairs.jsonl", say=lines.append)
+    assert path == out / "merged.safetensors"
+    said = "\n".join(lines)
+    assert "training the joint fine-tune" in said and "training the adversarial fine-tune (adv_weight 0.5)" in said
+    assert read_safetensors(out / "adversary.safetensors")[1]["safetydpo_adv_weight"] == "0.5"
+    assert read_safetensors(out / "finetuned.safetensors")[1]["safetydpo_steps"] == "2"
+    plain, adv, merged = (load_lora(out / f"{n}.safetensors", names=den.names())
+                          for n in ("finetuned", "adversary", "merged"))
+    _assert_weighted_sum(merged, [(0.5, plain), (0.5, adv)])
+    stamps = {f.name: f.stat().st_mtime_ns for f in out.glob("*.safetensors")}
+    assert finetune_stage(den, quick_run / "comerge.safetensors", out, s, dataset=quick_run / "dataset",
+                          pairs=quick_run / "pairs.jsonl", say=lines.append) == path
+    assert {f.name: f.stat().st_mtime_ns for f in out.glob("*.safetensors")} == stamps
+
+
 def test_every_merge_method_merges_the_demo_experts_with_the_recipe_rank(quick_run, tmp_path):
     """The recipe's output rank (16) goes to the methods that choose one; Co-Merge's factor reading and concat
     keep their own (``safetydpo demo --method comerge`` used to fail on it)."""

@@ -27,3 +27,24 @@ def test_science_merges_refuses_a_demo_of_other_settings_naming_them(tmp_path):
     with pytest.raises(SystemExit, match="settings other than the preset of its seed \\(adversary 0 there, 0.5 here; "
                                          "adversary_preserve None there, auto here\\)"):
         science_merges.demo_settings(tmp_path)
+
+
+def test_science_merges_names_the_rows_after_the_demos_fine_tune_stage():
+    """The table says what the demo's merged LoRA is made of: with the adversary (the default) the two fine-tunes
+    summed, All-single through the same stage, and the plain halves in rows of their own; without it one joint
+    fine-tune, and no rows for halves that were not made."""
+    from safetydpo_core.world.demo import DemoSettings
+
+    names = ["base", "merged", "finetuned", "all-single", "all-single+ft", "all-single+plain-ft",
+             "merge:comerge-delta", "merge:ties"]
+    rows = dict((name, label) for label, name in science_merges.table_rows(DemoSettings.preset(seed=0), names))
+    assert list(rows) == ["base", "all-single", "all-single+ft", "all-single+plain-ft", "merged", "finetuned",
+                          "merge:comerge-delta", "merge:ties"]
+    assert rows["merged"] == ("comerge-delta + the plain and the adversarial fine-tunes of 200 steps, summed 0.5 / 0.5 "
+                              "(the demo's merged LoRA)")
+    assert rows["all-single+ft"].startswith("All-single + the plain and the adversarial fine-tunes")
+    plain = DemoSettings.preset(seed=0, adversary=0)
+    rows = dict((name, label) for label, name in science_merges.table_rows(
+        plain, ["base", "merged", "all-single", "all-single+ft", "merge:comerge-delta"]))
+    assert rows["merged"] == "comerge-delta + joint fine-tune, 200 steps (the demo's merged LoRA)"
+    assert "finetuned" not in rows and "all-single+plain-ft" not in rows

@@ -542,8 +542,9 @@ def _finetune_line(s: DemoSettings) -> str:
             + (", one against the adversary" if s.adversary else ""))
 
 
-def _finish_merged(den: RenderingDenoiser, merge: Path, out: Path, s: DemoSettings, clock: _Clock) -> Path:
-    """``merged.safetensors`` once its fine-tunes (:func:`_finetune_runs`) are on disk: the merge itself without a
+def _finish_merged(den: RenderingDenoiser, merge: Path, out: Path, s: DemoSettings, say: LogFn, *,
+                   dataset: Path, pairs: Path) -> Path:
+    """``out/merged.safetensors`` once its fine-tunes (:func:`_finetune_runs`) are on disk: the merge itself without a
     fine-tune, the plain fine-tune's own file, or with ``s.adversary`` the two fine-tunes summed, the adversarial
     one at ``s.adversary_share``."""
     from ..utils.atomic import atomic_path
@@ -555,22 +556,33 @@ def _finish_merged(den: RenderingDenoiser, merge: Path, out: Path, s: DemoSettin
         with atomic_path(path) as tmp:
             shutil.copyfile(merge, tmp)
         return path
-    clock.say(f"the merged LoRA: the two fine-tunes summed, the adversarial one at {s.adversary_share:g}")
-    return merge_experts_into(den, [r.path for r in _finetune_runs(merge, out, s)], s, path, dataset=out / "dataset",
-                              pairs=out / "pairs.jsonl", method="concat",
-                              weights=[1 - s.adversary_share, s.adversary_share])
+    say(f"the merged LoRA: the two fine-tunes summed, the adversarial one at {s.adversary_share:g}")
+    return merge_experts_into(den, [r.path for r in _finetune_runs(merge, out, s)], s, path, dataset=dataset,
+                              pairs=pairs, method="concat", weights=[1 - s.adversary_share, s.adversary_share])
+
+
+def finetune_stage(den: RenderingDenoiser, merge: Path, out: Path, s: DemoSettings, *, dataset: Path, pairs: Path,
+                   say: LogFn) -> Path:
+    """The demo's fine-tune stage with settings ``s``, from ``merge`` (any LoRA file: the demo's merge, or in
+    ``benchmarks/science_merges.py`` All-single) on ``dataset``'s pairs: its fine-tunes (:func:`_finetune_runs`)
+    trained one after the other into ``out`` and ``out/merged.safetensors`` made of them (:func:`_finish_merged`).
+    Files already there are kept (resume)."""
+    path = out / "merged.safetensors"
+    if path.exists():
+        return path
+    out.mkdir(parents=True, exist_ok=True)
+    for r in _finetune_runs(merge, out, s):
+        train_lora(den, dataset, r.cfg, r.path, say=say, label=r.label, init=r.init)
+    return _finish_merged(den, merge, out, s, say, dataset=dataset, pairs=pairs)
 
 
 def _finetune(den: RenderingDenoiser, merge: Path, out: Path, s: DemoSettings, clock: _Clock) -> Path:
-    """``merged.safetensors`` made here, one fine-tune after the other (:func:`_finetune_runs`,
-    :func:`_finish_merged`)."""
+    """``merged.safetensors`` made here, one fine-tune after the other (:func:`finetune_stage`)."""
     path = out / "merged.safetensors"
     if path.exists():
         return path
     with clock.stage("finetune", _finetune_line(s)):
-        for r in _finetune_runs(merge, out, s):
-            train_lora(den, out / "dataset", r.cfg, r.path, say=clock.say, label=r.label, init=r.init)
-        return _finish_merged(den, merge, out, s, clock)
+        return finetune_stage(den, merge, out, s, dataset=out / "dataset", pairs=out / "pairs.jsonl", say=clock.say)
 
 
 def expert_sets(sets: Mapping[str, list], category: str) -> dict[str, list]:
@@ -621,7 +633,8 @@ def _finetune_and_evaluate(den: RenderingDenoiser, judge, experts: dict[str, Pat
     processes, threads = plan(s.workers, s.threads, len(runs) + len(todo))
     if processes > 1:
         jobs = [Job(train_job, (out / "dataset", r.cfg, r.path, r.label, r.init)) for r in runs]
-        finish = functools.partial(_finish_merged, den, merge, out, s, clock)
+        finish = functools.partial(_finish_merged, den, merge, out, s, clock.say, dataset=out / "dataset",
+                                   pairs=out / "pairs.jsonl")
         if "merged" in todo:
             jobs.append(Job(eval_job, (evals["merged"], s.eval_steps, s.cfg, "merged"), after=tuple(range(len(runs))),
                             prepare=finish))
