@@ -23,6 +23,10 @@ demos; a run per demo in parallel, then one with all of them, aggregates)::
 
     safetydpo demo --seed 0 --out demos/s0      # and --seed 1, 2
     python benchmarks/science_merges.py --demos demos/s0 demos/s1 demos/s2 --out merges
+    python benchmarks/science_merges.py --demos demos/s0 demos/s1 demos/s2 --out merges --all-single-ranks 16
+
+The second adds All-single at the merge's output rank (16) to the same cache, to tell what the merge of the
+experts gives from what its larger rank gives.
 """
 
 from __future__ import annotations
@@ -61,8 +65,9 @@ def demo_settings(demo: Path):
     return s
 
 
-def run_demo_models(demo: Path, s, out: Path, den, judge) -> dict:
-    """All-single and the merges for one demo (made with settings ``s``); returns {model name: scores}."""
+def run_demo_models(demo: Path, s, out: Path, den, judge, single_ranks: tuple[int, ...] = ()) -> dict:
+    """All-single and the merges for one demo (made with settings ``s``); returns {model name: scores}.
+    ``single_ranks``: All-single (and its fine-tune stage) also at these ranks, as ``all-single r<rank>``."""
     from safetydpo_core.world import WORLD
     from safetydpo_core.world.demo import expert_config, finetune_stage, train_lora
     from safetydpo_core.world.lora_eval import eval_sets, evaluate_models, model_scores
@@ -73,14 +78,17 @@ def run_demo_models(demo: Path, s, out: Path, den, judge) -> dict:
     models: dict[str, Path | None] = {"base": None, "merged": demo / "merged.safetensors"}
     if s.adversary:
         models["finetuned"] = demo / "finetuned.safetensors"
-    single = models["all-single"] = train_lora(den, demo / "dataset", expert_config(s, None, steps=s.steps * len(cats)),
-                                               d / "all_single.safetensors", say=log, label=f"seed {s.seed} All-single")
-    if s.finetune_steps:
-        staged = d / "all_single_finetuned"
-        models["all-single+ft"] = finetune_stage(den, single, staged, s, dataset=demo / "dataset",
-                                                 pairs=demo / "pairs.jsonl", say=lambda m: log(f"seed {s.seed} All-single: {m}"))
-        if s.adversary:
-            models["all-single+plain-ft"] = staged / "finetuned.safetensors"
+    for rank in dict.fromkeys((s.rank, *single_ranks)):
+        tag, name = ("", "all-single") if rank == s.rank else (f"_r{rank}", f"all-single r{rank}")
+        single = models[name] = train_lora(den, demo / "dataset",
+                                           expert_config(s, None, steps=s.steps * len(cats), rank=rank),
+                                           d / f"all_single{tag}.safetensors", say=log, label=f"seed {s.seed} {name}")
+        if s.finetune_steps:
+            staged = d / f"all_single{tag}_finetuned"
+            models[f"{name}+ft"] = finetune_stage(den, single, staged, s, dataset=demo / "dataset",
+                                                  pairs=demo / "pairs.jsonl", say=lambda m: log(f"seed {s.seed} {name}: {m}"))
+            if s.adversary:
+                models[f"{name}+plain-ft"] = staged / "finetuned.safetensors"
     for m in MERGES:
         models[f"merge:{m}"] = demo / "comerge.safetensors" if m == s.merge_method else merge_lora(
             den, experts, s, d / "merges", "demo", m, dataset=demo / "dataset", pairs=demo / "pairs.jsonl",
@@ -96,12 +104,15 @@ def table_rows(s, names) -> list[tuple[str, str]]:
     stage = (f"joint fine-tune, {s.finetune_steps} steps" if not s.adversary else
              f"the plain and the adversarial fine-tunes of {s.finetune_steps} steps, summed "
              f"{1 - s.adversary_share:g} / {s.adversary_share:g}")
-    rows = [("base", "base"), ("All-single", "all-single"),
-            (f"All-single + {stage} (the demo's fine-tune stage)", "all-single+ft"),
-            ("All-single + the plain joint fine-tune alone", "all-single+plain-ft"),
-            (f"{default[6:]} + {stage} (the demo's merged LoRA)", "merged"),
-            (f"{default[6:]} + the plain joint fine-tune alone (`--adversary 0`)", "finetuned"),
-            (f"{default[6:]} (the demo's merge before the fine-tune)", default)]
+    rows = [("base", "base")]
+    for name in ["all-single"] + sorted({n.split("+")[0] for n in names if n.startswith("all-single r")},
+                                        key=lambda n: int(n.split(" r")[1])):
+        label = "All-single" + (f" at rank {name.split(' r')[1]}" if " r" in name else "")
+        rows += [(label, name), (f"{label} + {stage} (the demo's fine-tune stage)", f"{name}+ft"),
+                 (f"{label} + the plain joint fine-tune alone", f"{name}+plain-ft")]
+    rows += [(f"{default[6:]} + {stage} (the demo's merged LoRA)", "merged"),
+             (f"{default[6:]} + the plain joint fine-tune alone (`--adversary 0`)", "finetuned"),
+             (f"{default[6:]} (the demo's merge before the fine-tune)", default)]
     rows += [(m[6:], m) for m in names if m.startswith("merge:") and m != default]
     return [(label, name) for label, name in rows if name in names]
 
@@ -111,7 +122,11 @@ def main(argv=None) -> int:
     p.add_argument("--demos", nargs="+", required=True, help="`safetydpo demo` output folders (one per seed)")
     p.add_argument("--out", default="benchmarks/results/merges", help="cache and results folder")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--all-single-ranks", type=int, nargs="*", default=[], metavar="RANK",
+                   help="All-single also at these LoRA ranks (default: only the experts' rank); e.g. the merge's, 16")
     a = p.parse_args(argv)
+    if any(r < 1 for r in a.all_single_ranks):
+        p.error(f"--all-single-ranks must be ranks of at least 1; got {a.all_single_ranks}")
     torch.set_num_threads(a.threads)
     from safetydpo_core.world import load_judge, load_world_model
 
@@ -120,7 +135,8 @@ def main(argv=None) -> int:
     den, judge = load_world_model(), load_judge()
     t0 = time.time()
     settings = {Path(demo): demo_settings(Path(demo)) for demo in a.demos}
-    per_seed = {s.seed: run_demo_models(demo, s, out, den, judge) for demo, s in settings.items()}
+    per_seed = {s.seed: run_demo_models(demo, s, out, den, judge, tuple(a.all_single_ranks))
+                for demo, s in settings.items()}
     R = [per_seed[k] for k in sorted(per_seed)]
     rows = table_rows(next(iter(settings.values())), list(R[0]))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"

@@ -48,3 +48,20 @@ def test_science_merges_names_the_rows_after_the_demos_fine_tune_stage():
         plain, ["base", "merged", "all-single", "all-single+ft", "merge:comerge-delta"]))
     assert rows["merged"] == "comerge-delta + joint fine-tune, 200 steps (the demo's merged LoRA)"
     assert "finetuned" not in rows and "all-single+plain-ft" not in rows
+
+
+def test_science_merges_rows_for_all_single_at_other_ranks():
+    """``--all-single-ranks 16``: All-single at the merge's rank too, its rows after the experts' rank's, each with
+    its fine-tune stage; a rank below 1 is refused by name."""
+    from safetydpo_core.world.demo import DemoSettings
+
+    names = ["base", "merged", "all-single", "all-single+ft", "all-single r16", "all-single r16+ft",
+             "all-single r16+plain-ft", "all-single r8", "merge:comerge-delta"]
+    rows = science_merges.table_rows(DemoSettings.preset(seed=0), names)
+    assert [n for _, n in rows] == ["base", "all-single", "all-single+ft", "all-single r8", "all-single r16",
+                                    "all-single r16+ft", "all-single r16+plain-ft", "merged", "merge:comerge-delta"]
+    labels = dict((n, label) for label, n in rows)
+    assert labels["all-single r16"] == "All-single at rank 16"
+    assert labels["all-single r16+plain-ft"] == "All-single at rank 16 + the plain joint fine-tune alone"
+    with pytest.raises(SystemExit):
+        science_merges.main(["--demos", "x", "--all-single-ranks", "0"])
