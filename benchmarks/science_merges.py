@@ -78,8 +78,8 @@ def run_demo_models(demo: Path, s, out: Path, den, judge, single_ranks: tuple[in
     models: dict[str, Path | None] = {"base": None, "merged": demo / "merged.safetensors"}
     if s.adversary:
         models["finetuned"] = demo / "finetuned.safetensors"
-    for rank in dict.fromkeys((s.rank, *single_ranks)):
-        tag, name = ("", "all-single") if rank == s.rank else (f"_r{rank}", f"all-single r{rank}")
+    for rank in all_single_ranks(s, single_ranks):
+        tag, name = all_single(s, rank)
         single = models[name] = train_lora(den, demo / "dataset",
                                            expert_config(s, None, steps=s.steps * len(cats), rank=rank),
                                            d / f"all_single{tag}.safetensors", say=log, label=f"seed {s.seed} {name}")
@@ -98,16 +98,27 @@ def run_demo_models(demo: Path, s, out: Path, den, judge, single_ranks: tuple[in
     return {name: model_scores(e, entries["base"]) for name, e in entries.items()}
 
 
-def table_rows(s, names) -> list[tuple[str, str]]:
-    """The table's (label, model name) rows for demos made with settings ``s``, of the models in ``names``."""
+def all_single_ranks(s, single_ranks=()) -> list[int]:
+    """The ranks All-single is trained at: the experts' (``s.rank``) first, then ``single_ranks`` in order of size."""
+    return [s.rank, *sorted(set(single_ranks) - {s.rank})]
+
+
+def all_single(s, rank: int) -> tuple[str, str]:
+    """All-single at ``rank``: (its files' tag, its model name); at the experts' rank plain ``all-single``."""
+    return ("", "all-single") if rank == s.rank else (f"_r{rank}", f"all-single r{rank}")
+
+
+def table_rows(s, names, single_ranks=()) -> list[tuple[str, str]]:
+    """The table's (label, model name) rows for demos made with settings ``s`` (and All-single also at
+    ``single_ranks``), of the models in ``names``."""
     default = f"merge:{s.merge_method}"
     stage = (f"joint fine-tune, {s.finetune_steps} steps" if not s.adversary else
              f"the plain and the adversarial fine-tunes of {s.finetune_steps} steps, summed "
              f"{1 - s.adversary_share:g} / {s.adversary_share:g}")
     rows = [("base", "base")]
-    for name in ["all-single"] + sorted({n.split("+")[0] for n in names if n.startswith("all-single r")},
-                                        key=lambda n: int(n.split(" r")[1])):
-        label = "All-single" + (f" at rank {name.split(' r')[1]}" if " r" in name else "")
+    for rank in all_single_ranks(s, single_ranks):
+        name = all_single(s, rank)[1]
+        label = "All-single" + ("" if rank == s.rank else f" at rank {rank}")
         rows += [(label, name), (f"{label} + {stage} (the demo's fine-tune stage)", f"{name}+ft"),
                  (f"{label} + the plain joint fine-tune alone", f"{name}+plain-ft")]
     rows += [(f"{default[6:]} + {stage} (the demo's merged LoRA)", "merged"),
@@ -138,7 +149,7 @@ def main(argv=None) -> int:
     per_seed = {s.seed: run_demo_models(demo, s, out, den, judge, tuple(a.all_single_ranks))
                 for demo, s in settings.items()}
     R = [per_seed[k] for k in sorted(per_seed)]
-    rows = table_rows(next(iter(settings.values())), list(R[0]))
+    rows = table_rows(next(iter(settings.values())), list(R[0]), a.all_single_ranks)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     text = "\n".join([f"Seeds {', '.join(map(str, sorted(per_seed)))} (mean ± sd); machine: {machine}, "
                       f"{a.threads} thread(s).", "", *_table(R, rows)]) + "\n"

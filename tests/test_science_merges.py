@@ -57,7 +57,7 @@ def test_science_merges_rows_for_all_single_at_other_ranks():
 
     names = ["base", "merged", "all-single", "all-single+ft", "all-single r16", "all-single r16+ft",
              "all-single r16+plain-ft", "all-single r8", "merge:comerge-delta"]
-    rows = science_merges.table_rows(DemoSettings.preset(seed=0), names)
+    rows = science_merges.table_rows(DemoSettings.preset(seed=0), names, (16, 8, 4))
     assert [n for _, n in rows] == ["base", "all-single", "all-single+ft", "all-single r8", "all-single r16",
                                     "all-single r16+ft", "all-single r16+plain-ft", "merged", "merge:comerge-delta"]
     labels = dict((n, label) for label, n in rows)
