@@ -34,6 +34,24 @@ SKIP = {"eval", "merged.safetensors", "report.json", "report.md", "grids", "atta
         "merged.metrics.jsonl"}
 
 
+def linked_demo(demo: Path, folder: Path, lora_start: int = 0) -> None:
+    """``folder`` made a demo folder that links ``demo``'s files (its cached evaluations too) but the merged
+    LoRA, its evaluation, report and attacks, which a variant of the merged LoRA makes anew; with ``lora_start``
+    the demo's record is copied with that later start, so that the demo resumes ``folder`` with it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in demo.iterdir():
+        if f.name not in SKIP and not (folder / f.name).exists() and not (lora_start and f.name == "demo.json"):
+            (folder / f.name).symlink_to(f.resolve())
+    if lora_start:
+        record = json.loads((demo / "demo.json").read_text())
+        record["settings"]["lora_start"] = lora_start
+        (folder / "demo.json").write_text(json.dumps(record, indent=1) + "\n")
+    (folder / "eval").mkdir(exist_ok=True)
+    for f in (demo / "eval").iterdir():
+        if f.name != "merged.pt" and not (folder / "eval" / f.name).exists():
+            (folder / "eval" / f.name).symlink_to(f.resolve())
+
+
 def scaled_demo(demo: Path, strength: float, out: Path, lora_start: int = 0) -> Path:
     """A demo folder whose merged LoRA is ``demo``'s scaled by ``strength``; the rest linked to ``demo``."""
     from safetydpo_core.lora.io import load_lora, save_lora
@@ -42,18 +60,7 @@ def scaled_demo(demo: Path, strength: float, out: Path, lora_start: int = 0) -> 
     folder = out / demo.name / (f"strength_{strength:g}" + (f"_from_step_{lora_start}" if lora_start else ""))
     if (folder / "merged.safetensors").exists():
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in demo.iterdir():
-        if f.name not in SKIP and not (folder / f.name).exists() and not (lora_start and f.name == "demo.json"):
-            (folder / f.name).symlink_to(f.resolve())
-    if lora_start:  # the demo's record with the later start, so that the demo resumes this folder with it
-        record = json.loads((demo / "demo.json").read_text())
-        record["settings"]["lora_start"] = lora_start
-        (folder / "demo.json").write_text(json.dumps(record, indent=1) + "\n")
-    (folder / "eval").mkdir(exist_ok=True)
-    for f in (demo / "eval").iterdir():
-        if f.name != "merged.pt" and not (folder / "eval" / f.name).exists():
-            (folder / "eval" / f.name).symlink_to(f.resolve())
+    linked_demo(demo, folder, lora_start)
     names = load_world_model().names()
     save_lora(load_lora(demo / "merged.safetensors", names=names).scaled(strength), folder / "merged.safetensors",
               names=names)
