@@ -115,12 +115,17 @@ def main(argv=None) -> int:
             parse_variant(v)
         except ValueError as e:
             ap.error(str(e))
+    attacks = [a for a in args.attacks.split(",") if a]
+    from science_attacks import ATTACKS
+
+    bad = [a for a in attacks if a not in ATTACKS]
+    if bad:
+        ap.error(f"--attacks: unknown attack(s) {', '.join(bad)}; choose from {', '.join(ATTACKS)}")
     for d in args.demos:
         missing = [f for f in FILES if not (d / f).exists()]
         if missing:
             raise SystemExit(f"{d} is not a finished `safetydpo demo` folder made with the adversary (no "
                              f"{', '.join(missing)}); run `safetydpo demo --out {d}` (the default has the adversary).")
-    attacks = [a for a in args.attacks.split(",") if a]
     rows: dict[str, list[dict]] = {}
     for v in args.variants:
         for d in args.demos:

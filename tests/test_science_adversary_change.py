@@ -74,6 +74,13 @@ def test_a_variant_that_is_not_r_k_or_s_c_is_refused_by_name(bad, capsys):
     assert e.value.code == 2 and bad in capsys.readouterr().err
 
 
+def test_an_unknown_attack_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sac.main(["--demos", str(tmp_path), "--out", str(tmp_path / "out"), "--attacks", "inversion,jailbreak"])
+    assert e.value.code == 2 and "jailbreak" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_demo_without_the_adversary_is_refused(tmp_path):
     (tmp_path / "merged.safetensors").write_bytes(b"x")
     with pytest.raises(SystemExit, match="adversary.safetensors"):
