@@ -8,6 +8,8 @@ each variant, the adversarial fine-tune's change from the merge (``adversary - m
 rewritten before the sum:
 
 * ``r<k>`` (e.g. ``r2``): only its top ``k`` singular directions kept (an exact truncated SVD per layer);
+* ``r<k>x<m>`` (e.g. ``r2x1.43``): those directions multiplied by ``m``; ``r2x1.43`` has the whole change's
+  Frobenius energy on the demo's LoRAs;
 * ``s<c>`` (e.g. ``s0.7``): scaled by ``c``, the control: ``s0.7`` keeps the Frobenius energy (0.49) that
   ``r2`` keeps on the demo's LoRAs.
 
@@ -42,14 +44,19 @@ from science_strength import GOALS, evaluate, linked_demo  # noqa: E402
 FILES = ("finetuned.safetensors", "adversary.safetensors", "comerge.safetensors", "demo.json", "eval")
 
 
-def parse_variant(text: str) -> tuple[str, float]:
-    """``r<k>`` -> ("rank", k) with k a positive integer; ``s<c>`` -> ("scale", c) with c in [0, 1]."""
-    m = re.fullmatch(r"r([0-9]+)|s([0-9]*\.?[0-9]+)", text)
-    value = None if m is None else int(m.group(1)) if m.group(1) else float(m.group(2))
-    if value is None or (m.group(1) and value < 1) or (m.group(2) and not 0 <= value <= 1):
+def parse_variant(text: str) -> tuple[str, float, float]:
+    """``r<k>`` -> ("rank", k, 1) with k a positive integer, ``r<k>x<m>`` -> ("rank", k, m) (the cut change
+    multiplied by m > 0); ``s<c>`` -> ("scale", c, 1) with c in [0, 1]."""
+    m = re.fullmatch(r"r([0-9]+)(?:x([0-9]*\.?[0-9]+))?|s([0-9]*\.?[0-9]+)", text)
+    ok = m is not None and (int(m.group(1)) >= 1 and (m.group(2) is None or float(m.group(2)) > 0) if m.group(1)
+                            else 0 <= float(m.group(3)) <= 1)
+    if not ok:
         raise ValueError(f"variant {text!r}: give r<k> (the top k directions of the adversarial change, k >= 1, "
-                         f"e.g. r2) or s<c> (the change scaled by c, 0 <= c <= 1, e.g. s0.7)")
-    return ("rank", value) if m.group(1) else ("scale", value)
+                         f"e.g. r2), r<k>x<m> (those multiplied by m > 0, e.g. r2x1.4) or s<c> (the change scaled "
+                         f"by c, 0 <= c <= 1, e.g. s0.7)")
+    if m.group(1):
+        return "rank", int(m.group(1)), float(m.group(2) or 1)
+    return "scale", float(m.group(3)), 1.0
 
 
 def rewritten_merged(plain, adversary, merge, share: float, variant: str):
@@ -59,7 +66,7 @@ def rewritten_merged(plain, adversary, merge, share: float, variant: str):
     from safetydpo_core.lora.lora_set import LoraSet
     from safetydpo_core.merge.baselines import concat_layer, linear_layer
 
-    kind, value = parse_variant(variant)
+    kind, value, times = parse_variant(variant)
     layers, kept, total = {}, 0.0, 0.0
     for name, p in plain.items():
         a, m = adversary.layers.get(name), merge.layers.get(name)
@@ -69,8 +76,8 @@ def rewritten_merged(plain, adversary, merge, share: float, variant: str):
         change = a.delta() - (m.delta() if m is not None else 0)
         if kind == "rank":
             cut, _ = linear_layer([a, m], [1.0, -1.0], int(value))
-            layers[name], _ = concat_layer([p, m, cut], [1 - share, share, share])
-            kept += float(cut.delta().pow(2).sum())
+            layers[name], _ = concat_layer([p, m, cut], [1 - share, share, share * times])
+            kept += float(cut.delta().pow(2).sum()) * times ** 2
         else:
             layers[name], _ = concat_layer([p, m, a], [1 - share, share * (1 - value), share * value])
             kept += float(change.pow(2).sum()) * value ** 2
@@ -103,8 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--demos", nargs="+", required=True, type=Path,
                     help="finished `safetydpo demo` folders made with the adversary (the default)")
     ap.add_argument("--variants", nargs="+", default=["r2", "r4", "s0.7"],
-                    help="r<k>: the top k directions of the adversarial change; s<c>: the change scaled by c "
-                         "(default r2 r4 s0.7)")
+                    help="r<k>: the top k directions of the adversarial change; r<k>x<m>: those multiplied by m; "
+                         "s<c>: the change scaled by c (default r2 r4 s0.7)")
     ap.add_argument("--out", type=Path, required=True, help="folder for the rewritten LoRAs and their evaluations")
     ap.add_argument("--attacks", default="", help="comma-separated attacks to run on each (e.g. inversion,wording; "
                                                    "default none)")

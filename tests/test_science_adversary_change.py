@@ -63,9 +63,14 @@ def test_the_rewritten_merged_lora_is_the_sum_with_the_change_cut_or_scaled():
         assert top[n].rank == 4 + 4 + 1
         energy, total = energy + float(s[0] ** 2), total + float(s.pow(2).sum())
     assert kept == pytest.approx(energy / total, rel=1e-4) and 0 < kept < 1
+    twice, kept2 = sac.rewritten_merged(plain, adv, merge, 0.3, "r1x2")  # the top direction, multiplied by 2
+    for n in shapes:
+        assert torch.allclose(twice[n].delta() - top[n].delta(), top[n].delta() - 0.7 * plain[n].delta()
+                              - 0.3 * merge[n].delta(), atol=1e-3)
+    assert kept2 == pytest.approx(4 * kept, rel=1e-4)
 
 
-@pytest.mark.parametrize("bad", ["r0", "s1.5", "x2", "r", "s-1", "r2.5"])
+@pytest.mark.parametrize("bad", ["r0", "s1.5", "x2", "r", "s-1", "r2.5", "r2x0", "r2x", "s0.5x2"])
 def test_a_variant_that_is_not_r_k_or_s_c_is_refused_by_name(bad, capsys):
     with pytest.raises(ValueError, match="r<k>"):
         sac.parse_variant(bad)
