@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -39,7 +38,7 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from science_strength import GOALS, evaluate, linked_demo  # noqa: E402
+from science_strength import GOALS, attack_asr, evaluate, linked_demo  # noqa: E402
 
 FILES = ("finetuned.safetensors", "adversary.safetensors", "comerge.safetensors", "demo.json", "eval")
 
@@ -140,15 +139,7 @@ def main(argv=None) -> int:
             scores = evaluate(folder, args.threads)
             scores["change_energy_kept"] = json.loads((folder / "variant.json").read_text())["change_energy_kept"]
             if attacks:
-                res = folder / "attacks" / "results.json"
-                table = json.loads(res.read_text())["table"].get("merged", {}) if res.exists() else {}
-                todo = [a for a in attacks if a not in table]
-                if todo:
-                    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "science_attacks.py"), "--demo",
-                                    str(folder), "--models", "merged", "--attacks", ",".join(todo),
-                                    "--threads", str(args.threads)], check=True)
-                    table = json.loads(res.read_text())["table"]["merged"]
-                scores["asr"] = {a: table[a]["asr"] for a in attacks}
+                scores["asr"] = attack_asr(folder, attacks, args.threads)
             print(f"{v}, {d}: {json.dumps(scores)}", flush=True)
             rows.setdefault(v, []).append(scores)
     cell = lambda vals: " / ".join(f"{x:.2f}" for x in vals) + f" ({sum(vals) / len(vals):.3f})"  # noqa: E731

@@ -77,6 +77,21 @@ def evaluate(folder: Path, threads: int, lora_start: int = 0) -> dict:
     return {k: v["value"] for k, v in report["goals"].items()}
 
 
+def attack_asr(folder: Path, attacks, threads: int, lora_start: int = 0) -> dict[str, float]:
+    """The ASR of each of ``attacks`` against ``folder``'s merged LoRA (from step ``lora_start`` on), from
+    ``folder/attacks/results.json``; the attacks not there yet are run first (``science_attacks.py``)."""
+    res = folder / "attacks" / "results.json"
+    model = f"merged from step {lora_start}" if lora_start else "merged"
+    table = json.loads(res.read_text())["table"].get(model, {}) if res.exists() else {}
+    todo = [a for a in attacks if a not in table]
+    if todo:
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "science_attacks.py"), "--demo", str(folder),
+                        "--models", "merged", "--attacks", ",".join(todo), "--lora-start", str(lora_start),
+                        "--threads", str(threads)], check=True)
+        table = json.loads(res.read_text())["table"][model]
+    return {a: table[a]["asr"] for a in attacks}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demos", nargs="+", required=True, type=Path, help="finished `safetydpo demo` folders")
@@ -97,16 +112,9 @@ def main(argv=None) -> int:
             folder = scaled_demo(d, st, args.out, args.lora_start)
             scores = evaluate(folder, args.threads, args.lora_start)
             if args.attacks:
-                res = folder / "attacks" / "results.json"
-                model = f"merged from step {args.lora_start}" if args.lora_start else "merged"
-                table = json.loads(res.read_text())["table"] if res.exists() else {}
-                if model not in table:
-                    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "science_attacks.py"), "--demo", str(folder),
-                                    "--models", "merged", "--lora-start", str(args.lora_start),
-                                    "--threads", str(args.threads)], check=True)
-                    table = json.loads(res.read_text())["table"]
-                table = table.get(model, {})
-                scores["asr"] = {a: v["asr"] for a, v in table.items()}
+                from science_attacks import ATTACKS
+
+                scores["asr"] = attack_asr(folder, ATTACKS, args.threads, args.lora_start)
             print(f"strength {st:g}, {d}: {json.dumps(scores)}", flush=True)
             rows.setdefault(st, []).append(scores)
     cell = lambda vals: " / ".join(f"{v:.2f}" for v in vals) + f" ({sum(vals) / len(vals):.2f})"  # noqa: E731

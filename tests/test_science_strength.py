@@ -70,3 +70,13 @@ def test_a_later_start_gets_a_folder_of_its_own_with_the_start_recorded(tmp_path
     assert json.loads((folder / "demo.json").read_text())["settings"] == {"seed": 0, "steps": 20, "lora_start": 10}
     assert json.loads((demo / "demo.json").read_text()) == record  # the demo's own record untouched
     assert science_strength.scaled_demo(demo, 0.9, tmp_path / "out") != folder  # from step 0: another folder
+
+
+def test_attack_asr_reads_the_attacks_already_run_and_runs_none_again(tmp_path, monkeypatch):
+    (tmp_path / "attacks").mkdir()
+    (tmp_path / "attacks" / "results.json").write_text(json.dumps({"table": {
+        "merged": {"inversion": {"asr": 0.25}, "wording": {"asr": 0.05}},
+        "merged from step 10": {"inversion": {"asr": 0.4}}}}))
+    monkeypatch.setattr(science_strength.subprocess, "run", lambda *a, **k: pytest.fail("an attack was run again"))
+    assert science_strength.attack_asr(tmp_path, ["inversion", "wording"], 1) == {"inversion": 0.25, "wording": 0.05}
+    assert science_strength.attack_asr(tmp_path, ["inversion"], 1, lora_start=10) == {"inversion": 0.4}
