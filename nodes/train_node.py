@@ -106,12 +106,13 @@ class TrainExpert(Node):
                              AUTO_TARGETS),
             **setting_inputs("twin_weight"),
             "guidance": GUIDANCE(),
+            **setting_inputs("ema_decay"),
         }}
 
     def train(self, model, clip, dataset, category, steps, learning_rate, rank, beta, condition, seed,
               gradient_checkpointing, save_every, resume, allow_model_mismatch=False, sft_weight=0.0,
               preserve_weight=0.0, preserve_prompts="auto", adv_weight=0.0, init_lora=None, objective="dpo", esd_eta=1.0,
-              targets=AUTO_TARGETS, twin_weight=0.0, guidance=None):
+              targets=AUTO_TARGETS, twin_weight=0.0, guidance=None, ema_decay=0.0):
         e = errors()
         data_path = paths.dataset_folder(dataset, "dataset")
         sets = core("training.preservation").PRESERVE_SETS
@@ -133,7 +134,7 @@ class TrainExpert(Node):
                              gradient_checkpointing=bool(gradient_checkpointing), checkpoint_every=int(save_every),
                              sft_weight=float(sft_weight), preserve_weight=float(preserve_weight),
                              preserve_prompts=str(preserve_prompts), adv_weight=float(adv_weight),
-                             twin_weight=float(twin_weight))
+                             twin_weight=float(twin_weight), ema_decay=float(ema_decay))
         den = denoiser(model, clip, guidance=guidance)
         model_fp = den.fingerprint()
         init = None

@@ -32,7 +32,8 @@ pytest.importorskip("accelerate", reason="accelerate is needed for the multi-pro
 
 STEPS = ["--steps", "3", "--rank", "2", "--lr", "1e-3", "--beta", "2000", "--seed", "3", "--condition", "both",
          "--prompt-dropout", "0.3", "--category", "violence", "--preserve-weight", "2", "--preserve-prompts", "others",
-         "--adv-weight", "1"]  # the adversary (training/adversarial.py) too: its tokens step on gradients summed over processes
+         "--adv-weight", "1",  # the adversary (training/adversarial.py) too: its tokens step on gradients summed over processes
+         "--ema-decay", "0.5"]  # and the weight average (training/ema.py): each process keeps its own, a checkpoint holds it
 
 
 def _free_port() -> int:

@@ -387,3 +387,74 @@ def test_twin_preservation_keeps_the_trained_category_s_safe_prompts(sd15, data,
             TrainConfig(twin_weight=bad)
     with pytest.raises(ConfigError, match="twin_weight does not apply to objective esd"):
         TrainConfig(objective="esd", twin_weight=1.0)
+
+
+# -- the weight average (ema_decay) --------------------------------------------------------------------------
+
+
+def test_weight_ema_is_the_bias_corrected_average_of_the_steps_taken():
+    """WeightEMA after weights w_1..w_k is sum d^(k-i) (1-d) w_i / (1 - d^k): the starting weights do not count;
+    ``applied`` swaps the average in and the weights back; a checkpoint's state round-trips and a mismatched one
+    is refused with what to do."""
+    from safetydpo_core.training.ema import WeightEMA
+
+    p = torch.nn.Parameter(torch.tensor([10.0, -4.0]))  # the start, which must not be averaged in
+    ema = WeightEMA([p], 0.8)
+    with ema.applied([p]):  # no step yet: nothing to average, the weights stay
+        assert torch.equal(p.detach(), torch.tensor([10.0, -4.0]))
+    seen = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 0.0]), torch.tensor([-1.0, 5.0])]
+    for w in seen:
+        with torch.no_grad():
+            p.copy_(w)
+        ema.update([p])
+    d, k = 0.8, len(seen)
+    want = sum(d ** (k - 1 - i) * (1 - d) * w for i, w in enumerate(seen)) / (1 - d ** k)
+    assert torch.allclose(ema.averaged()[0], want, atol=1e-6)
+    with ema.applied([p]):
+        assert torch.allclose(p.detach(), want, atol=1e-6)
+    assert torch.equal(p.detach(), seen[-1])
+    again = WeightEMA([p], 0.8)
+    again.load_state_dict(ema.state_dict())
+    assert again.steps == 3 and torch.equal(again.averaged()[0], ema.averaged()[0])
+    with pytest.raises(ConfigError, match="holds no weight average"):
+        again.load_state_dict(None, where="The checkpoint x.pt")
+    with pytest.raises(ConfigError, match="does not match"):
+        WeightEMA([torch.zeros(3)], 0.8).load_state_dict(ema.state_dict())
+
+
+def test_ema_decay_exports_the_average_of_the_steps_and_resumes_exactly(sd15, data, tmp_path):
+    """With ema_decay the run trains exactly as without it and exports the bias-corrected average of the LoRA's
+    weights after each step (read back from a checkpoint per step), records the decay in the file, resumes to
+    the same LoRA after an interruption, refuses a resume with another decay, and refuses bad values by name."""
+    from safetydpo_core.training.checkpoint import load_checkpoint
+
+    cfg = TrainConfig(steps=4, lr=1e-2, beta=1000, seed=2, batch_size=2, checkpoint_every=1, keep_checkpoints=10)
+    plain = train_expert(sd15, data, cfg, checkpoint_dir=tmp_path / "plain")
+    avg_cfg = TrainConfig(**{**cfg.to_dict(), "ema_decay": 0.6})
+    avg = train_expert(sd15, data, avg_cfg, checkpoint_dir=tmp_path / "avg")
+    steps = [load_checkpoint(p) for _, p in list_checkpoints(tmp_path / "plain")]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    # the average does not change training: the weights after each step are the plain run's
+    for (_, p), s in zip(list_checkpoints(tmp_path / "avg"), steps):
+        a = load_checkpoint(p)
+        assert all(torch.equal(a["lora_up"][n], s["lora_up"][n]) for n in s["lora_up"])
+    d, k = 0.6, len(steps)
+    moved = False
+    for name, layer in avg.lora.items():
+        for part, got in (("lora_down", layer.down), ("lora_up", layer.up)):
+            want = sum(d ** (k - 1 - i) * (1 - d) * s[part][name] for i, s in enumerate(steps)) / (1 - d ** k)
+            assert torch.allclose(got, want, atol=1e-6), (name, part)
+        moved |= not torch.allclose(layer.up, plain.lora[name].up, atol=1e-6)
+    assert moved, "the average should differ from the last step's weights"
+    assert avg.lora.metadata["safetydpo_ema_decay"] == "0.6" and "safetydpo_ema_decay" not in plain.lora.metadata
+
+    with pytest.raises(Interrupted):
+        train_expert(sd15, data, avg_cfg, checkpoint_dir=tmp_path / "ck", should_stop=_stop_after(2))
+    resumed = train_expert(sd15, data, avg_cfg, checkpoint_dir=tmp_path / "ck", resume=True)
+    assert avg.lora.allclose(resumed.lora, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="ema_decay"):
+        train_expert(sd15, data, TrainConfig(**{**avg_cfg.to_dict(), "ema_decay": 0.9}), checkpoint_dir=tmp_path / "ck",
+                     resume=True)
+    for bad in (-0.1, 1.0, 1.5, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="ema_decay"):
+            TrainConfig(ema_decay=bad)

@@ -14,7 +14,8 @@ Read top to bottom, one optimiser step is:
    preservation on the preservation prompts (``preserve_weight``, :mod:`.preservation`), safe-twin
    preservation (``twin_weight``: each pair's safe prompt on its own noised safe latent, the same squared
    distance to the adapters-off prediction) and the adversary's (``adv_weight``, :mod:`.adversarial`);
-   backward, clip, optimiser step.
+   backward, clip, optimiser step; with ``ema_decay`` the LoRA's weight average (:mod:`.ema`) moves towards the
+   new weights, and the run exports that average instead of the last step's weights.
 
 Every random draw of step ``s`` comes from a generator seeded by ``(seed, s, micro-step)``, so a run that
 is interrupted and resumed from a checkpoint produces the same LoRA as an uninterrupted one. A non-finite
@@ -56,6 +57,7 @@ from . import objectives
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RESUME_KEYS, TrainConfig
 from .distributed import ProcessGroup, SingleProcess
+from .ema import WeightEMA
 from .init_lora import fit_init_lora
 from .metrics import MetricsLog
 
@@ -127,6 +129,7 @@ class ExpertTrainer:
         self._preserve_items = None
         self.adversary = None
         self._adversary_before = None  # the adversary's state at the start of a step still running
+        self.ema: WeightEMA | None = None  # the weight average (ema_decay), made by run()
         self._check_dataset()
 
     # -- checks -------------------------------------------------------------------------------------
@@ -387,6 +390,7 @@ class ExpertTrainer:
                 "naming": lora.naming, "model_fingerprint": self.denoiser.fingerprint(),
                 "dataset_fingerprint": self.dataset.fingerprint(), "micro_steps": self.micro_steps,
                 "world_size": self.group.world_size,
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
                 **({"adversary": self._adversary_before if self._adversary_before is not None
                     else self.adversary.state_dict()} if self.adversary is not None else {})}
 
@@ -416,6 +420,8 @@ class ExpertTrainer:
         sched.load_state_dict(state["scheduler"])
         if self.adversary is not None:
             self.adversary.load_state_dict(state.get("adversary", {}))
+        if self.ema is not None:
+            self.ema.load_state_dict(state.get("ema"), where=f"The checkpoint {path}")
         return int(state["step"]), list(state.get("history", []))
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -444,6 +450,7 @@ class ExpertTrainer:
             adapter.load(self._start_lora(adapter, init))
             params = adapter.parameters()
             opt, sched = self._optimizer(params)
+            self.ema = WeightEMA(params, cfg.ema_decay) if cfg.ema_decay else None
             scaler = torch.amp.GradScaler(torch.device(d.device).type) if cfg.mixed_precision == "fp16" else None
             start, history = 0, []
             ckpt = latest_checkpoint(self.checkpoint_dir) if (resume and self.checkpoint_dir) else None
@@ -458,7 +465,8 @@ class ExpertTrainer:
             self._broadcast(params)
             metrics = MetricsLog(self.metrics_path if self.group.is_main else None, history)
             last_ckpt = self._loop(adapter, params, opt, sched, scaler, metrics, start) or ckpt
-            lora = adapter.export()
+            with self.ema.applied(params) if self.ema is not None else contextlib.nullcontext():
+                lora = adapter.export()
         finally:
             adapter.remove()
             if cfg.gradient_checkpointing:
@@ -567,6 +575,8 @@ class ExpertTrainer:
                 else:
                     opt.step()
                 sched.step()
+                if self.ema is not None:
+                    self.ema.update(params)
                 self._adversary_before = None
                 done = step + 1
                 if self.adversary is not None:
@@ -620,6 +630,8 @@ class ExpertTrainer:
         if cfg.adv_weight:
             meta["safetydpo_adv_weight"] = f"{cfg.adv_weight:g}"
             meta["safetydpo_adv_init"] = cfg.adv_init
+        if cfg.ema_decay:  # the file holds the weight average, not the last step's weights
+            meta["safetydpo_ema_decay"] = f"{cfg.ema_decay:g}"
         if self.init_lora is not None:  # where the run started: the file's name (never a full path), its merge
             start = self.init_lora.metadata
             meta["safetydpo_init_lora"] = Path(start.get("safetydpo_source", "")).name or "(a LoRA given in memory)"
