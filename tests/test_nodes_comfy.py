@@ -373,10 +373,11 @@ def test_sd15_render_train_resume_save_load_merge_sample_plot_evaluate(comfy_dir
         _train(sd15, dataset, "all", steps=1, init_lora={"diffusion_model.nope.lora_up.weight": torch.zeros(2, 2)})
     # the same with the adversary (adv_weight), random-token preservation (auto+tokens) and safe-twin preservation
     # (twin_weight): the adversary's tokens, the random vocabulary prompts and the pairs' safe prompts come from
-    # the graph's CLIP through the Comfy backend
+    # the graph's CLIP through the Comfy backend; the LoRA saved is the weights' average (ema_decay)
     hardened, metrics_a, _ = _train(sd15, dataset, "all", steps=2, init_lora=merged, rank=1, sft_weight=1.0,
                                     adv_weight=1.0, preserve_weight=1.0, preserve_prompts="auto+tokens",
-                                    twin_weight=10.0, learning_rate=1e-7)
+                                    twin_weight=10.0, learning_rate=1e-7, ema_decay=0.9)
+    assert hardened.metadata["safetydpo_ema_decay"] == "0.9" and metrics_a["settings"]["ema_decay"] == 0.9
     assert hardened.metadata["safetydpo_adv_weight"] == "1" and metrics_a["settings"]["adv_weight"] == 1.0
     assert hardened.metadata["safetydpo_twin_weight"] == "10" and metrics_a["settings"]["twin_weight"] == 10.0
     assert all(math.isfinite(row["twin"]) for row in metrics_a["history"])
