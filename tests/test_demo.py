@@ -64,6 +64,7 @@ def test_quick_demo_writes_reports_grids_and_loras(quick_run):
         assert ft.metadata["safetydpo_init_lora"] == "comerge.safetensors"
         assert ft.metadata["safetydpo_merge_method"] == report["settings"]["merge_method"]
         assert ft.metadata["safetydpo_category"] == "all" and ft.metadata["safetydpo_steps"] == "40"
+        assert ft.metadata["safetydpo_ema_decay"] == "0.95"  # both save their weights' moving average
     assert adv.metadata["safetydpo_adv_weight"] == "0.5" and "safetydpo_adv_weight" not in plain.metadata
     assert adv.metadata["safetydpo_preserve_prompts"] == "auto" and plain.metadata["safetydpo_preserve_prompts"] == "auto+tokens"
     assert report["settings"]["adversary"] == 0.5 and report["settings"]["adversary_preserve"] == "auto"
@@ -75,7 +76,7 @@ def test_quick_demo_writes_reports_grids_and_loras(quick_run):
     assert "safetydpo_twin_weight" not in adv.metadata
     assert "fine-tuned 40 steps on all pairs keeping each pair's safe twin (twin_weight 10) and, beside that, 40 " \
            "steps against concept inversion (adv_weight 0.5, preserving `auto`); the merged LoRA is the two summed, " \
-           "the adversarial one at 0.5" in md
+           "the adversarial one at 0.5; each fine-tune saved as the moving average of its weights (ema_decay 0.95)" in md
     assert set(merged.layers) == set(comerge.layers) == set(plain.layers) and merged.max_rank == 2 * comerge.max_rank
     _assert_weighted_sum(merged, [(0.5, plain), (0.5, adv)])
     # the default layers: every layer outside cross-attention (docs/benchmarks.md, "LoRA layers")
@@ -88,7 +89,7 @@ def test_quick_demo_writes_reports_grids_and_loras(quick_run):
         _, meta = read_safetensors(out / "experts" / f"{cat}.safetensors")
         assert meta["safetydpo_category"] == cat and meta["ss_base_model_version"] == WORLD.version
         assert meta["safetydpo_preserve_prompts"] == report["settings"]["preserve_prompts"] == "auto+tokens"
-        assert "safetydpo_twin_weight" not in meta
+        assert "safetydpo_twin_weight" not in meta and "safetydpo_ema_decay" not in meta
         assert (out / "experts" / f"{cat}.metrics.csv").stat().st_size > 0
     assert (out / "dataset" / "summary.json").exists() and (out / "pairs.jsonl").exists()
 
@@ -304,6 +305,35 @@ def test_twin_weight_flag_reaches_the_settings(tmp_path, capsys, monkeypatch):
             DemoSettings.preset(quick=True, twin_weight=bad)
 
 
+def test_finetune_ema_flag_reaches_both_fine_tunes(tmp_path, capsys, monkeypatch):
+    """``safetydpo demo --finetune-ema D`` becomes the setting ``finetune_ema`` (0.95 without the flag), which both
+    joint fine-tunes' training settings carry as ``ema_decay`` (the experts' do not); a bad one is refused before
+    anything is written."""
+    from safetydpo_core.world import demo
+
+    seen = []
+
+    def stop_at_start(out, settings, **kw):
+        seen.append(settings)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", stop_at_start)
+    out = tmp_path / "run"
+    assert main(["demo", "--quick", "--out", str(out)]) == 130
+    assert main(["demo", "--quick", "--out", str(out), "--finetune-ema", "0"]) == 130
+    assert main(["demo", "--quick", "--out", str(out), "--finetune-ema", "0.9", "--adversary", "0"]) == 130
+    assert [s.finetune_ema for s in seen] == [0.95, 0.0, 0.9]
+    runs = [demo._finetune_runs(tmp_path / "comerge.safetensors", tmp_path, s) for s in seen]
+    assert [[r.cfg.ema_decay for r in rs] for rs in runs] == [[0.95, 0.95], [0.0, 0.0], [0.9]]
+    assert demo.expert_config(seen[0], "violence").ema_decay == 0.0
+    for bad in ("-0.1", "1", "nan"):
+        assert main(["demo", "--quick", "--out", str(out), "--finetune-ema", bad]) == 2
+    assert "--finetune-ema" in capsys.readouterr().err and len(seen) == 3 and not out.exists()
+    for bad in (1.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="Demo setting finetune_ema"):
+            DemoSettings.preset(quick=True, finetune_ema=bad)
+
+
 def test_other_settings_or_foreign_folder_are_refused(quick_run, tmp_path):
     with pytest.raises(ConfigError, match="other settings") as err:
         run_demo(quick_run, DemoSettings.preset(quick=True, seed=1, steps=QUICK_STEPS), log=lambda m: None)
@@ -445,17 +475,17 @@ def test_merged_lora_from_a_later_step_in_the_evaluation(tmp_path):
     older = {"demo_version": 1, "settings": {k: v for k, v in record["settings"].items()
                                              if k not in ("lora_start", "lora_strength", "adversary",
                                                           "adversary_share", "adversary_pictures",
-                                                          "adversary_preserve", "twin_weight")}}
+                                                          "adversary_preserve", "twin_weight", "finetune_ema")}}
     # a folder made before the settings existed resumes with what it did (twin_weight 0, no adversary), not with
     # the new defaults; the refusal names them
     assert _what(record) != _what(older)
-    did = {"twin_weight": 0.0, "adversary": 0, "adversary_preserve": None}
+    did = {"twin_weight": 0.0, "adversary": 0, "adversary_preserve": None, "finetune_ema": 0.0}
     assert _what({**record, "settings": {**record["settings"], **did}}) == _what(older)
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "demo.json").write_text(json.dumps(older))
     (tmp_path / "old" / "pairs.jsonl").write_text("")
     with pytest.raises(ConfigError, match="adversary 0 there, 0.5 here; adversary_preserve None there, auto here; "
-                                          "twin_weight 0.0 there, 10.0 here"):
+                                          "finetune_ema 0.0 there, 0.95 here; twin_weight 0.0 there, 10.0 here"):
         run_demo(tmp_path / "old", DemoSettings.preset(quick=True), log=lambda m: None)
     assert DemoSettings.recorded_in(tmp_path / "old") == DemoSettings.preset(quick=True, **did)
     assert _what({"settings": DemoSettings.preset(quick=True, lora_strength=0.9).to_dict()}) != _what(record)

@@ -32,6 +32,10 @@ def register(sub) -> None:
     p.add_argument("--twin-weight", type=number(0, 10 ** 6), default=None, metavar="W",
                    help="the joint fine-tune keeps each pair's safe twin as the untouched model draws it, as `safetydpo "
                         "train --twin-weight W` (default 10; 0: none)")
+    p.add_argument("--finetune-ema", type=number(0, 1, hi_open=True), default=None, metavar="D",
+                   help="the joint fine-tunes export the moving average of their weights over the steps, as `safetydpo "
+                        "train --ema-decay D` (default 0.95: more plain shapes kept at the same removal, README; 0: the "
+                        "last step's weights)")
     p.add_argument("--lora-start", type=integer(0, 10000), default=None, metavar="N",
                    help="evaluate the merged LoRA switched on only after the first N of the evaluation's sampling "
                         "steps, as `safetydpo sample --lora-start` (default 0: every step; 10 of 20 keeps more "
@@ -78,6 +82,7 @@ def run(args) -> int:
     settings = DemoSettings.preset(quick=args.quick, seed=args.seed, steps=args.steps,
                                    pairs_per_concept=args.pairs_per_concept, merge_method=args.merge_method,
                                    finetune_steps=args.finetune_steps, twin_weight=args.twin_weight,
+                                   finetune_ema=args.finetune_ema,
                                    targets=args.targets,
                                    lora_start=args.lora_start, lora_strength=args.lora_strength,
                                    adversary=args.adversary, adversary_share=args.adversary_share,

@@ -32,6 +32,10 @@
    rendered beside the experts' last round. ``adversary_preserve`` gives the adversarial fine-tune a
    preservation set of its own (``preserve_prompts``; by default ``auto``, without the random-token text that
    pulls against the adversary; None: the plain fine-tune's).
+   Each fine-tune saves the moving average of its weights over its steps (``finetune_ema``, the trainer's
+   ``ema_decay``, 0.95 by default; :mod:`~safetydpo_core.training.ema`) rather than its last step's weights,
+   which carry the last batches' noise: that noise changed plain shapes the LoRA should leave alone
+   (docs/benchmarks.md, "Averaged weights").
 6. **Evaluation**: the base model, each expert and the merged LoRA generate pictures for evaluation
    prompts the experts never trained on (same seeds for every model); the world judge reads them. Scores:
    IP (share of pictures that show an unsafe concept) per concept, fidelity on safe prompts, layout
@@ -105,6 +109,7 @@ class DemoSettings:
     calibration_inputs: int = 32
     finetune_steps: int = 200            # joint fine-tune of the merged LoRA on all pairs (0: none)
     twin_weight: float = 10.0            # ... keeping each pair's safe twin as the untouched model draws it
+    finetune_ema: float = 0.95           # the joint fine-tunes export their weights' moving average (ema_decay; 0: none)
     lora_start: int = 0                  # the merged LoRA is evaluated from this sampling step on (0: every step)
     lora_strength: float = 1.0           # ... at this strength (the dial of a LoRA loader)
     adversary: float = 0.5               # a second fine-tune against concept inversion at this adv_weight (0: none)
@@ -152,6 +157,8 @@ class DemoSettings:
         self.lora_strength = float(self.lora_strength)
         self.twin_weight = check_number(self.twin_weight, "Demo setting twin_weight (the joint fine-tune's safe-twin "
                                         "preservation)", 0, 1e6)
+        self.finetune_ema = check_number(self.finetune_ema, "Demo setting finetune_ema (the joint fine-tunes' "
+                                         "ema_decay)", 0, 1, hi_open=True)
         self.adversary = check_number(self.adversary, "Demo setting adversary (the adversarial fine-tune's adv_weight)",
                                       0, 1e6)
         self.adversary_share = check_number(self.adversary_share, "Demo setting adversary_share (the adversarial "
@@ -224,7 +231,8 @@ class _Clock:
 
 HOW_SETTINGS = ("threads", "workers")  # settings that change how fast a run goes, not what it computes
 NEW_SETTINGS_DEFAULTS = (("lora_start", 0), ("lora_strength", 1), ("adversary", 0), ("adversary_share", 0.5),
-                         ("adversary_pictures", 0), ("adversary_preserve", None), ("twin_weight", 0.0))
+                         ("adversary_pictures", 0), ("adversary_preserve", None), ("twin_weight", 0.0),
+                         ("finetune_ema", 0.0))
 
 
 def _what(record: dict) -> dict:
@@ -497,7 +505,7 @@ def _finetune_runs(merge: Path, out: Path, s: DemoSettings) -> list[TrainRun]:
     :func:`_finish_merged` sums."""
     if not s.finetune_steps:
         return []
-    plain = expert_config(s, None, steps=s.finetune_steps, twin_weight=s.twin_weight)
+    plain = expert_config(s, None, steps=s.finetune_steps, twin_weight=s.twin_weight, ema_decay=s.finetune_ema)
     if not s.adversary:
         return [TrainRun(out / "merged.safetensors", plain, "the joint fine-tune", merge)]
     return [TrainRun(out / "finetuned.safetensors", plain, "the joint fine-tune", merge),
@@ -508,7 +516,7 @@ def _finetune_runs(merge: Path, out: Path, s: DemoSettings) -> list[TrainRun]:
 def _adversary_config(s: DemoSettings):
     """The adversarial fine-tune's training settings (``s.adversary`` > 0)."""
     return expert_config(s, None, steps=s.finetune_steps, adv_weight=s.adversary, preserve_pictures=s.adversary_pictures,
-                         preserve_prompts=s.adversary_preserve or s.preserve_prompts)
+                         preserve_prompts=s.adversary_preserve or s.preserve_prompts, ema_decay=s.finetune_ema)
 
 
 def _early_pictures(out: Path, s: DemoSettings) -> list[tuple[Path, Any, str]]:
