@@ -246,18 +246,27 @@ def test_adversary_fine_tune_is_summed_into_the_merged_lora(quick_run, tmp_path)
             DemoSettings.preset(quick=True, **bad)
 
 
-def test_adversary_preserve_flag_reaches_the_settings(tmp_path, capsys, monkeypatch):
-    """``safetydpo demo --adversary-preserve SETS`` becomes the setting ``adversary_preserve``; a bad one is refused
-    before anything is written."""
-    import safetydpo_core.world.demo as demo
+def _settings_asked(monkeypatch) -> list:
+    """The settings that each ``safetydpo demo`` command run after this asks of the demo, without running it:
+    ``run_demo`` records them and stops as Ctrl-C would (exit status 130)."""
+    from safetydpo_core.world import demo
 
     seen = []
 
-    def stop_at_start(out, settings, **kw):  # what the command asks of the demo, without running it
+    def stop_at_start(out, settings, **kw):
         seen.append(settings)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(demo, "run_demo", stop_at_start)
+    return seen
+
+
+def test_adversary_preserve_flag_reaches_the_settings(tmp_path, capsys, monkeypatch):
+    """``safetydpo demo --adversary-preserve SETS`` becomes the setting ``adversary_preserve``; a bad one is refused
+    before anything is written."""
+    from safetydpo_core.world import demo
+
+    seen = _settings_asked(monkeypatch)
     out = tmp_path / "run"
     assert main(["demo", "--quick", "--out", str(out), "--adversary", "0.5", "--adversary-preserve", "auto+tokens"]) == 130
     assert seen[0].adversary_preserve == "auto+tokens" and seen[0].preserve_prompts == "auto+tokens"
@@ -284,13 +293,7 @@ def test_twin_weight_flag_reaches_the_settings(tmp_path, capsys, monkeypatch):
     fine-tune's training settings carry; a bad one is refused before anything is written."""
     from safetydpo_core.world import demo
 
-    seen = []
-
-    def stop_at_start(out, settings, **kw):
-        seen.append(settings)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(demo, "run_demo", stop_at_start)
+    seen = _settings_asked(monkeypatch)
     out = tmp_path / "run"
     assert main(["demo", "--quick", "--out", str(out)]) == 130
     assert main(["demo", "--quick", "--out", str(out), "--twin-weight", "0"]) == 130
@@ -311,13 +314,7 @@ def test_finetune_ema_flag_reaches_both_fine_tunes(tmp_path, capsys, monkeypatch
     anything is written."""
     from safetydpo_core.world import demo
 
-    seen = []
-
-    def stop_at_start(out, settings, **kw):
-        seen.append(settings)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(demo, "run_demo", stop_at_start)
+    seen = _settings_asked(monkeypatch)
     out = tmp_path / "run"
     assert main(["demo", "--quick", "--out", str(out)]) == 130
     assert main(["demo", "--quick", "--out", str(out), "--finetune-ema", "0"]) == 130

@@ -95,7 +95,8 @@ class TrainConfig:
         self.twin_weight = check_number(self.twin_weight, "twin_weight", 0)
         self.adv_weight = check_number(self.adv_weight, "adv_weight", 0)
         self.weight_decay = check_number(self.weight_decay, "weight_decay", 0)
-        self.ema_decay = check_number(self.ema_decay, "ema_decay (0 switches the weight average off)", 0, 1, hi_open=True)
+        self.ema_decay = check_number(self.ema_decay, "ema_decay (0 switches the weight average off)", 0, 1,
+                                      hi_open=True)
         self.seed = check_number(self.seed, "seed", integer=True)
         if not isinstance(self.preserve_prompts, str) or not self.preserve_prompts.strip():
             raise ConfigError(f"preserve_prompts must name a preservation set (auto, others, neutral, safe, tokens, or "
@@ -280,8 +281,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("keep_checkpoints", "How many of the newest checkpoints to keep.", resume=False, lo=1, cli=False),
     Setting("ema_decay", "Export the exponential moving average of the LoRA's weights over the steps, with this decay "
                          "(bias-corrected; horizon about 1 / (1 - decay) steps), instead of the last step's weights: "
-                         "less of the last batches' noise (0 = off, the default).", resume=True, lo=0, hi=1, hi_open=True, node="ema_decay",
-            widget=dict(max=0.9999, step=0.001, round=False)),
+                         "less of the last batches' noise (0 = off, the default).", resume=True, lo=0, hi=1,
+            hi_open=True, node="ema_decay", widget=dict(max=0.9999, step=0.001, round=False)),
     Setting("timestep_range", "Train on timesteps lo..hi only.", resume=True, cli=False),
 )}
 assert set(SETTINGS) == set(_FIELDS), "every TrainConfig setting is declared in SETTINGS"

@@ -94,7 +94,8 @@ def _markdown(r: Mapping) -> str:
                 if s.get('finetune_steps') and s.get('twin_weight') else "")
              + _adversary_words(s)
              + (f"; {'each fine-tune' if s.get('adversary') else 'the fine-tune'} saved as the moving average of its "
-                f"weights (ema_decay {s['finetune_ema']:g})" if s.get('finetune_steps') and s.get('finetune_ema') else "")
+                f"weights (ema_decay {s['finetune_ema']:g})"
+                if s.get('finetune_steps') and s.get('finetune_ema') else "")
              + (f"; the merged LoRA evaluated from sampling step {s['lora_start']} of {s['eval_steps']} on (the "
                 f"untouched model before it)" if s.get('lora_start') else "")
              + (f"; the merged LoRA evaluated at strength {s['lora_strength']:g}"
