@@ -536,4 +536,4 @@ def test_queueing_workflow_2_trains_with_the_live_view(page, server):
     # the live view is display only: the workflow the page would save has the same widgets_values as before
     saved_wf = page.page.evaluate("() => (app.rootGraph || app.graph).serialize()")
     train = next(n for n in saved_wf["nodes"] if n["type"] == "SafetyDPO_TrainExpert")
-    assert len(train["widgets_values"]) == 20 and train["widgets_values"][1] == TRAIN_STEPS
+    assert len(train["widgets_values"]) == 21 and train["widgets_values"][1] == TRAIN_STEPS

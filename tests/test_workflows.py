@@ -406,7 +406,7 @@ def test_workflow_2_converts_to_the_expected_literal_inputs(definitions):
                         "condition": "unsafe", "seed": 0, "gradient_checkpointing": False, "save_every": 100,
                         "resume": True, "allow_model_mismatch": False, "sft_weight": 0.0,
                         "preserve_weight": 0.0, "preserve_prompts": "auto", "adv_weight": 0.0, "objective": "dpo", "esd_eta": 1.0,
-                        "targets": "auto", "twin_weight": 0.0}
+                        "targets": "auto", "twin_weight": 0.0, "ema_decay": 0.0}
     assert sorted(k for k, v in train["inputs"].items() if isinstance(v, list)) == ["clip", "dataset", "model"]
     assert train["_meta"]["title"] == "SafetyDPO: Train Safety Expert (DPO)"
 
@@ -588,7 +588,7 @@ def test_pack_definitions_are_read_without_comfyui(definitions):
     assert [w.name for w in wa.widget_inputs(train)] == [
         "category", "steps", "learning_rate", "rank", "beta", "condition", "seed", "gradient_checkpointing",
         "save_every", "resume", "allow_model_mismatch", "sft_weight", "preserve_weight", "preserve_prompts", "adv_weight",
-        "objective", "esd_eta", "targets", "twin_weight"]
+        "objective", "esd_eta", "targets", "twin_weight", "ema_decay"]
     assert [w.name for w in wa.widget_inputs(train) if w.control] == ["seed"]
     assert train["output"] == ["LORA_MODEL", "SAFETYDPO_METRICS", "MODEL"] and not train["output_node"]
     assert "folder_paths" not in sys.modules or sys.modules["folder_paths"] is not None
@@ -631,7 +631,7 @@ def test_cli_to_api_and_check(tmp_path, definitions):
     next(n for n in wf["nodes"] if n["type"] == "SafetyDPO_TrainExpert")["widgets_values"].remove("fixed")
     bad.write_text(json.dumps(wf), encoding="utf-8")
     r = run_cli("check", str(bad), "--object-info", str(CORE_NODES))
-    assert r.returncode == 1 and "19 widgets_values for 20 widget slots" in r.stdout
+    assert r.returncode == 1 and "20 widgets_values for 21 widget slots" in r.stdout
 
 
 if __name__ == "__main__":  # python tests/test_workflows.py --refresh-core-nodes http://127.0.0.1:8188
