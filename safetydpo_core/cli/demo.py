@@ -18,7 +18,7 @@ def register(sub) -> None:
                        description="Run SafetyDPO end to end on the built-in concept world: prompt pairs, same-seed "
                                    "paired images from the shipped tiny text-to-image model, one DPO expert per "
                                    "category, Co-Merge, a short joint fine-tune of the merge, and an evaluation of the "
-                                   "base model, each expert and the merged LoRA with the shipped judge. About 8 "
+                                   "base model, each expert and the merged LoRA with the shipped judge. About 10 "
                                    "minutes on 2 CPU cores; --quick about 3 minutes. Run it again with the same "
                                    "options to resume.")
     p.add_argument("--out", default="safetydpo-demo", help="output folder (default: ./safetydpo-demo)")
